@@ -1,0 +1,51 @@
+"""cloudlab: parallel engines (ipyparallel or Dask) from a notebook, here or remote.
+
+>>> import cloudlab
+>>> with cloudlab.Cluster(4) as c:            # doctest: +SKIP
+...     c.map(abs, range(-3, 3))
+
+In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
+"""
+
+from .cluster import Cluster, EngineStatus, running_clusters
+from .errors import (
+    CapacityError,
+    CloudlabError,
+    ClusterStateError,
+    ConfigError,
+    ProvisionTimeout,
+    RemoteError,
+    StartError,
+    UnknownNameError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cluster",
+    "EngineStatus",
+    "running_clusters",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "CloudlabError",
+    "ConfigError",
+    "UnknownNameError",
+    "CapacityError",
+    "ClusterStateError",
+    "StartError",
+    "ProvisionTimeout",
+    "RemoteError",
+]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext cloudlab``: register the %cluster, %push, %pull and %%everywhere magics."""
+    from .magics import register
+
+    register(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magics import unregister
+
+    unregister(ipython)

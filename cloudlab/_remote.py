@@ -1,0 +1,190 @@
+"""Functions that run on engines (imported there, never called on the client).
+
+One namespace per engine: on ipyparallel it is the engine's IPython user
+namespace (where ``%px`` code runs too); on Dask it is a module-level dict.
+``c.push`` writes into it, ``c.pull`` reads it, the cell magic executes in it,
+and functions sent by ``c.map``/``c.submit`` resolve pushed names in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import socket
+import traceback
+import types
+from typing import Any
+
+import cloudpickle
+
+_DASK_NAMESPACE: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+
+
+def namespace() -> dict[str, Any]:
+    """This engine's user namespace."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return _DASK_NAMESPACE
+    shell = get_ipython()
+    return shell.user_ns if shell is not None else _DASK_NAMESPACE
+
+
+def identity() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
+
+
+def store(values: dict[str, Any]) -> None:
+    namespace().update(values)
+
+
+def fetch(name: str) -> Any:
+    ns = namespace()
+    if name not in ns:
+        raise NameError(f"name {name!r} is not defined on this engine")
+    return ns[name]
+
+
+class Shipped:
+    """A client function, pickled once with cloudpickle, with pushed names left out.
+
+    On the engine, the function's globals are the engine namespace overlaid with
+    the client globals it referenced; names the user pushed are taken from the
+    engine, so per-engine values (``scatter``) are seen as such.
+    """
+
+    def __init__(self, fn, pushed: frozenset[str] = frozenset()):
+        if getattr(fn, "__module__", None) == "__main__" and isinstance(fn, types.FunctionType):
+            kept = {k: v for k, v in fn.__globals__.items() if k not in pushed}
+            clone = types.FunctionType(fn.__code__, kept, fn.__name__, fn.__defaults__,
+                                       fn.__closure__)
+            clone.__kwdefaults__, clone.__module__ = fn.__kwdefaults__, "__main__"
+            clone.__qualname__ = fn.__qualname__
+            fn = clone
+        self.payload = cloudpickle.dumps(fn)
+
+    def __call__(self, *args, **kwargs):
+        return _materialise(self.payload)(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=32)
+def _materialise(payload: bytes):
+    fn = cloudpickle.loads(payload)
+    if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+        ns = namespace()
+        captured = fn.__globals__
+        merged = _Overlay(ns, captured)
+        fn = types.FunctionType(fn.__code__, merged, fn.__name__, fn.__defaults__, fn.__closure__)
+    return fn
+
+
+class _Overlay(dict):
+    """Globals for a shipped function: its captured names, then the engine namespace.
+
+    A dict subclass whose ``__missing__`` falls through to the live namespace, so
+    names pushed after the function was first shipped are still found.
+    """
+
+    def __init__(self, ns: dict, captured: dict):
+        super().__init__(captured)
+        self["__builtins__"] = ns.get("__builtins__", __builtins__)
+        self._ns = ns
+
+    def __missing__(self, key):
+        return self._ns[key]
+
+
+class Failure:
+    """An exception raised on an engine, returned as a value.
+
+    Returning (not raising) keeps both engines' own error wrapping out of the
+    way: the client sees the same structure from ipyparallel and Dask, knows
+    which engine failed, and collapses identical failures across engines.
+    """
+
+    def __init__(self, exc: BaseException):
+        self.engine = engine_id()
+        self.ename = type(exc).__name__
+        self.evalue = str(exc)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if f.filename != __file__]
+        self.traceback = "Traceback (most recent call last):\n" + "".join(
+            traceback.format_list(frames)) + "".join(
+            traceback.format_exception_only(type(exc), exc))
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return self.ename, self.evalue, self.traceback
+
+
+def engine_id() -> int:
+    return int(os.environ.get("CLOUDLAB_ENGINE_ID", "-1"))
+
+
+def call(fn, *args):
+    """Run ``fn(*args)``; an exception comes back as a :class:`Failure`."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return Failure(exc)
+
+
+def run_chunk(fn, items: list):
+    """The unit of work for ``c.map``: apply ``fn`` to a slice of the items."""
+    try:
+        return [fn(x) for x in items]
+    except Exception as exc:
+        return Failure(exc)
+
+
+def run_chunk_star(fn, items: list):
+    try:
+        return [fn(*x) for x in items]
+    except Exception as exc:
+        return Failure(exc)
+
+
+def execute_cell(code: str, topic: str, token: str):
+    """Dask: run notebook code in the namespace, streaming output as events."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    eid = engine_id()
+
+    class Stream(io.TextIOBase):
+        """Line-buffered: one event per complete line (or per flush), not per write."""
+
+        def __init__(self, name):
+            self.stream, self.pending = name, ""
+
+        def writable(self):
+            return True
+
+        def write(self, text):
+            self.pending += text
+            if "\n" in self.pending:
+                head, _, self.pending = self.pending.rpartition("\n")
+                self._send(head + "\n")
+            return len(text)
+
+        def flush(self):
+            if self.pending:
+                self._send(self.pending)
+                self.pending = ""
+
+        def _send(self, text):
+            worker.log_event(topic, {"token": token, "engine": eid,
+                                     "stream": self.stream, "text": text})
+
+    out, err = Stream("stdout"), Stream("stderr")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            exec(compile(code, "<cell>", "exec"), namespace())
+        return None
+    except Exception as exc:
+        return Failure(exc)
+    finally:
+        out.flush()
+        err.flush()
+        worker.log_event(topic, {"token": token, "engine": eid, "done": True})

@@ -1,0 +1,1 @@
+"""Backends: *where* engines run. Each provisions hosts, runs commands, terminates them."""

@@ -1,0 +1,75 @@
+"""The backend contract: start a command on a host, watch it, terminate it.
+
+A backend knows nothing about ipyparallel or Dask. It is given :class:`Command`
+objects (an entry point plus arguments, built by an engine) and returns
+:class:`Launched` handles. All methods are async; the cluster awaits them on
+cloudlab's loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Command:
+    """What to run: ``entry`` (``module:function``) under cloudlab's agent, with ``args``."""
+
+    name: str  # "controller", "engine-3": used for logs and error messages
+    entry: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Launched(abc.ABC):
+    """A started process, as the cluster sees it."""
+
+    name: str
+    host: str
+    pid: int | None
+
+    @abc.abstractmethod
+    def exit_code(self) -> int | None:
+        """None while running, else the exit status."""
+
+    def alive(self) -> bool:
+        return self.exit_code() is None
+
+    @abc.abstractmethod
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the process wrote, for error messages."""
+
+
+class Backend(abc.ABC):
+    """Where engines run. Subclasses set ``name`` and an ``Options`` dataclass."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any, workdir: Path, cluster_name: str):
+        self.options = options
+        self.workdir = workdir
+        self.cluster_name = cluster_name
+
+    @property
+    @abc.abstractmethod
+    def controller_ip(self) -> str:
+        """The address controllers bind to and engines connect to."""
+
+    @abc.abstractmethod
+    def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
+        """How many engines this backend can hold, and why no more."""
+
+    @abc.abstractmethod
+    async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
+        """Start ``command``; ``cleanup`` paths are removed if the owner dies."""
+
+    @abc.abstractmethod
+    async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
+        """Stop these processes (and their children): politely, then by force."""
+
+    async def close(self) -> None:
+        """Release whatever the backend itself holds (hosts, VMs, connections)."""

@@ -1,0 +1,403 @@
+"""Cluster: one engine kind on one backend, with a lifecycle and a small data API.
+
+States: ``new -> starting -> running -> stopping -> stopped`` (``failed`` if a
+start fails; everything it started is stopped first). The logic is written
+once as private coroutines on cloudlab's loop; each public method has a sync
+form (``c.map``) and an async twin (``await c.amap``) that are one line each.
+
+Functions sent by ``map``/``submit`` see names pushed to the engines, on both
+engines: notebook globals they use travel with them, except pushed names,
+which are looked up on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _aio, _remote, policy
+from .backends.base import Launched
+from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError, format_ids
+from .output import PrefixedSink
+from .plugins import backend_class, engine_class
+from .profiles import Profile, load_profile
+from .registry import Record, this_process_started
+
+#: Clusters of this process that may hold processes. A strong reference on
+#: purpose: a running cluster stays reachable (for %cluster list and atexit)
+#: even when the notebook drops its last name for it.
+_live: set[Cluster] = set()
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    id: int
+    host: str
+    pid: int | None
+    state: str  # starting | idle | busy | dead
+
+
+class Cluster:
+    """A set of parallel engines: ``Cluster(16, engine="dask")``, then ``start()`` or ``with``.
+
+    ``n`` defaults to the profile's ``engines``; ``engine``, ``backend`` and any
+    profile option given as a keyword override the profile (default ``local``).
+    Invalid arguments raise :class:`~cloudlab.errors.ConfigError` here, before
+    anything starts.
+    """
+
+    def __init__(self, n: int | str | None = None, *, engine: str | None = None,
+                 backend: str | None = None, profile: str | None = None,
+                 name: str | None = None, **options: Any):
+        self.profile: Profile = load_profile(profile, engine=engine, backend=backend, **options)
+        opts = self.profile.cluster
+        self.engine_kind, self.backend_kind = opts.engine, opts.backend
+        self._engine_cls = engine_class(self.engine_kind)
+        self._backend_cls = backend_class(self.backend_kind)
+        self.name = name or f"{'ipp' if self.engine_kind == 'ipyparallel' else self.engine_kind}-{secrets.token_hex(3)}"
+        self.n = self._check_count(opts.engines if n is None else n)
+        self.state = "new"
+        self.started_at: float | None = None
+        self._engine = self._backend = None
+        self._controller: Launched | None = None
+        self._processes: dict[int, Launched] = {}
+        self._identity: dict[int, tuple[str, int]] = {}
+        self._pushed: set[str] = set()
+        self._next_id = itertools.count()
+        self._record: Record | None = None
+        self._workdir: Path | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def _check_count(self, n: Any) -> int:
+        probe = self._backend_cls(self.profile.backend_options, Path("."), self.name)
+        limit, reason = probe.max_engines(self._engine_cls.mb_per_engine)
+        return policy.engine_count(n, limit, reason)
+
+    def __repr__(self) -> str:
+        return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
+                f"{len(self._processes)} engines, {self.state}>")
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> Cluster:
+        """Start the controller and ``n`` engines; return when all are usable."""
+        return _aio.run(self._start())
+
+    async def astart(self) -> Cluster:
+        return await _aio.wrap(self._start())
+
+    def stop(self) -> None:
+        """Stop every process of this cluster; safe to call twice."""
+        _aio.run(self._stop())
+
+    async def astop(self) -> None:
+        await _aio.wrap(self._stop())
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink to ``n`` engines (the highest ids leave first)."""
+        _aio.run(self._scale(n))
+
+    async def ascale(self, n: int) -> None:
+        await _aio.wrap(self._scale(n))
+
+    def __enter__(self) -> Cluster:
+        return self.start() if self.state == "new" else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Cluster:
+        return await self.astart() if self.state == "new" else self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.astop()
+
+    @property
+    def client(self) -> Any:
+        """The native client: ipyparallel ``Client`` or distributed ``Client``."""
+        self._require_running()
+        return self._engine.client
+
+    @property
+    def engine_ids(self) -> list[int]:
+        return sorted(self._processes)
+
+    async def _start(self) -> Cluster:
+        if self.state != "new":
+            raise ClusterStateError(f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
+        self._lock = asyncio.Lock()
+        self.state = "starting"
+        _live.add(self)
+        t0 = time.monotonic()
+        timeout = self.profile.cluster.start_timeout
+        try:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"cloudlab-{self.name}-"))
+            self._backend = self._backend_cls(self.profile.backend_options, self._workdir, self.name)
+            self._engine = self._engine_cls(self._workdir, self._backend.controller_ip)
+            self._record = Record(self.name, self.engine_kind, self.backend_kind, os.getpid(),
+                                  this_process_started(), str(self._workdir))
+            self._record.save()
+            self._controller = await self._backend.launch(
+                self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
+            self._save_record()
+            await self._engine.connect(self._controller.alive, timeout)
+            await self._add_engines(self.n, timeout - (time.monotonic() - t0))
+        except BaseException as error:
+            self.state = "failed"
+            await self._teardown()
+            if isinstance(error, StartError | asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise StartError(f"Cluster {self.name} failed to start ({type(error).__name__}: "
+                             f"{error}); nothing is left running.") from error
+        self.state = "running"
+        self.started_at = time.time()
+        return self
+
+    async def _add_engines(self, count: int, timeout: float) -> None:
+        new_ids = [next(self._next_id) for _ in range(count)]
+        for eid in new_ids:
+            self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
+        self._save_record()
+        await self._wait_ready(new_ids, timeout)
+        identities = await self._engine.run_on(new_ids, _remote.identity)
+        self._identity.update(identities)
+
+    async def _wait_ready(self, ids: list[int], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 1.0)
+        wanted = set(ids)
+        while True:
+            ready = await self._engine.ready_ids() & wanted
+            if ready == wanted:
+                return
+            dead = [eid for eid in sorted(wanted - ready) if not self._processes[eid].alive()]
+            if dead or not self._controller.alive():
+                proc = self._processes[dead[0]] if dead else self._controller
+                last = (proc.log_tail(5).splitlines() or ["(no output)"])[-1]
+                raise StartError(
+                    f"{proc.name} of cluster {self.name} exited during start (exit code "
+                    f"{proc.exit_code()}, last output: {last.strip()}); nothing is left running.")
+            if loop.time() > deadline:
+                raise ProvisionTimeout(len(ready), len(wanted), timeout)
+            await asyncio.sleep(0.05)
+
+    async def _scale(self, n: int) -> None:
+        self._require_running()
+        async with self._lock:
+            limit, reason = self._backend.max_engines(self._engine.mb_per_engine)
+            n = policy.engine_count(n, limit + len(self._processes), reason)
+            current = sorted(self._processes)
+            if n > len(current):
+                await self._add_engines(n - len(current), self.profile.cluster.start_timeout)
+            elif n < len(current):
+                leaving = current[n:]
+                await self._engine.forget(leaving)
+                await self._backend.terminate([self._processes.pop(i) for i in leaving])
+                for eid in leaving:
+                    self._identity.pop(eid, None)
+                self._save_record()
+            self.n = n
+
+    async def _stop(self) -> None:
+        if self.state in ("new", "stopped", "failed"):
+            return
+        self.state = "stopping"
+        await self._teardown()
+        self.state = "stopped"
+
+    async def _teardown(self) -> None:
+        """Stop everything this cluster started, whatever state it reached."""
+        if self._engine is not None:
+            try:
+                await asyncio.wait_for(self._engine.close(), 5)
+            except Exception:
+                pass
+        procs = list(self._processes.values()) + ([self._controller] if self._controller else [])
+        if self._backend is not None:
+            await self._backend.terminate(procs)
+            await self._backend.close()
+        self._processes.clear()
+        self._controller = None
+        if self._record is not None:
+            self._record.remove()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        _live.discard(self)
+
+    def _save_record(self) -> None:
+        procs = list(self._processes.values()) + [self._controller]
+        self._record.engines = len(self._processes)
+        self._record.pids = [p.pid for p in procs if p is not None and p.pid]
+        self._record.save()
+
+    def _require_running(self) -> None:
+        if self.state != "running":
+            raise ClusterStateError(
+                f"Cluster {self.name} is {self.state}: start it first (c.start() or "
+                f"%cluster start)." if self.state == "new" else
+                f"Cluster {self.name} is {self.state}: start a new one with %cluster start N.")
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> list[EngineStatus]:
+        """Each engine: id, host, pid, state (starting, idle, busy, dead)."""
+        return _aio.run(self._status())
+
+    async def astatus(self) -> list[EngineStatus]:
+        return await _aio.wrap(self._status())
+
+    async def _status(self) -> list[EngineStatus]:
+        self._require_running()
+        ready = await self._engine.ready_ids()
+        busy = await self._engine.busy_ids()
+        rows = []
+        for eid, proc in sorted(self._processes.items()):
+            host, pid = self._identity.get(eid, (proc.host, proc.pid))
+            if not proc.alive():
+                state = "dead"
+            elif eid not in ready:
+                state = "starting"
+            else:
+                state = "busy" if eid in busy else "idle"
+            rows.append(EngineStatus(eid, host, pid, state))
+        return rows
+
+    # -------------------------------------------------------------------- work
+    def map(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
+        """``[fn(x) for x in items]`` across the engines, in order; chunked automatically."""
+        return _aio.run(self._map(fn, items, chunksize))
+
+    async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
+        return await _aio.wrap(self._map(fn, items, chunksize))
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
+        return _aio.submit(self._submit(fn, *args))
+
+    async def asubmit(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on one engine and return its result."""
+        return await _aio.wrap(self._submit(fn, *args))
+
+    async def _submit(self, fn: Callable, *args: Any) -> Any:
+        self._require_running()
+        return await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+
+    async def _map(self, fn: Callable, items: Iterable, chunksize: int | None) -> list:
+        self._require_running()
+        items = list(items)
+        if not items:
+            return []
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
+        size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
+        shipped = _remote.Shipped(fn, frozenset(self._pushed))
+        chunks = policy.split(items, size)
+        results = await asyncio.gather(
+            *(self._engine.submit(_remote.run_chunk, shipped, chunk) for chunk in chunks),
+            return_exceptions=True)
+        failures = {}
+        for r in results:
+            if isinstance(r, RemoteError):
+                failures.update(r.failures)
+            elif isinstance(r, BaseException):
+                raise r
+        if failures:
+            raise RemoteError(failures)
+        return [x for chunk in results for x in chunk]
+
+    # -------------------------------------------------------------------- data
+    def push(self, **values: Any) -> None:
+        """Bind each ``name=value`` in every engine's namespace."""
+        _aio.run(self._push(values))
+
+    async def apush(self, **values: Any) -> None:
+        await _aio.wrap(self._push(values))
+
+    async def _push(self, values: dict[str, Any]) -> None:
+        self._require_running()
+        await self._engine.run_on(self.engine_ids, _remote.store, values)
+        self._pushed.update(values)
+
+    def pull(self, name: str) -> dict[int, Any]:
+        """The value of ``name`` on each engine, by engine id."""
+        return _aio.run(self._pull(name))
+
+    async def apull(self, name: str) -> dict[int, Any]:
+        return await _aio.wrap(self._pull(name))
+
+    async def _pull(self, name: str) -> dict[int, Any]:
+        self._require_running()
+        return await self._engine.run_on(self.engine_ids, _remote.fetch, name)
+
+    def scatter(self, name: str, sequence: Iterable) -> None:
+        """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
+        _aio.run(self._scatter(name, sequence))
+
+    async def ascatter(self, name: str, sequence: Iterable) -> None:
+        await _aio.wrap(self._scatter(name, sequence))
+
+    async def _scatter(self, name: str, sequence: Iterable) -> None:
+        self._require_running()
+        ids = self.engine_ids
+        parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
+                                 len(ids))
+        await asyncio.gather(*(self._engine.run_on([eid], _remote.store, {name: part})
+                               for eid, part in zip(ids, parts)))
+        self._pushed.add(name)
+
+    def gather(self, name: str) -> list:
+        """Concatenate ``name`` from every engine, in engine order (undoes ``scatter``)."""
+        return _aio.run(self._gather(name))
+
+    async def agather(self, name: str) -> list:
+        return await _aio.wrap(self._gather(name))
+
+    async def _gather(self, name: str) -> Any:
+        parts = await self._pull(name)
+        ordered = [parts[eid] for eid in sorted(parts)]
+        if ordered and type(ordered[0]).__module__ == "numpy":
+            import numpy
+
+            return numpy.concatenate(ordered)
+        return [x for part in ordered for x in part]
+
+    def execute(self, code: str, sink: Callable[[int, str, str], None] | None = None,
+                targets: list[int] | None = None) -> None:
+        """Run ``code`` on every engine (or ``targets``); output goes to ``sink(id, stream, text)``."""
+        _aio.run(self._execute(code, sink, targets))
+
+    async def aexecute(self, code: str, sink=None, targets: list[int] | None = None) -> None:
+        await _aio.wrap(self._execute(code, sink, targets))
+
+    async def _execute(self, code: str, sink, targets) -> None:
+        self._require_running()
+        ids = self.engine_ids if targets is None else list(targets)
+        unknown = sorted(set(ids) - set(self._processes))
+        if unknown:
+            raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
+                             f"engines are {format_ids(self.engine_ids)}.")
+        await self._engine.execute(code, ids, sink or PrefixedSink())
+
+
+def running_clusters() -> list[Cluster]:
+    """Clusters started by this process and not yet stopped, oldest first."""
+    return sorted((c for c in _live if c.state in ("starting", "running")),
+                  key=lambda c: c.started_at or 0)
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for cluster in list(_live):
+        try:
+            cluster.stop()
+        except Exception:
+            pass

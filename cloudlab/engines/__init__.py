@@ -1,0 +1,1 @@
+"""Engines: *what* runs (ipyparallel or Dask), independent of where it runs."""

@@ -1,0 +1,102 @@
+"""The engine contract: what runs, how a client connects, how work reaches engines.
+
+An engine builds the :class:`~cloudlab.backends.base.Command` for its controller
+(ipcontroller / dask scheduler) and for each worker, connects the native client,
+and implements a handful of primitives on which :class:`~cloudlab.Cluster`
+builds everything else (map, push, pull, scatter, gather). Engine ids are small
+integers on both engines, chosen by the cluster.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..backends.base import Command
+
+#: (engine id, stream name, text) callback for output streamed from engines.
+OutputSink = Callable[[int, str, str], None]
+
+
+class Engine(abc.ABC):
+    name: ClassVar[str]
+    #: Resident memory of one idle engine, measured; bounds how many fit on a host.
+    mb_per_engine: ClassVar[int]
+
+    def __init__(self, workdir: Path, ip: str):
+        self.workdir = workdir
+        self.ip = ip
+
+    @abc.abstractmethod
+    def controller_command(self) -> Command:
+        """The controller (ipcontroller, dask scheduler)."""
+
+    @abc.abstractmethod
+    def engine_command(self, engine_id: int) -> Command:
+        """One engine with this id."""
+
+    @abc.abstractmethod
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
+        """Wait for the controller to be ready and connect the native client."""
+
+    @property
+    @abc.abstractmethod
+    def client(self) -> Any:
+        """The native client (ipyparallel ``Client`` / distributed ``Client``)."""
+
+    @abc.abstractmethod
+    async def ready_ids(self) -> set[int]:
+        """Ids of engines registered and usable now."""
+
+    @abc.abstractmethod
+    async def busy_ids(self) -> set[int]:
+        """Ids of engines running a task now."""
+
+    @abc.abstractmethod
+    async def submit(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on any engine; return its result (raise RemoteError)."""
+
+    @abc.abstractmethod
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
+        """Run ``fn(*args)`` on each engine in ``ids``; results by id (raise RemoteError)."""
+
+    @abc.abstractmethod
+    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
+        """Run notebook ``code`` on each engine, streaming its output to ``sink``."""
+
+    @abc.abstractmethod
+    async def forget(self, ids: list[int]) -> None:
+        """Engines ``ids`` are about to be stopped: let the controller know."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect the client (the processes are the backend's to stop)."""
+
+
+async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll for ``path``; fail fast if the process that should write it died."""
+    from ..errors import StartError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not path.exists():
+        if not alive():
+            raise StartError(f"The {what} exited before it was ready")
+        if loop.time() > deadline:
+            raise StartError(f"The {what} was not ready after {timeout:g} s")
+        await asyncio.sleep(0.02)
+
+
+def raise_failures(results: dict[int, Any]) -> dict[int, Any]:
+    """Turn :class:`~cloudlab._remote.Failure` results into one collapsed RemoteError."""
+    from .._remote import Failure
+    from ..errors import RemoteError
+
+    failures = {r.engine if r.engine >= 0 else eid: r.as_tuple()
+                for eid, r in results.items() if isinstance(r, Failure)}
+    if failures:
+        raise RemoteError(failures)
+    return results

@@ -1,0 +1,139 @@
+"""Dask distributed: ``dask scheduler`` plus one single-threaded ``dask worker`` per engine.
+
+Workers run without a nanny (cloudlab's agent ties each worker to its owner)
+and are named by engine id. The native client is created asynchronously on
+cloudlab's loop; called from any other thread (a notebook cell) it behaves
+as an ordinary synchronous ``distributed.Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .._remote import call, execute_cell
+from ..backends.base import Command
+from ..errors import StartError
+from .base import Engine, OutputSink, raise_failures, wait_for_file
+
+OUTPUT_TOPIC = "cloudlab-output"
+
+
+class DaskEngine(Engine):
+    name = "dask"
+    mb_per_engine = 110
+
+    _client = None
+
+    def __init__(self, workdir, ip):
+        super().__init__(workdir, ip)
+        self._address: dict[int, str] = {}
+        self._sinks: dict[str, tuple[OutputSink, set[int]]] = {}
+
+    @property
+    def scheduler_file(self):
+        return self.workdir / "scheduler.json"
+
+    def controller_command(self) -> Command:
+        return Command(
+            "scheduler",
+            "distributed.cli.dask_scheduler:main",
+            ("--host", self.ip, "--port", "0", "--scheduler-file", str(self.scheduler_file),
+             "--no-dashboard", "--no-show"),
+        )
+
+    def engine_command(self, engine_id: int) -> Command:
+        return Command(
+            f"engine-{engine_id}",
+            "distributed.cli.dask_worker:main",
+            ("--scheduler-file", str(self.scheduler_file), "--name", str(engine_id),
+             "--host", self.ip, "--no-nanny", "--nthreads", "1", "--no-dashboard",
+             "--local-directory", str(self.workdir / "dask"), "--death-timeout", "60"),
+            {"CLOUDLAB_ENGINE_ID": str(engine_id)},
+        )
+
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
+        from distributed import Client
+
+        await wait_for_file(self.scheduler_file, controller_alive, timeout, "Dask scheduler")
+        try:
+            self._client = await Client(scheduler_file=str(self.scheduler_file),
+                                        asynchronous=True, timeout=timeout)
+        except Exception as e:
+            raise StartError(f"Could not connect to the Dask scheduler: {e}") from e
+        self._client.subscribe_topic(OUTPUT_TOPIC, self._on_output)
+
+    @property
+    def client(self):
+        return self._client
+
+    async def _workers(self) -> dict[str, dict]:
+        info = await self._client.scheduler.identity(n_workers=-1)
+        return info.get("workers", {})
+
+    async def ready_ids(self) -> set[int]:
+        workers = await self._workers()
+        self._address = {int(w["name"]): addr for addr, w in workers.items()}
+        return set(self._address)
+
+    async def busy_ids(self) -> set[int]:
+        processing = await self._client.processing()
+        by_address = {a: i for i, a in self._address.items()}
+        return {by_address[a] for a, keys in processing.items() if keys and a in by_address}
+
+    async def submit(self, fn: Callable, *args: Any) -> Any:
+        result = await self._client.submit(call, fn, *args, pure=False)
+        return raise_failures({-1: result})[-1]
+
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
+        if not ids:
+            return {}
+        addresses = [self._address[i] for i in ids]
+        results = await self._client.run(call, fn, *args, workers=addresses)
+        return raise_failures({i: results[self._address[i]] for i in ids})
+
+    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
+        token = uuid.uuid4().hex
+        pending = set(ids)
+        self._sinks[token] = (sink, pending)
+        try:
+            futures = [self._client.submit(execute_cell, code, OUTPUT_TOPIC, token, pure=False,
+                                           workers=[self._address[i]], allow_other_workers=False)
+                       for i in ids]
+            results = await self._client.gather(futures)
+            # Output events travel apart from results: wait for each engine's last one.
+            for _ in range(100):
+                if not pending:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            del self._sinks[token]
+        raise_failures(dict(zip(ids, results)))
+
+    def _on_output(self, event) -> None:
+        _, msg = event
+        entry = self._sinks.get(msg.get("token"))
+        if entry is None:
+            return
+        sink, pending = entry
+        if msg.get("done"):
+            pending.discard(msg["engine"])
+        else:
+            sink(msg["engine"], msg["stream"], msg["text"])
+
+    async def forget(self, ids: list[int]) -> None:
+        addresses = [self._address[i] for i in ids if i in self._address]
+        if addresses:
+            try:
+                await self._client.retire_workers(addresses, close_workers=True)
+            except Exception:  # already gone: the backend kills it anyway
+                pass
+        for i in ids:
+            self._address.pop(i, None)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

@@ -1,0 +1,140 @@
+"""ipyparallel: ``ipcontroller`` plus one ``ipengine`` per engine.
+
+The controller runs its schedulers in threads and beats its heart every
+250 ms (the default 3 s heartbeat is what makes raw ipyparallel slow to
+register engines); engines run without their per-engine nanny process, since
+cloudlab's agent already ties each engine's life to its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from .. import _aio
+from .._remote import call
+from ..backends.base import Command
+from ..errors import RemoteError, StartError
+from .base import Engine, OutputSink, raise_failures, wait_for_file
+
+CLUSTER_ID = "cloudlab"
+HEARTBEAT_MS = 250
+
+
+class IPyParallelEngine(Engine):
+    name = "ipyparallel"
+    mb_per_engine = 120
+
+    _client = None
+
+    @property
+    def profile_dir(self):
+        return self.workdir / "ipp"
+
+    def _connection_file(self, who: str):
+        return self.profile_dir / "security" / f"ipcontroller-{CLUSTER_ID}-{who}.json"
+
+    def _common_env(self) -> dict[str, str]:
+        # Engines run an IPython shell: keep its history and config out of ~/.ipython.
+        return {"IPYTHONDIR": str(self.workdir / "ipython")}
+
+    def controller_command(self) -> Command:
+        return Command(
+            "controller",
+            "ipyparallel.controller.app:main",
+            (f"--ip={self.ip}", f"--profile-dir={self.profile_dir}", f"--cluster-id={CLUSTER_ID}",
+             f"--HeartMonitor.period={HEARTBEAT_MS}", "--HeartMonitor.max_heartmonitor_misses=40",
+             "--usethreads", "--log-level=WARN"),
+            self._common_env(),
+        )
+
+    def engine_command(self, engine_id: int) -> Command:
+        return Command(
+            f"engine-{engine_id}",
+            "ipyparallel.engine.app:main",
+            (f"--file={self._connection_file('engine')}", f"--profile-dir={self.profile_dir}",
+             f"--IPEngine.id={engine_id}", "--IPEngine.enable_nanny=False", "--log-level=WARN"),
+            {**self._common_env(), "CLOUDLAB_ENGINE_ID": str(engine_id)},
+        )
+
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
+        import ipyparallel
+
+        path = self._connection_file("client")
+        await wait_for_file(path, controller_alive, timeout, "ipyparallel controller")
+        try:
+            self._client = await _aio.to_thread(ipyparallel.Client, str(path), timeout=timeout)
+        except Exception as e:
+            raise StartError(f"Could not connect to the ipyparallel controller: {e}") from e
+
+    @property
+    def client(self):
+        return self._client
+
+    async def ready_ids(self) -> set[int]:
+        return set(self._client.ids)
+
+    async def busy_ids(self) -> set[int]:
+        status = await _aio.to_thread(self._client.queue_status)
+        return {eid for eid, s in status.items()
+                if isinstance(eid, int) and (s.get("queue", 0) or s.get("tasks", 0))}
+
+    async def submit(self, fn: Callable, *args: Any) -> Any:
+        view = self._client.load_balanced_view()
+        result = await asyncio.wrap_future(view.apply_async(call, fn, *args))
+        return raise_failures({-1: result})[-1]
+
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
+        if not ids:
+            return {}
+        view = self._client.direct_view(targets=list(ids))
+        results = await asyncio.wrap_future(view.apply_async(call, fn, *args))
+        return raise_failures(dict(zip(ids, results)))
+
+    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
+        from ipyparallel.error import CompositeError, RemoteError as IPPRemoteError
+
+        view = self._client.direct_view(targets=list(ids))
+        result = view.execute(code, silent=False, block=False)
+        sent = {(eid, name): 0 for eid in ids for name in ("stdout", "stderr")}
+
+        def forward():
+            for eid, md in zip(ids, result.metadata):
+                for name in ("stdout", "stderr"):
+                    text = md.get(name) or ""
+                    if len(text) > sent[eid, name]:
+                        sink(eid, name, text[sent[eid, name]:])
+                        sent[eid, name] = len(text)
+
+        while not result.done():
+            forward()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # iopub can trail the reply a little
+        forward()
+        try:
+            result.get()
+        except CompositeError as e:
+            raise RemoteError(_failures_from(e.elist, ids)) from None
+        except IPPRemoteError as e:
+            raise RemoteError({ids[0]: (e.ename, e.evalue, e.traceback or "")}) from None
+
+    async def forget(self, ids: list[int]) -> None:
+        if ids:
+            try:
+                await _aio.to_thread(self._client.shutdown, targets=list(ids), block=True)
+            except Exception:  # already gone: the backend kills it anyway
+                pass
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:
+    failures = {}
+    for ename, evalue, tb, info in elist:
+        eid = info.get("engine_id", ids[0]) if isinstance(info, dict) else ids[0]
+        failures[eid] = (ename, evalue, "\n".join(tb) if isinstance(tb, list) else (tb or ""))
+    return failures

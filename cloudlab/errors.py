@@ -1,0 +1,119 @@
+"""Errors a user can meet, each one sentence that names the fix.
+
+::
+
+    CloudlabError
+    ├── ConfigError            bad argument, profile value or name (ValueError too)
+    │   ├── UnknownNameError   an engine, backend or profile that does not exist
+    │   └── CapacityError      more engines than this machine can hold
+    ├── ClusterStateError      an operation the cluster's state forbids (no cluster, stopped)
+    ├── StartError             engines or controller could not start; nothing is left running
+    │   └── ProvisionTimeout   too few engines became ready in time
+    └── RemoteError            code raised on engines; collapsed across engines
+
+Every error carries the numbers it talks about as attributes, so code can react
+without parsing messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CloudlabError(Exception):
+    """Base of every error cloudlab raises on purpose."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of printing local frames: the message is the point.
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ConfigError(CloudlabError, ValueError):
+    """A value given by the user (argument, profile key) is not acceptable."""
+
+
+class UnknownNameError(ConfigError):
+    """A name (engine, backend, profile) that is not installed or defined."""
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        super().__init__(
+            f"Unknown {kind} {name!r}: use one of {', '.join(self.valid) or '(none installed)'}."
+        )
+
+
+class CapacityError(ConfigError):
+    """The machine cannot hold the number of engines asked for."""
+
+    def __init__(self, wanted: int, limit: int, reason: str):
+        self.wanted, self.limit, self.reason = wanted, limit, reason
+        super().__init__(
+            f"Cannot start {wanted} engines here: {reason}; ask for at most {limit}."
+        )
+
+
+class ClusterStateError(CloudlabError, RuntimeError):
+    """The cluster is not in a state that allows this operation."""
+
+
+class StartError(CloudlabError, RuntimeError):
+    """A start failed part way; everything it had started has been stopped."""
+
+
+class ProvisionTimeout(StartError, TimeoutError):
+    """Fewer engines than wanted became ready before the timeout."""
+
+    def __init__(self, ready: int, wanted: int, timeout: float, hint: str = ""):
+        self.ready, self.wanted, self.timeout = ready, wanted, timeout
+        super().__init__(
+            f"Only {ready} of {wanted} engines were ready after {timeout:g} s; nothing is left "
+            f"running. {hint or 'Start fewer engines or raise start_timeout in the profile.'}"
+        )
+
+
+class RemoteError(CloudlabError):
+    """Code raised on one or more engines.
+
+    Identical failures are collapsed: ``ZeroDivisionError on 16 engines [0-15]``
+    followed by one remote traceback, not sixteen.
+    """
+
+    def __init__(self, failures: dict[int, tuple[str, str, str]]):
+        #: engine id -> (exception type name, message, remote traceback text)
+        self.failures = dict(sorted(failures.items()))
+        groups: dict[tuple[str, str], list[int]] = {}
+        for eid, (ename, evalue, _tb) in self.failures.items():
+            groups.setdefault((ename, evalue), []).append(eid)
+        self.groups = groups
+        lines = []
+        for (ename, evalue), ids in groups.items():
+            where = f"{len(ids)} engine{'s' if len(ids) > 1 else ''} [{format_ids(ids)}]"
+            lines.append(f"{ename}: {evalue} on {where}" if evalue else f"{ename} on {where}")
+        first_tb = next(iter(self.failures.values()))[2]
+        self.traceback = first_tb
+        message = "; ".join(lines)
+        if first_tb:
+            message += "\n\nRemote traceback (first engine):\n" + first_tb.rstrip()
+        super().__init__(message)
+
+    @property
+    def engine_ids(self) -> list[int]:
+        return list(self.failures)
+
+
+def format_ids(ids: Iterable[int]) -> str:
+    """Compress engine ids into ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    ids = sorted(set(ids))
+    parts: list[str] = []
+    start = prev = None
+    for i in ids:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
