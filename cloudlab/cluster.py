@@ -291,6 +291,17 @@ class Cluster:
         self._require_running()
         return await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
 
+    def run(self, fn: Callable, *args: Any) -> dict[int, Any]:
+        """Run ``fn(*args)`` once on every engine; results by engine id."""
+        return _aio.run(self._run(fn, *args))
+
+    async def arun(self, fn: Callable, *args: Any) -> dict[int, Any]:
+        return await _aio.wrap(self._run(fn, *args))
+
+    async def _run(self, fn: Callable, *args: Any) -> dict[int, Any]:
+        self._require_running()
+        return await self._engine.run_on(self.engine_ids, _remote.Shipped(fn, frozenset(self._pushed)), *args)
+
     async def _map(self, fn: Callable, items: Iterable, chunksize: int | None) -> list:
         self._require_running()
         items = list(items)

@@ -1,0 +1,160 @@
+"""The ``cloudlab`` command: start, list, stop clusters and run workloads from a shell.
+
+    cloudlab start N [--engine E] [--profile P]   foreground; Ctrl-C stops cleanly
+    cloudlab list                                  clusters running on this machine
+    cloudlab stop NAME | --all                     stop clusters owned by any process
+    cloudlab run WORKLOAD [options] [--json]       e.g. cloudlab run pi --engines 4 --samples 1e9
+    cloudlab profiles                              profiles and where they come from
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import time
+
+from .errors import CloudlabError
+from .workloads import WORKLOADS
+
+
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", help="ipyparallel (default) or dask")
+    parser.add_argument("--profile", help="profile name (default: local)")
+    parser.add_argument("--backend", help="backend name (default: the profile's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloudlab", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    start = sub.add_parser("start", help="start a cluster in the foreground (Ctrl-C stops it)")
+    start.add_argument("n", nargs="?", help="number of engines (default: the profile's)")
+    start.add_argument("--name")
+    _cluster_arguments(start)
+
+    sub.add_parser("list", help="clusters running on this machine")
+
+    stop = sub.add_parser("stop", help="stop clusters, whichever process owns them")
+    stop.add_argument("name", nargs="?")
+    stop.add_argument("--all", action="store_true", help="stop every cluster")
+
+    sub.add_parser("profiles", help="available profiles")
+
+    run = sub.add_parser("run", help="run a workload on a fresh cluster")
+    workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    for name, module in WORKLOADS.items():
+        mod = importlib.import_module(module)
+        wp = workloads.add_parser(name, help=(mod.__doc__ or "").split("\n")[0])
+        wp.add_argument("--engines", default=None, help="number of engines (default: the profile's)")
+        _cluster_arguments(wp)
+        wp.add_argument("--json", action="store_true", help="print one JSON object")
+        mod.add_arguments(wp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return globals()[f"cmd_{args.command}"](args) or 0
+    except CloudlabError as e:
+        print(f"cloudlab: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_start(args) -> int:
+    from .cluster import Cluster
+
+    cluster = Cluster(args.n, engine=args.engine, profile=args.profile, backend=args.backend,
+                      name=args.name)
+    # SIGTERM (kill, systemd, a job scheduler) stops as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    t0 = time.perf_counter()
+    with cluster:
+        print(f"{cluster.name}: {len(cluster.engine_ids)} {cluster.engine_kind} engines on "
+              f"{cluster.backend_kind}, ready in {time.perf_counter() - t0:.1f} s. "
+              f"Press Ctrl-C to stop.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print(f"Stopping {cluster.name}...", flush=True)
+    print(f"Stopped {cluster.name}.")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import read_records
+
+    records = read_records()
+    if not records:
+        print("No clusters are running.")
+    for r in records:
+        age = time.time() - r.created
+        print(f"{r.name:<14} {r.engine:<12} {r.backend:<8} {r.engines:>4} engines  "
+              f"owner pid {r.owner_pid}  up {age:.0f} s")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .registry import read_records, stop_record
+
+    records = read_records()
+    if args.all:
+        chosen = records
+    elif args.name:
+        chosen = [r for r in records if r.name == args.name]
+        if not chosen:
+            print(f"cloudlab: no running cluster named {args.name!r}; `cloudlab list` shows "
+                  f"what runs.", file=sys.stderr)
+            return 2
+    else:
+        print("cloudlab: name a cluster to stop, or use --all; `cloudlab list` shows what runs.",
+              file=sys.stderr)
+        return 2
+    for record in chosen:
+        stop_record(record)
+        print(f"Stopped {record.name}.")
+    if not chosen:
+        print("No clusters are running.")
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    import tomllib
+
+    from .profiles import available_profiles
+
+    for name, path in available_profiles().items():
+        try:
+            description = tomllib.loads(path.read_text()).get("description", "")
+        except (OSError, tomllib.TOMLDecodeError):
+            description = "(not valid TOML)"
+        print(f"{name:<14} {description}  [{path}]")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .cluster import Cluster
+
+    module = importlib.import_module(WORKLOADS[args.workload])
+    with Cluster(args.engines, engine=args.engine, profile=args.profile,
+                 backend=args.backend) as cluster:
+        result = module.run(cluster, args)
+    result = {"workload": args.workload, "engine": cluster.engine_kind,
+              "backend": cluster.backend_kind, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>14}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
