@@ -47,6 +47,13 @@ def fetch(name: str) -> Any:
     return ns[name]
 
 
+def is_interactive(fn) -> bool:
+    """A function that travels by value (notebook, lambda, nested), not by import name."""
+    return isinstance(fn, types.FunctionType) and (
+        fn.__module__ == "__main__" or "<locals>" in fn.__qualname__
+        or fn.__name__ == "<lambda>")
+
+
 class Shipped:
     """A client function, pickled once with cloudpickle, with pushed names left out.
 
@@ -56,11 +63,11 @@ class Shipped:
     """
 
     def __init__(self, fn, pushed: frozenset[str] = frozenset()):
-        if getattr(fn, "__module__", None) == "__main__" and isinstance(fn, types.FunctionType):
+        if is_interactive(fn):
             kept = {k: v for k, v in fn.__globals__.items() if k not in pushed}
             clone = types.FunctionType(fn.__code__, kept, fn.__name__, fn.__defaults__,
                                        fn.__closure__)
-            clone.__kwdefaults__, clone.__module__ = fn.__kwdefaults__, "__main__"
+            clone.__kwdefaults__, clone.__module__ = fn.__kwdefaults__, fn.__module__
             clone.__qualname__ = fn.__qualname__
             fn = clone
         self.payload = cloudpickle.dumps(fn)
@@ -72,7 +79,7 @@ class Shipped:
 @functools.lru_cache(maxsize=32)
 def _materialise(payload: bytes):
     fn = cloudpickle.loads(payload)
-    if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+    if is_interactive(fn):
         ns = namespace()
         captured = fn.__globals__
         merged = _Overlay(ns, captured)

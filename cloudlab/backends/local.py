@@ -78,11 +78,12 @@ class LocalBackend(Backend):
             argv += ["--cleanup", str(path)]
         argv += [command.entry, "--", *command.args]
         env = {**os.environ, **SINGLE_THREADED, "PYTHONUNBUFFERED": "1",
-               "CLOUDLAB_CLUSTER": self.cluster_name, **command.env}
+               "PYTHONPATH": client_python_path(), "CLOUDLAB_CLUSTER": self.cluster_name,
+               **command.env}
         with open(log, "ab") as out:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir, start_new_session=True, close_fds=True,
+                env=env, cwd=os.getcwd(), start_new_session=True, close_fds=True,
             )
         return LocalProcess(command.name, popen, log)
 
@@ -98,6 +99,17 @@ class LocalBackend(Backend):
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def client_python_path() -> str:
+    """The client's own import directories (notebook folder, script folder, project),
+    so engines import the same local modules; the interpreter's directories are left
+    to the engine's interpreter."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    extra = [os.path.abspath(p or os.getcwd()) for p in sys.path
+             if not any(os.path.abspath(p or ".").startswith(x) for x in prefixes)]
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(dict.fromkeys([*extra, *filter(None, inherited.split(os.pathsep))]))
 
 
 def _signal_groups(procs: list[LocalProcess], sig: int) -> None:

@@ -1,0 +1,86 @@
+"""Shared fixtures: isolated CLOUDLAB_HOME, process accounting, one cluster per engine kind.
+
+Every process a test run starts inherits CLOUDLAB_TEST_RUN, so the suite can
+find (and count) exactly its own engines, controllers and schedulers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+RUN_ID = uuid.uuid4().hex[:12]
+os.environ["CLOUDLAB_TEST_RUN"] = RUN_ID
+os.environ["CLOUDLAB_HOME"] = tempfile.mkdtemp(prefix="cloudlab-test-home-")
+ENGINES = ["ipyparallel", "dask"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def our_processes(cluster: str | None = None) -> list[psutil.Process]:
+    """Live cloudlab processes started by this test run (optionally of one cluster)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if env.get("CLOUDLAB_TEST_RUN") == RUN_ID and "CLOUDLAB_CLUSTER" in env:
+            if cluster is None or env["CLOUDLAB_CLUSTER"] == cluster:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+    return found
+
+
+def wait_until_gone(cluster: str | None = None, timeout: float = 10.0) -> list[psutil.Process]:
+    """Poll the process table until no process of ``cluster`` is left; return survivors."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = our_processes(cluster)
+        if not left:
+            return []
+        time.sleep(0.1)
+    return our_processes(cluster)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def cluster(request):
+    """A running 3-engine cluster per engine kind, shared by a module's tests."""
+    import cloudlab
+
+    with cloudlab.Cluster(3, engine=request.param) as c:
+        yield c
+    assert wait_until_gone(c.name, 5) == []
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    yield
+    survivors = wait_until_gone(timeout=10)
+    assert survivors == [], f"processes outlived the test run: {[p.cmdline() for p in survivors]}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CLOUDLAB_NO_SKIP=1 (CI), a skip is a failure: CI must exercise everything."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CLOUDLAB_NO_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but CLOUDLAB_NO_SKIP=1 forbids skips: {report.longrepr}"
