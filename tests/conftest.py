@@ -38,6 +38,19 @@ def our_processes(cluster: str | None = None) -> list[psutil.Process]:
     return found
 
 
+def launched(cluster: str) -> list[psutil.Process]:
+    """The processes a backend launched for ``cluster`` (each leads its own group);
+    their children (ipyparallel's heart monitor, say) are left out."""
+    leaders = []
+    for proc in our_processes(cluster):
+        try:
+            if os.getpgid(proc.pid) == proc.pid:
+                leaders.append(proc)
+        except ProcessLookupError:
+            pass
+    return leaders
+
+
 def wait_until_gone(cluster: str | None = None, timeout: float = 10.0) -> list[psutil.Process]:
     """Poll the process table until no process of ``cluster`` is left; return survivors."""
     deadline = time.monotonic() + timeout

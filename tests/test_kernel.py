@@ -1,0 +1,47 @@
+"""A real Jupyter kernel owns the cluster: %cluster start 16, then kill -9 of the kernel."""
+
+import os
+import signal
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from conftest import launched, wait_until_gone
+
+
+def execute(client, code: str, timeout: float = 180) -> str:
+    """Run ``code`` in the kernel; return its stdout, raise on error."""
+    msg_id = client.execute(code)
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = client.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            raise AssertionError("\n".join(content["traceback"]))
+        elif kind == "status" and content["execution_state"] == "idle":
+            return "".join(out)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_kernel_running_16_engines_leaves_nothing(engine):
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        execute(client, "%load_ext cloudlab")
+        out = execute(client, f"%cluster start 16 --engine {engine}\n%cluster status")
+        assert "16 engines (16 idle)" in out, out
+        name = execute(client, "print(cluster.name)").strip()
+        assert len(launched(name)) == 17  # controller + 16 engines
+        os.kill(manager.provisioner.process.pid, signal.SIGKILL)  # no atexit, no cleanup
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    t0 = time.monotonic()
+    survivors = wait_until_gone(name, 10)
+    assert survivors == [], [p.cmdline() for p in survivors]
+    print(f"{engine}: 17 processes gone {time.monotonic() - t0:.2f} s after kill -9 of the kernel")

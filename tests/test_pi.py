@@ -1,0 +1,35 @@
+import math
+
+import numpy as np
+
+from cloudlab.workloads import pi
+
+
+def test_numba_kernel_counts_exactly_what_numpy_reference_counts():
+    key = pi.seed_key(11)
+    for start, stop in [(0, 1), (0, 100_000), (123_456, 1_400_000)]:
+        assert pi.count_inside(key, start, stop) == pi.count_inside_numpy(key, start, stop)
+
+
+def test_counts_add_up_whatever_the_split():
+    key = pi.seed_key(3)
+    whole = pi.count_inside(key, 0, 1_000_000)
+    bounds = [0, 17, 250_000, 999_999, 1_000_000]
+    assert sum(pi.count_inside(key, a, b) for a, b in zip(bounds, bounds[1:])) == whole
+
+
+def test_different_seeds_give_different_streams_and_a_sane_fraction():
+    counts = {pi.count_inside(pi.seed_key(s), 0, 200_000) for s in range(5)}
+    assert len(counts) == 5
+    for c in counts:
+        assert abs(4 * c / 200_000 - math.pi) < 5 * 4 * math.sqrt(0.25 * 0.75 / 200_000) * 1.0
+
+
+def test_estimate_on_a_cluster(cluster):
+    result = pi.estimate(cluster, 4e7, seed=5)
+    assert result.samples == 40_000_000 and result.engines == 3
+    assert abs(result.estimate - math.pi) < 5 * result.stderr
+    again = pi.estimate(cluster, 4e7, seed=5, tasks=7)
+    assert again.inside == result.inside  # reproducible whatever the split
+    assert "pi ~ 3.14" in str(result)
+    assert np.isfinite(result.samples_per_s)
