@@ -46,6 +46,7 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext cloudlab``: remove the magics again."""
     from .magics import unregister
 
     unregister(ipython)

@@ -42,6 +42,8 @@ _live: set[Cluster] = set()
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """One engine as ``c.status()`` reports it."""
+
     id: int
     host: str
     pid: int | None

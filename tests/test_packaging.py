@@ -1,0 +1,59 @@
+"""The package as shipped: dependencies agree everywhere, names resolve, profiles are valid."""
+
+import re
+import tomllib
+
+import yaml
+
+from cloudlab.plugins import backend_names, engine_names
+from cloudlab.profiles import REPO_PROFILES, load_profile
+from conftest import ROOT
+
+
+def requirement(spec: str) -> tuple[str, str]:
+    name, version = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*(.*)$", spec).groups()
+    return name.lower(), version.replace(" ", "")
+
+
+def pyproject_dependencies() -> set[tuple[str, str]]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {requirement(d) for d in data["project"]["dependencies"]}
+
+
+def conda_dependencies(path) -> set[tuple[str, str]]:
+    deps = yaml.safe_load(path.read_text())["dependencies"]
+    return {requirement(d) for d in deps
+            if isinstance(d, str) and not d.startswith(("python=", "pip"))}
+
+
+def test_environment_yml_and_binder_match_pyproject():
+    expected = pyproject_dependencies()
+    assert conda_dependencies(ROOT / "environment.yml") == expected
+    assert conda_dependencies(ROOT / "binder" / "environment.yml") == expected
+
+
+def test_environment_files_install_cloudlab_itself():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e ." in pip_section
+    assert "pip install --no-deps -e ." in (ROOT / "binder" / "postBuild").read_text()
+
+
+def test_entry_points_name_the_engines_and_backends():
+    assert engine_names() == ["dask", "ipyparallel"]
+    assert "local" in backend_names()
+
+
+def test_every_repository_profile_is_valid():
+    profiles = sorted(REPO_PROFILES.glob("*.toml"))
+    assert profiles
+    for path in profiles:
+        load_profile(path.stem)
+
+
+def test_public_api_is_curated():
+    import cloudlab
+
+    assert set(cloudlab.__all__) >= {"Cluster", "load_ipython_extension", "CloudlabError"}
+    for name in cloudlab.__all__:
+        assert getattr(cloudlab, name).__doc__, name
