@@ -143,16 +143,19 @@ def cmd_run(args) -> int:
     from .cluster import Cluster
 
     module = importlib.import_module(WORKLOADS[args.workload])
-    with Cluster(args.engines, engine=args.engine, profile=args.profile,
-                 backend=args.backend) as cluster:
+    cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend)
+    t0 = time.perf_counter()
+    with cluster:
+        if not args.json:
+            print(f"Started {len(cluster.engine_ids)} {cluster.engine_kind} engines on "
+                  f"{cluster.backend_kind} in {time.perf_counter() - t0:.1f} s.", flush=True)
         result = module.run(cluster, args)
     result = {"workload": args.workload, "engine": cluster.engine_kind,
               "backend": cluster.backend_kind, **result}
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key:>14}: {value}")
+        print(module.summary(result))
     return 0
 
 

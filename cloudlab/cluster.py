@@ -224,9 +224,12 @@ class Cluster:
                 await asyncio.wait_for(self._engine.close(), 5)
             except Exception:
                 pass
-        procs = list(self._processes.values()) + ([self._controller] if self._controller else [])
         if self._backend is not None:
-            await self._backend.terminate(procs)
+            # Engines first, while their controller is still there to say goodbye to
+            # (a Dask worker whose scheduler vanished retries for seconds); then the controller.
+            await self._backend.terminate(list(self._processes.values()), grace=0.5)
+            if self._controller is not None:
+                await self._backend.terminate([self._controller], grace=0.5)
             await self._backend.close()
         self._processes.clear()
         self._controller = None

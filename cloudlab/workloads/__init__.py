@@ -1,7 +1,7 @@
 """Workloads: real computations to run on a cluster, each usable from Python and `cloudlab run`.
 
-A workload module offers ``add_arguments(parser)`` and ``run(cluster, args) -> dict``
-for the CLI, beside its Python API (``pi.estimate(cluster, samples, seed=...)``).
+A workload module offers ``add_arguments(parser)``, ``run(cluster, args) -> dict`` and
+``summary(figures) -> str`` for the CLI, beside its Python API (``pi.estimate(cluster, samples, seed=...)``).
 """
 
 WORKLOADS = {

@@ -37,9 +37,7 @@ class PiResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"pi ~ {self.estimate:.6f} +/- {self.stderr:.6f} from {self.samples:.3g} samples "
-                f"in {self.seconds:.2f} s ({self.samples_per_s / 1e9:.2f} G samples/s, "
-                f"{self.engines} engines)")
+        return summary(self.to_dict())
 
 
 def seed_key(seed: int) -> int:
@@ -147,3 +145,10 @@ def add_arguments(parser) -> None:
 
 def run(cluster, args) -> dict:
     return estimate(cluster, args.samples, seed=args.seed).to_dict()
+
+
+def summary(figures: dict) -> str:
+    return (f"pi ~ {figures['estimate']:.6f} +/- {figures['stderr']:.6f} from "
+            f"{figures['samples']:.3g} samples in {figures['seconds']:.2f} s "
+            f"({figures['samples_per_s'] / 1e9:.2f} G samples/s on {figures['engines']} engines); "
+            f"error {abs(figures['estimate'] - math.pi) / figures['stderr']:.1f} standard errors.")
