@@ -246,6 +246,12 @@ class Cluster:
         self._record.save()
 
     def _require_running(self) -> None:
+        if self.state == "running" and self._controller is not None and not self._controller.alive():
+            # Stopped from outside (`cloudlab stop --all`, a killed controller): say so plainly.
+            _aio.submit(self._stop())  # kill what is left and remove its files, in the background
+            raise ClusterStateError(
+                f"Cluster {self.name} was stopped from outside (its {self._engine_cls.name} "
+                f"controller exited); start a new one with %cluster start N.")
         if self.state != "running":
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}: start it first (c.start() or "

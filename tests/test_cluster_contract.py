@@ -134,6 +134,19 @@ def test_execute_streams_each_engines_output(cluster):
     assert cluster.pull("marker") == {i: 7 for i in cluster.engine_ids}
 
 
+def test_execute_streams_output_while_the_cell_still_runs(cluster):
+    import time
+
+    arrivals = []
+    t0 = time.monotonic()
+    cluster.execute("import time\nprint('before', flush=True)\ntime.sleep(1.5)\nprint('after')",
+                    sink=lambda eid, stream, text: arrivals.append((time.monotonic() - t0, text)),
+                    targets=[0])
+    total = time.monotonic() - t0
+    assert [text for _, text in arrivals] == ["before\n", "after\n"]
+    assert arrivals[0][0] < total - 1.0  # the first line came well before the end
+
+
 def test_execute_on_targets_and_error_collapse(cluster):
     out = []
     cluster.execute("print('hi')", sink=lambda *a: out.append(a), targets=[1])

@@ -156,3 +156,15 @@ def test_operations_on_a_stopped_cluster_say_what_to_do():
         c.map(abs, [1])
     with pytest.raises(cloudlab.ClusterStateError, match="start it first"):
         c.scale(2)
+
+
+def test_cluster_stopped_from_outside_says_so():
+    from cloudlab.registry import read_records, stop_record
+
+    with cloudlab.Cluster(1, engine="dask") as c:
+        [record] = [r for r in read_records() if r.name == c.name]
+        stop_record(record)  # what `cloudlab stop --all` does from another process
+        with pytest.raises(cloudlab.ClusterStateError, match="was stopped from outside"):
+            c.map(abs, [1])
+        assert wait_until_gone(c.name, 5) == []
+    assert c.state == "stopped"
