@@ -137,6 +137,12 @@ def call(fn, *args):
         return Failure(exc)
 
 
+def call_packed(packed: tuple):
+    """``call`` with ``(fn, args)`` in one object, so it can be scattered once to all engines."""
+    fn, args = packed
+    return call(fn, *args)
+
+
 def run_chunk(fn, items: list):
     """The unit of work for ``c.map``: apply ``fn`` to a slice of the items."""
     try:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .._remote import call, execute_cell
+from .._remote import call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
 from .base import Engine, OutputSink, raise_failures, wait_for_file
@@ -90,9 +90,16 @@ class DaskEngine(Engine):
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
         if not ids:
             return {}
+        # Pinned tasks, not Client.run: a long function must not block a worker's event
+        # loop (and its heartbeats), and it should queue behind running work as on ipyparallel.
+        # The arguments travel once (scatter, broadcast), not once per engine.
         addresses = [self._address[i] for i in ids]
-        results = await self._client.run(call, fn, *args, workers=addresses)
-        return raise_failures({i: results[self._address[i]] for i in ids})
+        [packed] = await self._client.scatter([(fn, args)], broadcast=True, workers=addresses,
+                                              hash=False)
+        futures = [self._client.submit(call_packed, packed, workers=[a], allow_other_workers=False,
+                                       pure=False) for a in addresses]
+        results = await self._client.gather(futures)
+        return raise_failures(dict(zip(ids, results)))
 
     async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
         token = uuid.uuid4().hex
