@@ -66,12 +66,13 @@ class Cluster:
         opts = self.profile.cluster
         self.engine_kind, self.backend_kind = opts.engine, opts.backend
         self._engine_cls = engine_class(self.engine_kind)
-        self._backend_cls = backend_class(self.backend_kind)
-        self.name = name or f"{'ipp' if self.engine_kind == 'ipyparallel' else self.engine_kind}-{secrets.token_hex(3)}"
-        self.n = self._check_count(opts.engines if n is None else n)
+        self.name = name or f"{self._engine_cls.short_name}-{secrets.token_hex(3)}"
+        self._backend = backend_class(self.backend_kind)(self.profile.backend_options, self.name)
+        limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)
+        self.n = policy.engine_count(opts.engines if n is None else n, limit, reason)
         self.state = "new"
         self.started_at: float | None = None
-        self._engine = self._backend = None
+        self._engine = None
         self._controller: Launched | None = None
         self._processes: dict[int, Launched] = {}
         self._identity: dict[int, tuple[str, int]] = {}
@@ -80,11 +81,6 @@ class Cluster:
         self._record: Record | None = None
         self._workdir: Path | None = None
         self._lock: asyncio.Lock | None = None
-
-    def _check_count(self, n: Any) -> int:
-        probe = self._backend_cls(self.profile.backend_options, Path("."), self.name)
-        limit, reason = probe.max_engines(self._engine_cls.mb_per_engine)
-        return policy.engine_count(n, limit, reason)
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
@@ -136,7 +132,8 @@ class Cluster:
 
     async def _start(self) -> Cluster:
         if self.state != "new":
-            raise ClusterStateError(f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
+            raise ClusterStateError(
+                f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
         self._lock = asyncio.Lock()
         self.state = "starting"
         _live.add(self)
@@ -144,10 +141,10 @@ class Cluster:
         timeout = self.profile.cluster.start_timeout
         try:
             self._workdir = Path(tempfile.mkdtemp(prefix=f"cloudlab-{self.name}-"))
-            self._backend = self._backend_cls(self.profile.backend_options, self._workdir, self.name)
+            self._backend.workdir = self._workdir
             self._engine = self._engine_cls(self._workdir, self._backend.controller_ip)
-            self._record = Record(self.name, self.engine_kind, self.backend_kind, os.getpid(),
-                                  this_process_started(), str(self._workdir))
+            self._record = Record(self.name, self.engine_kind, self.backend_kind,
+                                  os.getpid(), this_process_started(), str(self._workdir))
             self._record.save()
             self._controller = await self._backend.launch(
                 self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
@@ -224,7 +221,7 @@ class Cluster:
                 await asyncio.wait_for(self._engine.close(), 5)
             except Exception:
                 pass
-        if self._backend is not None:
+        if self._backend.workdir is not None:
             # Engines first, while their controller is still there to say goodbye to
             # (a Dask worker whose scheduler vanished retries for seconds); then the controller.
             await self._backend.terminate(list(self._processes.values()), grace=0.5)

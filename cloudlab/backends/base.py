@@ -49,10 +49,11 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type]
 
-    def __init__(self, options: Any, workdir: Path, cluster_name: str):
+    def __init__(self, options: Any, cluster_name: str):
         self.options = options
-        self.workdir = workdir
         self.cluster_name = cluster_name
+        #: Where logs and connection files go; the cluster sets it when it starts.
+        self.workdir: Path | None = None
 
     @property
     @abc.abstractmethod

@@ -23,6 +23,7 @@ OutputSink = Callable[[int, str, str], None]
 
 class Engine(abc.ABC):
     name: ClassVar[str]
+    short_name: ClassVar[str]  # prefix of cluster names: ipp-1a2b3c
     #: Resident memory of one idle engine, measured; bounds how many fit on a host.
     mb_per_engine: ClassVar[int]
 

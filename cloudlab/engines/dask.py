@@ -23,6 +23,7 @@ OUTPUT_TOPIC = "cloudlab-output"
 
 class DaskEngine(Engine):
     name = "dask"
+    short_name = "dask"
     mb_per_engine = 110
 
     _client = None

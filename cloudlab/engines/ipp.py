@@ -24,6 +24,7 @@ HEARTBEAT_MS = 250
 
 class IPyParallelEngine(Engine):
     name = "ipyparallel"
+    short_name = "ipp"
     mb_per_engine = 120
 
     _client = None
