@@ -108,6 +108,7 @@ class ClusterMagics(Magics):
         t0 = time.perf_counter()
         c = Cluster(args.n, engine=args.engine, backend=args.backend, profile=args.profile,
                     name=args.name)
+        print(f"Starting {c.n} {c.engine_kind} engines on {c.backend_kind}...", flush=True)
         c.start()
         self._activate(c)
         print(f"Started {c.name}: {len(c.engine_ids)} {c.engine_kind} engines on "

@@ -168,3 +168,17 @@ def test_cluster_stopped_from_outside_says_so():
             c.map(abs, [1])
         assert wait_until_gone(c.name, 5) == []
     assert c.state == "stopped"
+
+
+def test_interrupting_a_start_stops_what_it_had_started(engine):
+    from cloudlab import _aio
+
+    c = cloudlab.Cluster(3, engine=engine)
+    future = _aio.submit(c._start())  # what Ctrl-C during c.start() cancels
+    deadline = time.monotonic() + 30
+    while len(launched(c.name)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(launched(c.name)) >= 2, "the start never launched an engine"
+    future.cancel()
+    assert wait_until_gone(c.name, 10) == []
+    assert c.state == "failed"
