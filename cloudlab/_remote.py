@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import linecache
 import os
 import socket
 import traceback
@@ -70,21 +71,50 @@ class Shipped:
             clone.__kwdefaults__, clone.__module__ = fn.__kwdefaults__, fn.__module__
             clone.__qualname__ = fn.__qualname__
             fn = clone
+            self.source = _source_of(fn.__code__)
+        else:
+            self.source = None
         self.payload = cloudpickle.dumps(fn)
 
     def __call__(self, *args, **kwargs):
-        return _materialise(self.payload)(*args, **kwargs)
+        return _materialise(self.payload, self.source)(*args, **kwargs)
+
+
+#: Source files larger than this are not sent along for tracebacks.
+MAX_SOURCE_BYTES = 256 * 1024
+
+
+def _source_of(code: types.CodeType) -> tuple[str, tuple[str, ...]] | None:
+    """(file name, lines) of a function's source, so remote tracebacks can quote it.
+
+    cloudpickle replaces a shipped function's file name with ``<dynamic-code>``;
+    sending the name and lines along lets the engine restore both.
+    """
+    lines = linecache.getlines(code.co_filename)
+    if not lines or sum(map(len, lines)) > MAX_SOURCE_BYTES:
+        return None
+    return code.co_filename, tuple(lines)
 
 
 @functools.lru_cache(maxsize=32)
-def _materialise(payload: bytes):
+def _materialise(payload: bytes, source: tuple[str, tuple[str, ...]] | None):
     fn = cloudpickle.loads(payload)
     if is_interactive(fn):
-        ns = namespace()
-        captured = fn.__globals__
-        merged = _Overlay(ns, captured)
-        fn = types.FunctionType(fn.__code__, merged, fn.__name__, fn.__defaults__, fn.__closure__)
+        code = fn.__code__
+        if source is not None:
+            filename, lines = source
+            linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
+            code = _renamed(code, filename)
+        merged = _Overlay(namespace(), fn.__globals__)
+        fn = types.FunctionType(code, merged, fn.__name__, fn.__defaults__, fn.__closure__)
     return fn
+
+
+def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
+    """``code`` and the code objects nested in it, with their file name restored."""
+    consts = tuple(_renamed(c, filename) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 class _Overlay(dict):
