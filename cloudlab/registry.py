@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from .backends.local import group_alive, signal_groups
 from .profiles import cloudlab_home
 
 
@@ -80,16 +81,11 @@ def read_records() -> list[Record]:
 def stop_record(record: Record, grace: float = 1.0) -> None:
     """Kill a cluster's processes from outside its owner, then forget it."""
     groups = [pid for pid in record.pids if _is_ours(pid, record.name)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in groups:
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while sig == signal.SIGTERM and time.monotonic() < deadline and any(
-                _group_exists(p) for p in groups):
-            time.sleep(0.05)
+    signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(group_alive(p) for p in groups):
+        time.sleep(0.05)
+    signal_groups(groups, signal.SIGKILL)
     shutil.rmtree(record.workdir, ignore_errors=True)
     record.remove()
 
@@ -100,11 +96,3 @@ def _is_ours(pid: int, cluster: str) -> bool:
         return psutil.Process(pid).environ().get("CLOUDLAB_CLUSTER") == cluster
     except psutil.Error:
         return False
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True

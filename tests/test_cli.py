@@ -2,11 +2,9 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -1,7 +1,5 @@
 """Nothing outlives its owner: stop, with-blocks, exceptions, exit, kill -9, failed starts."""
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -89,16 +89,20 @@ class LocalBackend(Backend):
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
         procs = [p for p in launched if isinstance(p, LocalProcess)]
-        _signal_groups(procs, signal.SIGTERM)
+        signal_groups([p.pid for p in procs], signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
         while any(p.alive() for p in procs) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
-        _signal_groups(procs, signal.SIGKILL)  # also reaps children left in the groups
+        signal_groups([p.pid for p in procs], signal.SIGKILL)  # also ends children left in the groups
         for p in procs:
             try:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # Return only once every group is empty: "stopped" means no process is left.
+        deadline = asyncio.get_running_loop().time() + 2
+        while any(group_alive(p.pid) for p in procs) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
 
 def client_python_path() -> str:
@@ -112,9 +116,20 @@ def client_python_path() -> str:
     return os.pathsep.join(dict.fromkeys([*extra, *filter(None, inherited.split(os.pathsep))]))
 
 
-def _signal_groups(procs: list[LocalProcess], sig: int) -> None:
-    for p in procs:
+def group_alive(pgid: int) -> bool:
+    """Whether any process is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_groups(pgids: list[int], sig: int) -> None:
+    for pgid in pgids:
         try:
-            os.killpg(p.pid, sig)
+            os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass

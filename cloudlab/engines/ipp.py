@@ -94,7 +94,8 @@ class IPyParallelEngine(Engine):
         return raise_failures(dict(zip(ids, results)))
 
     async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
-        from ipyparallel.error import CompositeError, RemoteError as IPPRemoteError
+        from ipyparallel.error import CompositeError
+        from ipyparallel.error import RemoteError as IPPRemoteError
 
         view = self._client.direct_view(targets=list(ids))
         result = view.execute(code, silent=False, block=False)
