@@ -159,33 +159,26 @@ def engine_id() -> int:
     return int(os.environ.get("CLOUDLAB_ENGINE_ID", "-1"))
 
 
-def call(fn, *args):
-    """Run ``fn(*args)``; an exception comes back as a :class:`Failure`."""
+def call(fn, *args) -> tuple[int, Any]:
+    """Run ``fn(*args)``; return ``(engine id, result)``, an exception as a :class:`Failure`.
+
+    The engine id lets the client count work per engine whichever engine kind ran it.
+    """
     try:
-        return fn(*args)
+        return engine_id(), fn(*args)
     except Exception as exc:
-        return Failure(exc)
+        return engine_id(), Failure(exc)
 
 
-def call_packed(packed: tuple):
+def call_packed(packed: tuple) -> tuple[int, Any]:
     """``call`` with ``(fn, args)`` in one object, so it can be scattered once to all engines."""
     fn, args = packed
     return call(fn, *args)
 
 
-def run_chunk(fn, items: list):
+def run_chunk(fn, items: list) -> list:
     """The unit of work for ``c.map``: apply ``fn`` to a slice of the items."""
-    try:
-        return [fn(x) for x in items]
-    except Exception as exc:
-        return Failure(exc)
-
-
-def run_chunk_star(fn, items: list):
-    try:
-        return [fn(*x) for x in items]
-    except Exception as exc:
-        return Failure(exc)
+    return [fn(x) for x in items]
 
 
 def execute_cell(code: str, topic: str, token: str):
@@ -224,9 +217,9 @@ def execute_cell(code: str, topic: str, token: str):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             exec(compile(code, "<cell>", "exec"), namespace())
-        return None
+        return eid, None
     except Exception as exc:
-        return Failure(exc)
+        return eid, Failure(exc)
     finally:
         out.flush()
         err.flush()

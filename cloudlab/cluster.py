@@ -21,6 +21,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class EngineStatus:
     host: str
     pid: int | None
     state: str  # starting | idle | busy | dead
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    tasks_done: int = 0
 
 
 class Cluster:
@@ -77,6 +81,8 @@ class Cluster:
         self._processes: dict[int, Launched] = {}
         self._identity: dict[int, tuple[str, int]] = {}
         self._pushed: set[str] = set()
+        #: Items of work (map items, submits) each engine has finished, by engine id.
+        self.tasks_done: Counter[int] = Counter()
         self._next_id = itertools.count()
         self._record: Record | None = None
         self._workdir: Path | None = None
@@ -276,7 +282,8 @@ class Cluster:
                 state = "starting"
             else:
                 state = "busy" if eid in busy else "idle"
-            rows.append(EngineStatus(eid, host, pid, state))
+            cpu, memory = proc.usage() if state != "dead" else (None, None)
+            rows.append(EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid]))
         return rows
 
     # -------------------------------------------------------------------- work
@@ -297,7 +304,9 @@ class Cluster:
 
     async def _submit(self, fn: Callable, *args: Any) -> Any:
         self._require_running()
-        return await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        eid, value = await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        self.tasks_done[eid] += 1
+        return value
 
     def run(self, fn: Callable, *args: Any) -> dict[int, Any]:
         """Run ``fn(*args)`` once on every engine; results by engine id."""
@@ -329,9 +338,11 @@ class Cluster:
                 failures.update(r.failures)
             elif isinstance(r, BaseException):
                 raise r
+            else:
+                self.tasks_done[r[0]] += len(r[1])
         if failures:
             raise RemoteError(failures)
-        return [x for chunk in results for x in chunk]
+        return [x for _, chunk in results for x in chunk]
 
     # -------------------------------------------------------------------- data
     def push(self, **values: Any) -> None:

@@ -14,10 +14,13 @@ import time
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
 
 from .cluster import Cluster, running_clusters
 from .errors import CloudlabError, ConfigError, format_ids
 from .output import PrefixedSink
+from .widgets import install as install_views
+from .widgets import widgets_available
 
 CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
 
@@ -114,6 +117,8 @@ class ClusterMagics(Magics):
         print(f"Started {c.name}: {len(c.engine_ids)} {c.engine_kind} engines on "
               f"{c.backend_kind} in {time.perf_counter() - t0:.1f} s; it is the active "
               f"cluster, bound to `cluster`.")
+        if widgets_available(self.shell):
+            display(c)  # the live cluster widget
 
     def _cluster_status(self, args):
         c = self._find(args.name)
@@ -219,6 +224,7 @@ class ClusterMagics(Magics):
 
 def register(ipython) -> None:
     ipython.register_magics(ClusterMagics)
+    install_views(ipython)
 
 
 def unregister(ipython) -> None:

@@ -42,6 +42,10 @@ class Launched(abc.ABC):
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote, for error messages."""
 
+    def usage(self) -> tuple[float | None, float | None]:
+        """(CPU %, resident memory in MB) now, where the backend can see them."""
+        return None, None
+
 
 class Backend(abc.ABC):
     """Where engines run. Subclasses set ``name`` and an ``Options`` dataclass."""

@@ -42,9 +42,20 @@ class LocalProcess(Launched):
     def __init__(self, name: str, popen: subprocess.Popen, log: Path):
         self.name, self.host, self.pid = name, "127.0.0.1", popen.pid
         self.popen, self.log = popen, log
+        self._ps: psutil.Process | None = None
 
     def exit_code(self) -> int | None:
         return self.popen.poll()
+
+    def usage(self) -> tuple[float | None, float | None]:
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            with self._ps.oneshot():
+                # cpu_percent compares with the previous call: the first one reads 0.
+                return self._ps.cpu_percent(None), self._ps.memory_info().rss / 2**20
+        except psutil.Error:
+            return None, None
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -57,8 +57,8 @@ class Engine(abc.ABC):
         """Ids of engines running a task now."""
 
     @abc.abstractmethod
-    async def submit(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on any engine; return its result (raise RemoteError)."""
+    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
+        """Run ``fn(*args)`` on any engine; return (engine id, result) (raise RemoteError)."""
 
     @abc.abstractmethod
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
@@ -91,13 +91,13 @@ async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, w
         await asyncio.sleep(0.02)
 
 
-def raise_failures(results: dict[int, Any]) -> dict[int, Any]:
-    """Turn :class:`~cloudlab._remote.Failure` results into one collapsed RemoteError."""
+def raise_failures(results: dict[int, tuple[int, Any]]) -> dict[int, Any]:
+    """Unwrap ``(engine id, value)`` results by key; failures become one collapsed RemoteError."""
     from .._remote import Failure
     from ..errors import RemoteError
 
-    failures = {r.engine if r.engine >= 0 else eid: r.as_tuple()
-                for eid, r in results.items() if isinstance(r, Failure)}
+    failures = {eid: value.as_tuple() for eid, value in results.values()
+                if isinstance(value, Failure)}
     if failures:
         raise RemoteError(failures)
-    return results
+    return {key: value for key, (_, value) in results.items()}

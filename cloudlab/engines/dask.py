@@ -84,9 +84,10 @@ class DaskEngine(Engine):
         by_address = {a: i for i, a in self._address.items()}
         return {by_address[a] for a, keys in processing.items() if keys and a in by_address}
 
-    async def submit(self, fn: Callable, *args: Any) -> Any:
+    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
         result = await self._client.submit(call, fn, *args, pure=False)
-        return raise_failures({-1: result})[-1]
+        raise_failures({-1: result})
+        return result
 
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
         if not ids:

@@ -81,10 +81,11 @@ class IPyParallelEngine(Engine):
         return {eid for eid, s in status.items()
                 if isinstance(eid, int) and (s.get("queue", 0) or s.get("tasks", 0))}
 
-    async def submit(self, fn: Callable, *args: Any) -> Any:
+    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
         view = self._client.load_balanced_view()
         result = await asyncio.wrap_future(view.apply_async(call, fn, *args))
-        return raise_failures({-1: result})[-1]
+        raise_failures({-1: result})
+        return result
 
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
         if not ids:

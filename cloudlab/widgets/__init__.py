@@ -1,0 +1,39 @@
+"""Views of clusters and their work: live widgets in Jupyter, text or HTML elsewhere.
+
+Views observe the model (a :class:`~cloudlab.Cluster`) and are registered with
+IPython's display machinery from outside it; nothing here is imported until a
+frontend asks for it.
+"""
+
+from __future__ import annotations
+
+
+def widgets_available(shell=None) -> bool:
+    """Whether widgets can render: a Jupyter kernel (not terminal IPython) and ipywidgets."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def install(shell) -> None:
+    """Teach ``shell`` to display clusters: a live widget in a kernel, a table elsewhere."""
+    from ..cluster import Cluster
+    from . import status
+
+    formatters = shell.display_formatter.formatters
+    formatters["text/plain"].for_type(
+        Cluster, lambda c, p, cycle: p.text(status.render_text(status.snapshot(c))))
+    formatters["text/html"].for_type(Cluster, lambda c: status.render_html(status.snapshot(c)))
+    if widgets_available(shell):
+        shell.display_formatter.mimebundle_formatter.for_type(
+            Cluster, lambda c, include=None, exclude=None: status.view(c).box._repr_mimebundle_())

@@ -1,0 +1,80 @@
+"""Cluster views: pure renderers, the live widget's refresh, and the fallbacks."""
+
+import time
+
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+from cloudlab.cluster import EngineStatus
+from cloudlab.widgets import status
+
+ROWS = (EngineStatus(0, "vm", 101, "idle", 0.0, 64.5, 10),
+        EngineStatus(1, "vm", 102, "busy", 99.0, 70.0, 7))
+SNAP = status.Snapshot("ipp-abc", "ipyparallel", "local", "running", 75.0, ROWS,
+                       counts={"idle": 1, "busy": 1, "starting": 0, "dead": 0})
+
+
+def test_text_rendering_is_a_readable_table():
+    text = status.render_text(SNAP)
+    lines = text.splitlines()
+    assert lines[0] == ("ipp-abc: ipyparallel on local, running, 2 engines (1 idle, 1 busy), "
+                        "17 tasks done, up 1 min")
+    assert lines[1].split() == ["id", "host", "pid", "state", "CPU", "%", "memory", "MB",
+                                "tasks", "done"]
+    assert lines[3].split() == ["1", "vm", "102", "busy", "100", "70", "7"]
+
+
+def test_html_rendering_has_one_row_per_engine_and_a_cost_slot():
+    page = status.render_html(SNAP)
+    assert page.count("class='cl-engine'") == 2
+    assert "data-cluster='ipp-abc'" in page and "VBox" not in page
+    costly = status.Snapshot("c", "dask", "ec2", "running", 3600, ROWS, 0.42, 0.42)
+    assert "$0.42/h, $0.42 so far" in status.summary_line(costly)
+
+
+def test_widget_refreshes_while_work_runs_and_is_silent_when_idle(cluster):
+    view = status.ClusterWidget(cluster)
+    try:
+        future = cluster.submit(time.sleep, 3)
+        time.sleep(2.5)
+        assert "busy" in view.table.value
+        future.result(timeout=10)
+        time.sleep(1.5)
+        settled = view.updates
+        time.sleep(2.5)  # nothing changes: the view sends nothing
+        assert view.updates == settled
+        assert "busy" not in view.table.value
+    finally:
+        view.close()
+
+
+def test_scale_and_stop_buttons_act_on_the_cluster(engine):
+    import cloudlab
+
+    with cloudlab.Cluster(1, engine=engine) as c:
+        view = status.ClusterWidget(c)
+        view.size.value = 2
+        view.scale_button.click()
+        assert c.engine_ids == [0, 1]
+        assert view.table.value.count("class='cl-engine'") == 2
+        view.stop_button.click()
+        assert c.state == "stopped"
+        assert view.stop_button.disabled and "Stopped" in view.message.value
+        assert view.table.value.count("class='cl-engine'") == 0
+
+
+def test_executed_notebook_keeps_a_text_table_not_a_vbox(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("%load_ext cloudlab"),
+                             new_code_cell("%cluster start 2"),
+                             new_code_cell("cluster.map(abs, range(-5, 5)); cluster"),
+                             new_code_cell("%cluster stop")])
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    shown = [o for cell in nb.cells for o in cell.outputs
+             if o.output_type in ("display_data", "execute_result")]
+    assert len(shown) == 2  # the widget at start, and the displayed cluster
+    for output in shown:
+        assert "application/vnd.jupyter.widget-view+json" in output.data
+        assert "VBox(" not in output.data["text/plain"]
+        assert "2 engines" in output.data["text/plain"]
+    assert "10 tasks done" in shown[1].data["text/plain"]
+    assert "<table class='cl-engines'>" in shown[1].data["text/html"]
