@@ -7,6 +7,7 @@
 In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
 """
 
+from . import progress as _progress
 from .cluster import Cluster, EngineStatus, running_clusters
 from .errors import (
     CapacityError,
@@ -18,6 +19,9 @@ from .errors import (
     StartError,
     UnknownNameError,
 )
+from .widgets import progress as _progress_views
+
+_progress.set_view_factory(_progress_views.auto)  # views observe; the model only reports
 
 __version__ = "0.1.0"
 

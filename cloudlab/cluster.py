@@ -33,6 +33,7 @@ from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError
 from .output import PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile
+from .progress import CANCELLED, DONE, FAILED, Progress, open_progress
 from .registry import Record, this_process_started
 
 #: Clusters of this process that may hold processes. A strong reference on
@@ -288,11 +289,23 @@ class Cluster:
 
     # -------------------------------------------------------------------- work
     def map(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
-        """``[fn(x) for x in items]`` across the engines, in order; chunked automatically."""
-        return _aio.run(self._map(fn, items, chunksize))
+        """``[fn(x) for x in items]`` across the engines, in order; chunked automatically.
+
+        Shows progress (a bar in Jupyter or a terminal) while it runs.
+        """
+        items, progress = self._open_map(fn, items)
+        return _aio.run(self._map(fn, items, chunksize, progress))
 
     async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
-        return await _aio.wrap(self._map(fn, items, chunksize))
+        items, progress = self._open_map(fn, items)
+        return await _aio.wrap(self._map(fn, items, chunksize, progress))
+
+    def _open_map(self, fn: Callable, items: Iterable):
+        """Materialise ``items`` and open the progress view in the caller's thread."""
+        self._require_running()
+        items = list(items)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        return items, (open_progress(f"map {name}", len(items)) if items else None)
 
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
@@ -319,30 +332,42 @@ class Cluster:
         self._require_running()
         return await self._engine.run_on(self.engine_ids, _remote.Shipped(fn, frozenset(self._pushed)), *args)
 
-    async def _map(self, fn: Callable, items: Iterable, chunksize: int | None) -> list:
+    async def _map(self, fn: Callable, items: list, chunksize: int | None,
+                   progress: Progress | None = None) -> list:
         self._require_running()
-        items = list(items)
         if not items:
             return []
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
+        progress = progress or Progress("map", len(items))
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
         shipped = _remote.Shipped(fn, frozenset(self._pushed))
-        chunks = policy.split(items, size)
-        results = await asyncio.gather(
-            *(self._engine.submit(_remote.run_chunk, shipped, chunk) for chunk in chunks),
-            return_exceptions=True)
+
+        async def run(chunk: list):
+            eid, values = await self._engine.submit(_remote.run_chunk, shipped, chunk)
+            self.tasks_done[eid] += len(chunk)
+            progress.advance(len(chunk))
+            return values
+
+        try:
+            results = await asyncio.gather(*(run(c) for c in policy.split(items, size)),
+                                           return_exceptions=True)
+        except asyncio.CancelledError:
+            progress.finish(CANCELLED)
+            raise
         failures = {}
         for r in results:
             if isinstance(r, RemoteError):
                 failures.update(r.failures)
             elif isinstance(r, BaseException):
+                progress.finish(FAILED, f"{type(r).__name__}: {r}")
                 raise r
-            else:
-                self.tasks_done[r[0]] += len(r[1])
         if failures:
-            raise RemoteError(failures)
-        return [x for _, chunk in results for x in chunk]
+            error = RemoteError(failures)
+            progress.finish(FAILED, str(error).split("\n", 1)[0])
+            raise error
+        progress.finish(DONE)
+        return [x for chunk in results for x in chunk]
 
     # -------------------------------------------------------------------- data
     def push(self, **values: Any) -> None:
