@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -51,11 +51,13 @@ def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     return asyncio.run_coroutine_threadsafe(coro, loop())
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
+def run(coro: Coroutine[Any, Any, T], drain: Callable[[], None] | None = None) -> T:
     """Run ``coro`` on the background loop and wait for its result.
 
-    Ctrl-C (KeyboardInterrupt) while waiting cancels the coroutine, so an
-    interrupted ``c.map`` does not keep running behind the user's back.
+    ``drain``, if given, is called in this thread every 50 ms while waiting and
+    once at the end (to print engine output in the caller's cell). Ctrl-C
+    (KeyboardInterrupt) while waiting cancels the coroutine, so an interrupted
+    ``c.map`` does not keep running behind the user's back.
     """
     if in_loop_thread():
         coro.close()
@@ -65,10 +67,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         )
     future = submit(coro)
     try:
-        return future.result()
+        if drain is None:
+            return future.result()
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                drain()
     except KeyboardInterrupt:
         future.cancel()
         raise
+    finally:
+        if drain is not None:
+            drain()
 
 
 async def to_thread(func, /, *args, **kwargs):

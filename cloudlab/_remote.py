@@ -16,7 +16,7 @@ import os
 import socket
 import traceback
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -159,18 +159,31 @@ def engine_id() -> int:
     return int(os.environ.get("CLOUDLAB_ENGINE_ID", "-1"))
 
 
-def call(fn, *args) -> tuple[int, Any]:
-    """Run ``fn(*args)``; return ``(engine id, result)``, an exception as a :class:`Failure`.
+class Result(NamedTuple):
+    """What an engine sends back for one call: who ran it, the value, what it printed."""
 
-    The engine id lets the client count work per engine whichever engine kind ran it.
+    engine: int
+    value: Any  # a Failure if the call raised
+    stdout: str = ""
+    stderr: str = ""
+
+
+def call(fn, *args) -> Result:
+    """Run ``fn(*args)``, capturing its output; an exception comes back as a :class:`Failure`.
+
+    Output is captured on both engine kinds alike (Dask would otherwise drop it)
+    and printed by the client in the cell that caused it, prefixed by engine id.
     """
-    try:
-        return engine_id(), fn(*args)
-    except Exception as exc:
-        return engine_id(), Failure(exc)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            value = fn(*args)
+        except Exception as exc:
+            value = Failure(exc)
+    return Result(engine_id(), value, out.getvalue(), err.getvalue())
 
 
-def call_packed(packed: tuple) -> tuple[int, Any]:
+def call_packed(packed: tuple) -> Result:
     """``call`` with ``(fn, args)`` in one object, so it can be scattered once to all engines."""
     fn, args = packed
     return call(fn, *args)
@@ -217,9 +230,9 @@ def execute_cell(code: str, topic: str, token: str):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             exec(compile(code, "<cell>", "exec"), namespace())
-        return eid, None
+        return Result(eid, None)
     except Exception as exc:
-        return eid, Failure(exc)
+        return Result(eid, Failure(exc))
     finally:
         out.flush()
         err.flush()

@@ -29,8 +29,9 @@ from typing import Any
 
 from . import _aio, _remote, policy
 from .backends.base import Launched
+from .engines.base import OutputSink, raise_failures
 from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError, format_ids
-from .output import PrefixedSink
+from .output import OutputQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile
 from .progress import CANCELLED, DONE, FAILED, Progress, open_progress
@@ -175,8 +176,7 @@ class Cluster:
             self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
         self._save_record()
         await self._wait_ready(new_ids, timeout)
-        identities = await self._engine.run_on(new_ids, _remote.identity)
-        self._identity.update(identities)
+        self._identity.update(await self._on(new_ids, _remote.identity))
 
     async def _wait_ready(self, ids: list[int], timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -291,14 +291,20 @@ class Cluster:
     def map(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
         """``[fn(x) for x in items]`` across the engines, in order; chunked automatically.
 
-        Shows progress (a bar in Jupyter or a terminal) while it runs.
+        Shows progress (a bar in Jupyter or a terminal) while it runs; what ``fn``
+        prints on the engines appears here, each line prefixed by the engine id.
         """
         items, progress = self._open_map(fn, items)
-        return _aio.run(self._map(fn, items, chunksize, progress))
+        out = OutputQueue()
+        return _aio.run(self._map(fn, items, chunksize, progress, out.put), drain=out.drain)
 
     async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
         items, progress = self._open_map(fn, items)
-        return await _aio.wrap(self._map(fn, items, chunksize, progress))
+        out = OutputQueue()
+        try:
+            return await _aio.wrap(self._map(fn, items, chunksize, progress, out.put))
+        finally:
+            out.drain()
 
     def _open_map(self, fn: Callable, items: Iterable):
         """Materialise ``items`` and open the progress view in the caller's thread."""
@@ -317,23 +323,48 @@ class Cluster:
 
     async def _submit(self, fn: Callable, *args: Any) -> Any:
         self._require_running()
-        eid, value = await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
-        self.tasks_done[eid] += 1
-        return value
+        result = await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        self._settle([result], PrefixedSink())
+        self.tasks_done[result.engine] += 1
+        return result.value
 
     def run(self, fn: Callable, *args: Any) -> dict[int, Any]:
         """Run ``fn(*args)`` once on every engine; results by engine id."""
-        return _aio.run(self._run(fn, *args))
+        self._require_running()
+        out = OutputQueue()
+        return _aio.run(self._on(self.engine_ids, fn, *args, sink=out.put, ship=True),
+                        drain=out.drain)
 
     async def arun(self, fn: Callable, *args: Any) -> dict[int, Any]:
-        return await _aio.wrap(self._run(fn, *args))
-
-    async def _run(self, fn: Callable, *args: Any) -> dict[int, Any]:
         self._require_running()
-        return await self._engine.run_on(self.engine_ids, _remote.Shipped(fn, frozenset(self._pushed)), *args)
+        out = OutputQueue()
+        try:
+            return await _aio.wrap(self._on(self.engine_ids, fn, *args, sink=out.put, ship=True))
+        finally:
+            out.drain()
+
+    async def _on(self, ids: list[int], fn: Callable, *args: Any, sink: OutputSink | None = None,
+                  ship: bool = False) -> dict[int, Any]:
+        """Run ``fn(*args)`` on each engine of ``ids``; values by engine id."""
+        if ship:
+            fn = _remote.Shipped(fn, frozenset(self._pushed))
+        results = await self._engine.run_on(ids, fn, *args)
+        self._settle(results.values(), sink or PrefixedSink())
+        return {eid: r.value for eid, r in results.items()}
+
+    @staticmethod
+    def _settle(results, sink: OutputSink) -> None:
+        """Print what the engines printed, then raise their failures, collapsed."""
+        results = list(results)
+        for r in sorted(results, key=lambda r: r.engine):
+            if r.stdout:
+                sink(r.engine, "stdout", r.stdout)
+            if r.stderr:
+                sink(r.engine, "stderr", r.stderr)
+        raise_failures(results)
 
     async def _map(self, fn: Callable, items: list, chunksize: int | None,
-                   progress: Progress | None = None) -> list:
+                   progress: Progress | None = None, sink: OutputSink | None = None) -> list:
         self._require_running()
         if not items:
             return []
@@ -343,11 +374,14 @@ class Cluster:
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
         shipped = _remote.Shipped(fn, frozenset(self._pushed))
 
+        sink = sink or PrefixedSink()
+
         async def run(chunk: list):
-            eid, values = await self._engine.submit(_remote.run_chunk, shipped, chunk)
-            self.tasks_done[eid] += len(chunk)
+            result = await self._engine.submit(_remote.run_chunk, shipped, chunk)
+            self._settle([result], sink)
+            self.tasks_done[result.engine] += len(chunk)
             progress.advance(len(chunk))
-            return values
+            return result.value
 
         try:
             results = await asyncio.gather(*(run(c) for c in policy.split(items, size)),
@@ -379,7 +413,7 @@ class Cluster:
 
     async def _push(self, values: dict[str, Any]) -> None:
         self._require_running()
-        await self._engine.run_on(self.engine_ids, _remote.store, values)
+        await self._on(self.engine_ids, _remote.store, values)
         self._pushed.update(values)
 
     def pull(self, name: str) -> dict[int, Any]:
@@ -391,7 +425,7 @@ class Cluster:
 
     async def _pull(self, name: str) -> dict[int, Any]:
         self._require_running()
-        return await self._engine.run_on(self.engine_ids, _remote.fetch, name)
+        return await self._on(self.engine_ids, _remote.fetch, name)
 
     def scatter(self, name: str, sequence: Iterable) -> None:
         """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
@@ -405,7 +439,7 @@ class Cluster:
         ids = self.engine_ids
         parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
                                  len(ids))
-        await asyncio.gather(*(self._engine.run_on([eid], _remote.store, {name: part})
+        await asyncio.gather(*(self._on([eid], _remote.store, {name: part})
                                for eid, part in zip(ids, parts)))
         self._pushed.add(name)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import sys
 
 
@@ -31,3 +32,26 @@ class PrefixedSink:
             self._last = key
         out.write("".join(pieces))
         out.flush()
+
+
+class OutputQueue:
+    """Engine output collected on cloudlab's loop, printed by the thread that asked for it.
+
+    In a notebook that thread runs the cell, so output lands in the cell that
+    caused it (a write from the loop thread could land in any cell).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = PrefixedSink()
+
+    def put(self, eid: int, stream: str, text: str) -> None:
+        self._queue.put((eid, stream, text))
+
+    def drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._sink(*item)

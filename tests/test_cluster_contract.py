@@ -194,3 +194,34 @@ def test_remote_helpers_keep_names_pushed_later():
         assert shipped() == 5
     finally:
         del _remote._DASK_NAMESPACE["later_name"]
+
+
+def test_output_printed_by_mapped_functions_appears_here_prefixed(cluster, capsys):
+    import sys as _sys
+
+    def noisy(x):
+        print("item", x)
+        print("warn", x, file=_sys.stderr)
+        return x
+
+    assert cluster.map(noisy, range(6)) == list(range(6))
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert sorted(line.split("] ", 1)[1] for line in lines) == [f"item {i}" for i in range(6)]
+    assert all(line[0] == "[" and int(line[1:line.index("]")]) in cluster.engine_ids
+               for line in lines)
+    assert sorted(line.split("] ", 1)[1] for line in err.splitlines()) == [
+        f"warn {i}" for i in range(6)]
+    cluster.run(print, "everywhere")
+    assert sorted(capsys.readouterr().out.splitlines()) == [
+        f"[{i}] everywhere" for i in cluster.engine_ids]
+
+
+def test_output_before_a_failure_is_still_shown(cluster, capsys):
+    def fails(x):
+        print("about to fail")
+        raise KeyError(x)
+
+    with pytest.raises(cloudlab.RemoteError, match="KeyError"):
+        cluster.submit(fails, 1).result(timeout=30)
+    assert "about to fail" in capsys.readouterr().out

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .._remote import Result
 from ..backends.base import Command
 
 #: (engine id, stream name, text) callback for output streamed from engines.
@@ -57,12 +58,12 @@ class Engine(abc.ABC):
         """Ids of engines running a task now."""
 
     @abc.abstractmethod
-    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
-        """Run ``fn(*args)`` on any engine; return (engine id, result) (raise RemoteError)."""
+    async def submit(self, fn: Callable, *args: Any) -> Result:
+        """Run ``call(fn, *args)`` on any engine; return its :class:`~cloudlab._remote.Result`."""
 
     @abc.abstractmethod
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
-        """Run ``fn(*args)`` on each engine in ``ids``; results by id (raise RemoteError)."""
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
+        """Run ``call(fn, *args)`` on each engine in ``ids``; Results by engine id."""
 
     @abc.abstractmethod
     async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
@@ -91,13 +92,11 @@ async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, w
         await asyncio.sleep(0.02)
 
 
-def raise_failures(results: dict[int, tuple[int, Any]]) -> dict[int, Any]:
-    """Unwrap ``(engine id, value)`` results by key; failures become one collapsed RemoteError."""
+def raise_failures(results: Iterable[Result]) -> None:
+    """Raise one collapsed RemoteError for the results that are failures, if any."""
     from .._remote import Failure
     from ..errors import RemoteError
 
-    failures = {eid: value.as_tuple() for eid, value in results.values()
-                if isinstance(value, Failure)}
+    failures = {r.engine: r.value.as_tuple() for r in results if isinstance(r.value, Failure)}
     if failures:
         raise RemoteError(failures)
-    return {key: value for key, (_, value) in results.items()}

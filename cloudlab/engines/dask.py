@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .._remote import call, call_packed, execute_cell
+from .._remote import Result, call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
 from .base import Engine, OutputSink, raise_failures, wait_for_file
@@ -84,12 +84,10 @@ class DaskEngine(Engine):
         by_address = {a: i for i, a in self._address.items()}
         return {by_address[a] for a, keys in processing.items() if keys and a in by_address}
 
-    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
-        result = await self._client.submit(call, fn, *args, pure=False)
-        raise_failures({-1: result})
-        return result
+    async def submit(self, fn: Callable, *args: Any) -> Result:
+        return await self._client.submit(call, fn, *args, pure=False)
 
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
         if not ids:
             return {}
         # Pinned tasks, not Client.run: a long function must not block a worker's event
@@ -100,8 +98,7 @@ class DaskEngine(Engine):
                                               hash=False)
         futures = [self._client.submit(call_packed, packed, workers=[a], allow_other_workers=False,
                                        pure=False) for a in addresses]
-        results = await self._client.gather(futures)
-        return raise_failures(dict(zip(ids, results)))
+        return dict(zip(ids, await self._client.gather(futures)))
 
     async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
         token = uuid.uuid4().hex
@@ -119,7 +116,7 @@ class DaskEngine(Engine):
                 await asyncio.sleep(0.02)
         finally:
             del self._sinks[token]
-        raise_failures(dict(zip(ids, results)))
+        raise_failures(results)
 
     def _on_output(self, event) -> None:
         _, msg = event

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _aio
-from .._remote import call
+from .._remote import Result, call
 from ..backends.base import Command
 from ..errors import RemoteError, StartError
-from .base import Engine, OutputSink, raise_failures, wait_for_file
+from .base import Engine, OutputSink, wait_for_file
 
 CLUSTER_ID = "cloudlab"
 HEARTBEAT_MS = 250
@@ -81,18 +81,16 @@ class IPyParallelEngine(Engine):
         return {eid for eid, s in status.items()
                 if isinstance(eid, int) and (s.get("queue", 0) or s.get("tasks", 0))}
 
-    async def submit(self, fn: Callable, *args: Any) -> tuple[int, Any]:
+    async def submit(self, fn: Callable, *args: Any) -> Result:
         view = self._client.load_balanced_view()
-        result = await asyncio.wrap_future(view.apply_async(call, fn, *args))
-        raise_failures({-1: result})
-        return result
+        return await asyncio.wrap_future(view.apply_async(call, fn, *args))
 
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Any]:
+    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
         if not ids:
             return {}
         view = self._client.direct_view(targets=list(ids))
         results = await asyncio.wrap_future(view.apply_async(call, fn, *args))
-        return raise_failures(dict(zip(ids, results)))
+        return dict(zip(ids, results))
 
     async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
         from ipyparallel.error import CompositeError
