@@ -31,7 +31,7 @@ from . import _aio, _remote, policy
 from .backends.base import Launched
 from .engines.base import OutputSink, raise_failures
 from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError, format_ids
-from .output import OutputQueue, PrefixedSink
+from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile
 from .progress import CANCELLED, DONE, FAILED, Progress, open_progress
@@ -288,23 +288,28 @@ class Cluster:
         return rows
 
     # -------------------------------------------------------------------- work
-    def map(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
+    def map(self, fn: Callable, items: Iterable, chunksize: int | None = None,
+            on_result: Callable[[int, Any], None] | None = None) -> list:
         """``[fn(x) for x in items]`` across the engines, in order; chunked automatically.
 
         Shows progress (a bar in Jupyter or a terminal) while it runs; what ``fn``
         prints on the engines appears here, each line prefixed by the engine id.
+        ``on_result(index, value)`` is called here, in this thread, as each item's
+        chunk finishes (in completion order): for live plots of partial results.
         """
         items, progress = self._open_map(fn, items)
-        out = OutputQueue()
-        return _aio.run(self._map(fn, items, chunksize, progress, out.put), drain=out.drain)
+        caller = CallerQueue()
+        return _aio.run(self._map(fn, items, chunksize, progress, caller, on_result),
+                        drain=caller.drain)
 
-    async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None) -> list:
+    async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None,
+                   on_result: Callable[[int, Any], None] | None = None) -> list:
         items, progress = self._open_map(fn, items)
-        out = OutputQueue()
+        caller = CallerQueue()
         try:
-            return await _aio.wrap(self._map(fn, items, chunksize, progress, out.put))
+            return await _aio.wrap(self._map(fn, items, chunksize, progress, caller, on_result))
         finally:
-            out.drain()
+            caller.drain()
 
     def _open_map(self, fn: Callable, items: Iterable):
         """Materialise ``items`` and open the progress view in the caller's thread."""
@@ -331,17 +336,18 @@ class Cluster:
     def run(self, fn: Callable, *args: Any) -> dict[int, Any]:
         """Run ``fn(*args)`` once on every engine; results by engine id."""
         self._require_running()
-        out = OutputQueue()
-        return _aio.run(self._on(self.engine_ids, fn, *args, sink=out.put, ship=True),
-                        drain=out.drain)
+        caller = CallerQueue()
+        return _aio.run(self._on(self.engine_ids, fn, *args, sink=caller.output, ship=True),
+                        drain=caller.drain)
 
     async def arun(self, fn: Callable, *args: Any) -> dict[int, Any]:
         self._require_running()
-        out = OutputQueue()
+        caller = CallerQueue()
         try:
-            return await _aio.wrap(self._on(self.engine_ids, fn, *args, sink=out.put, ship=True))
+            return await _aio.wrap(self._on(self.engine_ids, fn, *args, sink=caller.output,
+                                            ship=True))
         finally:
-            out.drain()
+            caller.drain()
 
     async def _on(self, ids: list[int], fn: Callable, *args: Any, sink: OutputSink | None = None,
                   ship: bool = False) -> dict[int, Any]:
@@ -364,7 +370,8 @@ class Cluster:
         raise_failures(results)
 
     async def _map(self, fn: Callable, items: list, chunksize: int | None,
-                   progress: Progress | None = None, sink: OutputSink | None = None) -> list:
+                   progress: Progress | None = None, caller: CallerQueue | None = None,
+                   on_result: Callable[[int, Any], None] | None = None) -> list:
         self._require_running()
         if not items:
             return []
@@ -374,18 +381,22 @@ class Cluster:
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
         shipped = _remote.Shipped(fn, frozenset(self._pushed))
 
-        sink = sink or PrefixedSink()
+        sink = caller.output if caller else PrefixedSink()
 
-        async def run(chunk: list):
+        async def run(start: int, chunk: list):
             result = await self._engine.submit(_remote.run_chunk, shipped, chunk)
             self._settle([result], sink)
             self.tasks_done[result.engine] += len(chunk)
             progress.advance(len(chunk))
+            if on_result is not None:
+                for offset, value in enumerate(result.value):
+                    (caller.call if caller else _call)(on_result, start + offset, value)
             return result.value
 
         try:
-            results = await asyncio.gather(*(run(c) for c in policy.split(items, size)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(run(i * size, c) for i, c in enumerate(policy.split(items, size))),
+                return_exceptions=True)
         except asyncio.CancelledError:
             progress.finish(CANCELLED)
             raise
@@ -475,6 +486,10 @@ class Cluster:
             raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
                              f"engines are {format_ids(self.engine_ids)}.")
         await self._engine.execute(code, ids, sink or PrefixedSink())
+
+
+def _call(fn, *args) -> None:
+    fn(*args)
 
 
 def running_clusters() -> list[Cluster]:

@@ -34,24 +34,30 @@ class PrefixedSink:
         out.flush()
 
 
-class OutputQueue:
-    """Engine output collected on cloudlab's loop, printed by the thread that asked for it.
+class CallerQueue:
+    """Work for the thread that started an operation: engine output and result callbacks.
 
-    In a notebook that thread runs the cell, so output lands in the cell that
-    caused it (a write from the loop thread could land in any cell).
+    Filled on cloudlab's loop, emptied by the caller (``_aio.run``'s ``drain``).
+    In a notebook the caller runs the cell, so output and plot updates land in
+    the cell that caused them (a write from the loop thread could land in any cell).
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sink = PrefixedSink()
 
-    def put(self, eid: int, stream: str, text: str) -> None:
-        self._queue.put((eid, stream, text))
+    def output(self, eid: int, stream: str, text: str) -> None:
+        """An :data:`~cloudlab.engines.base.OutputSink`: print this in the caller's thread."""
+        self._queue.put((self._sink, (eid, stream, text)))
+
+    def call(self, fn, *args) -> None:
+        """Call ``fn(*args)`` in the caller's thread."""
+        self._queue.put((fn, args))
 
     def drain(self) -> None:
         while True:
             try:
-                item = self._queue.get_nowait()
+                fn, args = self._queue.get_nowait()
             except queue.Empty:
                 return
-            self._sink(*item)
+            fn(*args)

@@ -225,3 +225,18 @@ def test_output_before_a_failure_is_still_shown(cluster, capsys):
     with pytest.raises(cloudlab.RemoteError, match="KeyError"):
         cluster.submit(fails, 1).result(timeout=30)
     assert "about to fail" in capsys.readouterr().out
+
+
+def test_on_result_reports_every_item_in_the_callers_thread(cluster):
+    import threading
+
+    seen = []
+    caller = threading.current_thread()
+
+    def record(index, value):
+        assert threading.current_thread() is caller
+        seen.append((index, value))
+
+    assert cluster.map(square, range(20), chunksize=3, on_result=record) == [
+        square(x) for x in range(20)]
+    assert sorted(seen) == [(i, square(i)) for i in range(20)]

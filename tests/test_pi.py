@@ -33,3 +33,31 @@ def test_estimate_on_a_cluster(cluster):
     assert again.inside == result.inside  # reproducible whatever the split
     assert "pi ~ 3.14" in str(result)
     assert np.isfinite(result.samples_per_s)
+
+
+def test_live_convergence_plot_is_saved_as_a_png_in_an_executed_notebook():
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell(c) for c in (
+        "%load_ext cloudlab", "%cluster start 2",
+        "from cloudlab.workloads import pi\nr = pi.estimate(cluster, 4e8, seed=1, plot=True)",
+        "%cluster stop")])
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    images = [o for o in nb.cells[2].outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1  # one figure, updated in place, not one per frame
+    assert len(images[0].data["image/png"]) > 10_000
+
+
+def test_convergence_history_shrinks_its_error():
+    history = pi.Convergence()
+    key = pi.seed_key(0)
+    for a in range(0, 1_000_000, 100_000):
+        history.add(100_000, pi.count_inside(key, a, a + 100_000))
+    assert history.samples[-1] == 1_000_000
+    assert history.stderrs[-1] < history.stderrs[0] / 3
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    history.draw(fig)
+    assert "after 1e+06 samples" in fig.axes[0].get_title()

@@ -105,29 +105,47 @@ def _count_task(task: tuple[int, int, int]) -> int:
     return count_inside(*task)
 
 
-def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None) -> PiResult:
+def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
+             plot: bool = False) -> PiResult:
     """Estimate pi from ``samples`` points on ``cluster``; reproducible for ``seed``.
 
     Work is cut into ``tasks`` contiguous counter ranges (default: one per
-    engine). The time reported covers the parallel count only; the kernel is
-    compiled once here, so engines load it from Numba's cache.
+    engine, or eight per engine with ``plot``). With ``plot=True`` a figure of
+    the estimate converging, with its error band, updates as tasks finish. The
+    time reported covers the parallel count only; the kernel is compiled once
+    here, so engines load it from Numba's cache.
     """
     samples = int(samples)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, not {samples}.")
     warm_up()
     cluster.run(warm_up)
-    n_tasks = tasks or len(cluster.engine_ids)
+    n_tasks = tasks or len(cluster.engine_ids) * (8 if plot else 1)
     key = seed_key(seed)
     bounds = [samples * k // n_tasks for k in range(n_tasks + 1)]
     work = [(key, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    history = Convergence()
+    live = None
+    if plot:
+        from ..widgets.liveplot import LivePlot
+
+        live = LivePlot(history.draw)
+
+    def on_result(index: int, inside: int) -> None:
+        _, a, b = work[index]
+        history.add(b - a, inside)
+        if live is not None:
+            live.update()
+
     t0 = time.perf_counter()
-    inside = sum(cluster.map(_count_task, work, chunksize=1))
+    inside = sum(cluster.map(_count_task, work, chunksize=1, on_result=on_result))
     seconds = time.perf_counter() - t0
+    if live is not None:
+        live.close()
     p = inside / samples
     return PiResult(
         estimate=4 * p,
-        stderr=4 * math.sqrt(p * (1 - p) / samples),
+        stderr=_stderr(p, samples),
         samples=samples,
         inside=inside,
         seconds=seconds,
@@ -135,6 +153,45 @@ def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None) -
         engines=len(cluster.engine_ids),
         seed=seed,
     )
+
+
+def _stderr(p: float, n: int) -> float:
+    return 4 * math.sqrt(p * (1 - p) / n)
+
+
+class Convergence:
+    """The running estimate as tasks finish: what the live plot shows."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self.estimates: list[float] = []
+        self.stderrs: list[float] = []
+        self._n = self._inside = 0
+
+    def add(self, n: int, inside: int) -> None:
+        self._n += n
+        self._inside += inside
+        p = self._inside / self._n
+        self.samples.append(self._n)
+        self.estimates.append(4 * p)
+        self.stderrs.append(_stderr(p, self._n))
+
+    def draw(self, fig) -> None:
+        ax = fig.add_subplot()
+        ax.axhline(math.pi, color="gray", linestyle="--", linewidth=1, label="pi")
+        if self.samples:
+            est, err = np.array(self.estimates), np.array(self.stderrs)
+            ax.fill_between(self.samples, est - 2 * err, est + 2 * err, alpha=0.3,
+                            label="+/- 2 standard errors")
+            ax.plot(self.samples, est, marker="o", markersize=3, label="estimate")
+            ax.set_title(f"pi ~ {est[-1]:.6f} +/- {err[-1]:.6f} after {self.samples[-1]:.3g} samples")
+        else:
+            ax.set_title("waiting for the first task...")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter("")  # decades only: minor labels collide
+        ax.set_xlabel("samples so far")
+        ax.set_ylabel("estimate of pi")
+        ax.legend(loc="upper right")
 
 
 # ----------------------------------------------------------------- `cloudlab run pi`
