@@ -10,8 +10,16 @@ from jupyter_client.manager import start_new_kernel
 from conftest import launched, wait_until_gone
 
 
+class KernelError(AssertionError):
+    """The cell raised; ``traceback`` is what the notebook shows."""
+
+    def __init__(self, traceback: list[str]):
+        self.traceback = traceback
+        super().__init__("\n".join(traceback))
+
+
 def execute(client, code: str, timeout: float = 180) -> str:
-    """Run ``code`` in the kernel; return its stdout, raise on error."""
+    """Run ``code`` in the kernel; return its stdout, raise KernelError on error."""
     msg_id = client.execute(code)
     out = []
     deadline = time.monotonic() + timeout
@@ -23,7 +31,7 @@ def execute(client, code: str, timeout: float = 180) -> str:
         if kind == "stream":
             out.append(content["text"])
         elif kind == "error":
-            raise AssertionError("\n".join(content["traceback"]))
+            raise KernelError(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             return "".join(out)
 
@@ -36,6 +44,12 @@ def test_kill_9_of_a_kernel_running_16_engines_leaves_nothing(engine):
         out = execute(client, f"%cluster start 16 --engine {engine}\n%cluster status")
         assert "16 engines (16 idle)" in out, out
         name = execute(client, "print(cluster.name)").strip()
+        # An error on all 16 engines is shown once, with the count and one traceback.
+        with pytest.raises(KernelError) as error:
+            execute(client, "%%everywhere\nraise ValueError('boom')")
+        shown = "\n".join(error.value.traceback)
+        assert shown.count("ValueError: boom on 16 engines [0-15]") == 1
+        assert shown.count("Traceback (most recent call last)") == 1
         assert len(launched(name)) == 17  # controller + 16 engines
         os.kill(manager.provisioner.process.pid, signal.SIGKILL)  # no atexit, no cleanup
     finally:

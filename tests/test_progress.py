@@ -88,3 +88,20 @@ def test_a_script_in_a_pipe_stays_quiet(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "map abs" not in proc.stderr
+
+
+def test_a_cancelled_map_ends_its_progress_as_cancelled(cluster):
+    import time
+
+    from cloudlab import _aio
+
+    progress = Progress("map sleep", 8)
+    future = _aio.submit(cluster._map(time.sleep, [1.0] * 8, 1, progress))
+    time.sleep(0.5)
+    future.cancel()
+    deadline = time.monotonic() + 5
+    while progress.state is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert progress.state == CANCELLED
+    assert "cancelled after" in progress.text()
+    time.sleep(3)  # let the engines finish the sleeps already running (issue: cancel on engines)
