@@ -22,6 +22,7 @@ from conftest import ROOT, our_processes, wait_until_gone
 from jupyterlab_support import (
     LabServer,
     cell,
+    cell_errors,
     cell_output,
     chromium_page,
     dismiss_popups,
@@ -45,6 +46,7 @@ CELLS = [
     # chunksize=1: every finished item moves a count (the default makes 16 big chunks).
     f"import time\nresults = cluster.map(time.sleep, [{SLEEP}] * {ITEMS}, chunksize=1)\n"
     "len(results)",
+    "from cloudlab.workloads import pi\nr = pi.estimate(cluster, 4e8, seed=1, plot=True)",
     "%cluster stop",
 ]
 SCREENSHOT = ROOT / "test-artifacts" / "cluster-widget.png"
@@ -189,10 +191,18 @@ def _drive(lab, page, t0):
     assert all(int(t) > 0 for t in done["tasks"]), done  # every engine did some of it
     assert shot_taken, "no screenshot: the map never showed busy engines with a progress bar"
 
-    # (4) %cluster stop: the table empties, the engines are gone
+    # (4) the live pi plot: an image in the cell, drawn (not a broken link)
     run_cell(page, 3)
     wait_cell_done(page, 3, timeout=60)
-    assert "Stopped" in cell_output(page, 3), cell_output(page, 3)
+    assert cell_errors(page, 3) == []
+    image = cell(page, 3).locator(".jp-OutputArea-output img").first
+    image.wait_for(state="visible", timeout=15_000)
+    assert image.evaluate("img => img.complete && img.naturalWidth > 300"), "pi plot not drawn"
+
+    # (5) %cluster stop: the table empties, the engines are gone
+    run_cell(page, 4)
+    wait_cell_done(page, 4, timeout=60)
+    assert "Stopped" in cell_output(page, 4), cell_output(page, 4)
     poll(lambda: (s := seen(page))["widget"] and s["rows"] == 0 and s, timeout=15,
          what="the cluster widget showing no engines after %cluster stop")
     assert wait_until_gone(timeout=15) == []

@@ -94,3 +94,36 @@ def test_executed_notebook_keeps_a_text_table_not_a_vbox(tmp_path):
         assert "2 engines" in output.data["text/plain"]
     assert "10 tasks done" in shown[1].data["text/plain"]
     assert "<table class='cl-engines'>" in shown[1].data["text/html"]
+
+
+def test_nbconvert_execution_keeps_text_fallbacks_and_html_has_no_vbox(tmp_path):
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = new_notebook(cells=[new_code_cell("%load_ext cloudlab"),
+                             new_code_cell("%cluster start 2 --engine dask"),
+                             new_code_cell("cluster.map(abs, range(4)); cluster"),
+                             new_code_cell("%cluster stop")],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                               "language": "python"}})
+    source = tmp_path / "headless.ipynb"
+    nbformat.write(nb, source)
+
+    def nbconvert(*args):
+        result = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", *args],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+    nbconvert("--to", "notebook", "--execute", "--output", "executed.ipynb", str(source))
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    texts = [o.data["text/plain"] for cell in executed.cells for o in cell.outputs
+             if o.output_type in ("display_data", "execute_result")]
+    assert not any("VBox(" in t or "IntProgress(" in t or "HBox(" in t for t in texts), texts
+    assert any(t.startswith("map abs: 4/4 (100%) done") for t in texts), texts
+    assert any("2 engines" in t and "tasks done" in t for t in texts), texts
+    nbconvert("--to", "html", "executed.ipynb")
+    page = (tmp_path / "executed.html").read_text()
+    assert "VBox(" not in page and "IntProgress(" not in page
+    assert "cl-engines" in page
