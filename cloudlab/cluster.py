@@ -171,14 +171,28 @@ class Cluster:
         return self
 
     async def _add_engines(self, count: int, timeout: float) -> None:
-        new_ids = [next(self._next_id) for _ in range(count)]
-        for eid in new_ids:
-            self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
-        self._save_record()
-        await self._wait_ready(new_ids, timeout)
-        self._identity.update(await self._on(new_ids, _remote.identity))
+        """Launch ``count`` engines and wait for them; if any fails, none of them stays.
 
-    async def _wait_ready(self, ids: list[int], timeout: float) -> None:
+        The error ends by saying what is left: nothing during a start, the engines
+        the cluster had before during a scale.
+        """
+        new_ids = [next(self._next_id) for _ in range(count)]
+        try:
+            for eid in new_ids:
+                self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
+            self._save_record()
+            outcome = ("nothing is left running" if self.state == "starting" else
+                       f"{self.name} keeps its other {len(self._processes) - count} engines")
+            await self._wait_ready(new_ids, timeout, outcome)
+            self._identity.update(await self._on(new_ids, _remote.identity))
+        except BaseException:
+            leaving = [eid for eid in new_ids if eid in self._processes]
+            await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
+            await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
+            self._save_record()
+            raise
+
+    async def _wait_ready(self, ids: list[int], timeout: float, outcome: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 1.0)
         wanted = set(ids)
@@ -192,9 +206,9 @@ class Cluster:
                 last = (proc.log_tail(5).splitlines() or ["(no output)"])[-1]
                 raise StartError(
                     f"{proc.name} of cluster {self.name} exited during start (exit code "
-                    f"{proc.exit_code()}, last output: {last.strip()}); nothing is left running.")
+                    f"{proc.exit_code()}, last output: {last.strip()}); {outcome}.")
             if loop.time() > deadline:
-                raise ProvisionTimeout(len(ready), len(wanted), timeout)
+                raise ProvisionTimeout(len(ready), len(wanted), timeout, outcome)
             await asyncio.sleep(0.05)
 
     async def _scale(self, n: int) -> None:

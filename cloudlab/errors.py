@@ -63,11 +63,12 @@ class StartError(CloudlabError, RuntimeError):
 class ProvisionTimeout(StartError, TimeoutError):
     """Fewer engines than wanted became ready before the timeout."""
 
-    def __init__(self, ready: int, wanted: int, timeout: float, hint: str = ""):
+    def __init__(self, ready: int, wanted: int, timeout: float,
+                 outcome: str = "nothing is left running", hint: str = ""):
         self.ready, self.wanted, self.timeout = ready, wanted, timeout
         super().__init__(
-            f"Only {ready} of {wanted} engines were ready after {timeout:g} s; nothing is left "
-            f"running. {hint or 'Start fewer engines or raise start_timeout in the profile.'}"
+            f"Only {ready} of {wanted} engines were ready after {timeout:g} s; {outcome}. "
+            f"{hint or 'Start fewer engines or raise start_timeout in the profile.'}"
         )
 
 

@@ -180,3 +180,22 @@ def test_interrupting_a_start_stops_what_it_had_started(engine):
     future.cancel()
     assert wait_until_gone(c.name, 10) == []
     assert c.state == "failed"
+
+
+def test_a_failed_scale_up_leaves_the_cluster_as_it_was(engine, monkeypatch):
+    with cloudlab.Cluster(1, engine=engine) as c:
+        original = type(c._engine).engine_command
+
+        def broken(self, engine_id):
+            command = original(self, engine_id)
+            if engine_id == 2:
+                return Command(command.name, "cloudlab_no_such_module:main", command.args,
+                               command.env)
+            return command
+
+        monkeypatch.setattr(type(c._engine), "engine_command", broken)
+        with pytest.raises(cloudlab.StartError, match=f"engine-2 .*{c.name} keeps its other 1 engines"):
+            c.scale(3)
+        assert c.state == "running" and c.engine_ids == [0]
+        assert len(launched(c.name)) == 2  # controller + engine 0
+        assert c.map(abs, [-1, -2]) == [1, 2]
