@@ -30,7 +30,8 @@ from typing import Any
 from . import _aio, _remote, policy
 from .backends.base import Launched
 from .engines.base import OutputSink, raise_failures
-from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError, format_ids
+from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError
+from .namespaces import EngineNamespaces
 from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile
@@ -56,7 +57,7 @@ class EngineStatus:
     tasks_done: int = 0
 
 
-class Cluster:
+class Cluster(EngineNamespaces):
     """A set of parallel engines: ``Cluster(16, engine="dask")``, then ``start()`` or ``with``.
 
     ``n`` defaults to the profile's ``engines``; ``engine``, ``backend`` and any
@@ -427,79 +428,6 @@ class Cluster:
             raise error
         progress.finish(DONE)
         return [x for chunk in results for x in chunk]
-
-    # -------------------------------------------------------------------- data
-    def push(self, **values: Any) -> None:
-        """Bind each ``name=value`` in every engine's namespace."""
-        _aio.run(self._push(values))
-
-    async def apush(self, **values: Any) -> None:
-        await _aio.wrap(self._push(values))
-
-    async def _push(self, values: dict[str, Any]) -> None:
-        self._require_running()
-        await self._on(self.engine_ids, _remote.store, values)
-        self._pushed.update(values)
-
-    def pull(self, name: str) -> dict[int, Any]:
-        """The value of ``name`` on each engine, by engine id."""
-        return _aio.run(self._pull(name))
-
-    async def apull(self, name: str) -> dict[int, Any]:
-        return await _aio.wrap(self._pull(name))
-
-    async def _pull(self, name: str) -> dict[int, Any]:
-        self._require_running()
-        return await self._on(self.engine_ids, _remote.fetch, name)
-
-    def scatter(self, name: str, sequence: Iterable) -> None:
-        """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
-        _aio.run(self._scatter(name, sequence))
-
-    async def ascatter(self, name: str, sequence: Iterable) -> None:
-        await _aio.wrap(self._scatter(name, sequence))
-
-    async def _scatter(self, name: str, sequence: Iterable) -> None:
-        self._require_running()
-        ids = self.engine_ids
-        parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
-                                 len(ids))
-        await asyncio.gather(*(self._on([eid], _remote.store, {name: part})
-                               for eid, part in zip(ids, parts)))
-        self._pushed.add(name)
-
-    def gather(self, name: str) -> list:
-        """Concatenate ``name`` from every engine, in engine order (undoes ``scatter``)."""
-        return _aio.run(self._gather(name))
-
-    async def agather(self, name: str) -> list:
-        return await _aio.wrap(self._gather(name))
-
-    async def _gather(self, name: str) -> Any:
-        parts = await self._pull(name)
-        ordered = [parts[eid] for eid in sorted(parts)]
-        if ordered and type(ordered[0]).__module__ == "numpy":
-            import numpy
-
-            return numpy.concatenate(ordered)
-        return [x for part in ordered for x in part]
-
-    def execute(self, code: str, sink: Callable[[int, str, str], None] | None = None,
-                targets: list[int] | None = None) -> None:
-        """Run ``code`` on every engine (or ``targets``); output goes to ``sink(id, stream, text)``."""
-        _aio.run(self._execute(code, sink, targets))
-
-    async def aexecute(self, code: str, sink=None, targets: list[int] | None = None) -> None:
-        await _aio.wrap(self._execute(code, sink, targets))
-
-    async def _execute(self, code: str, sink, targets) -> None:
-        self._require_running()
-        ids = self.engine_ids if targets is None else list(targets)
-        unknown = sorted(set(ids) - set(self._processes))
-        if unknown:
-            raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
-                             f"engines are {format_ids(self.engine_ids)}.")
-        await self._engine.execute(code, ids, sink or PrefixedSink())
 
 
 def _call(fn, *args) -> None:

@@ -1,0 +1,93 @@
+"""The engines' namespaces, as a Cluster offers them: push, pull, scatter, gather, execute.
+
+Every engine has one namespace (see :mod:`cloudlab._remote`). These methods
+move named values in and out of it, and run notebook code in it. They are a
+part of :class:`~cloudlab.Cluster` kept in a module of their own; they rely on
+the cluster's ``_on`` (run a function on some engines) and its state checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _aio, _remote, policy
+from .errors import format_ids
+from .output import PrefixedSink
+
+
+class EngineNamespaces:
+    """Named values on every engine; mixed into :class:`~cloudlab.Cluster`."""
+
+    def push(self, **values: Any) -> None:
+        """Bind each ``name=value`` in every engine's namespace."""
+        _aio.run(self._push(values))
+
+    async def apush(self, **values: Any) -> None:
+        await _aio.wrap(self._push(values))
+
+    async def _push(self, values: dict[str, Any]) -> None:
+        self._require_running()
+        await self._on(self.engine_ids, _remote.store, values)
+        self._pushed.update(values)
+
+    def pull(self, name: str) -> dict[int, Any]:
+        """The value of ``name`` on each engine, by engine id."""
+        return _aio.run(self._pull(name))
+
+    async def apull(self, name: str) -> dict[int, Any]:
+        return await _aio.wrap(self._pull(name))
+
+    async def _pull(self, name: str) -> dict[int, Any]:
+        self._require_running()
+        return await self._on(self.engine_ids, _remote.fetch, name)
+
+    def scatter(self, name: str, sequence: Iterable) -> None:
+        """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
+        _aio.run(self._scatter(name, sequence))
+
+    async def ascatter(self, name: str, sequence: Iterable) -> None:
+        await _aio.wrap(self._scatter(name, sequence))
+
+    async def _scatter(self, name: str, sequence: Iterable) -> None:
+        self._require_running()
+        ids = self.engine_ids
+        parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
+                                 len(ids))
+        await asyncio.gather(*(self._on([eid], _remote.store, {name: part})
+                               for eid, part in zip(ids, parts)))
+        self._pushed.add(name)
+
+    def gather(self, name: str) -> list:
+        """Concatenate ``name`` from every engine, in engine order (undoes ``scatter``)."""
+        return _aio.run(self._gather(name))
+
+    async def agather(self, name: str) -> list:
+        return await _aio.wrap(self._gather(name))
+
+    async def _gather(self, name: str) -> Any:
+        parts = await self._pull(name)
+        ordered = [parts[eid] for eid in sorted(parts)]
+        if ordered and type(ordered[0]).__module__ == "numpy":
+            import numpy
+
+            return numpy.concatenate(ordered)
+        return [x for part in ordered for x in part]
+
+    def execute(self, code: str, sink: Callable[[int, str, str], None] | None = None,
+                targets: list[int] | None = None) -> None:
+        """Run ``code`` on every engine (or ``targets``); output goes to ``sink(id, stream, text)``."""
+        _aio.run(self._execute(code, sink, targets))
+
+    async def aexecute(self, code: str, sink=None, targets: list[int] | None = None) -> None:
+        await _aio.wrap(self._execute(code, sink, targets))
+
+    async def _execute(self, code: str, sink, targets) -> None:
+        self._require_running()
+        ids = self.engine_ids if targets is None else list(targets)
+        unknown = sorted(set(ids) - set(self._processes))
+        if unknown:
+            raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
+                             f"engines are {format_ids(self.engine_ids)}.")
+        await self._engine.execute(code, ids, sink or PrefixedSink())
