@@ -17,7 +17,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .cluster import Cluster, running_clusters
-from .errors import CloudlabError, ConfigError, format_ids
+from .errors import CloudlabError, ConfigError
 from .output import PrefixedSink
 from .widgets import install as install_views
 from .widgets import widgets_available
@@ -213,13 +213,10 @@ class ClusterMagics(Magics):
             targets = parse_targets(words[1])
         elif words:
             raise UsageError("%%everywhere takes only --targets IDS, like --targets 0,2-3.")
-        c = self._find(None)
-        if targets is not None:
-            unknown = sorted(set(targets) - set(c.engine_ids))
-            if unknown:
-                raise UsageError(f"No engine {unknown[0]} in {c.name}; its engines are "
-                                 f"{format_ids(c.engine_ids)}.")
-        c.execute(cell, sink=PrefixedSink(), targets=targets)
+        try:
+            self._find(None).execute(cell, sink=PrefixedSink(), targets=targets)
+        except ValueError as e:  # an engine id the cluster does not have
+            raise UsageError(str(e)) from None
 
 
 def register(ipython) -> None:

@@ -127,3 +127,12 @@ def test_extension_loads_from_ipython_config(tmp_path):
          "-c", "print('cluster' in get_ipython().magics_manager.magics['line'])"],
         capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().endswith("True"), result.stderr
+
+
+def test_everywhere_refuses_an_unknown_engine_id(ip):
+    magic(ip, "cluster start 2")
+    try:
+        with pytest.raises(UsageError, match=r"No engine 7 in cluster .*: engines are 0-1\."):
+            ip.run_cell_magic("everywhere", "--targets 7", "print('never')")
+    finally:
+        magic(ip, "cluster stop")

@@ -92,8 +92,7 @@ def count_inside(key: int, start: int, stop: int) -> int:
             _kernel = _numba_kernel()
         except ImportError:
             _kernel = count_inside_numpy
-    return int(_kernel(np.uint64(key), start, stop) if _kernel is not count_inside_numpy
-               else _kernel(key, start, stop))
+    return int(_kernel(np.uint64(key), start, stop))
 
 
 def warm_up() -> None:
