@@ -8,7 +8,7 @@ In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
 """
 
 from . import progress as _progress
-from .cluster import Cluster, EngineStatus, running_clusters
+from .cluster import Cluster, EngineStatus, prewarm, running_clusters
 from .errors import (
     CapacityError,
     CloudlabError,
@@ -29,6 +29,7 @@ __all__ = [
     "Cluster",
     "EngineStatus",
     "running_clusters",
+    "prewarm",
     "load_ipython_extension",
     "unload_ipython_extension",
     "CloudlabError",
@@ -47,6 +48,10 @@ def load_ipython_extension(ipython) -> None:
     from .magics import register
 
     register(ipython)
+    try:
+        prewarm()  # the fork server imports the engine while the user types %cluster start
+    except CloudlabError:
+        pass  # a broken profile is reported, with its fix, by %cluster start
 
 
 def unload_ipython_extension(ipython) -> None:

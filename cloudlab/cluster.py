@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import importlib
 import itertools
 import os
 import secrets
@@ -90,18 +91,33 @@ class Cluster(EngineNamespaces):
         self._record: Record | None = None
         self._workdir: Path | None = None
         self._lock: asyncio.Lock | None = None
+        #: Engines still joining after ``start(min_engines=...)`` returned early.
+        self._joining: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
                 f"{len(self._processes)} engines, {self.state}>")
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> Cluster:
-        """Start the controller and ``n`` engines; return when all are usable."""
-        return _aio.run(self._start())
+    def start(self, min_engines: int | None = None) -> Cluster:
+        """Start the controller and ``n`` engines; return when all are usable.
 
-    async def astart(self) -> Cluster:
-        return await _aio.wrap(self._start())
+        With ``min_engines``, return as soon as that many are: ``map`` and
+        ``submit`` use them at once and the rest as they join, while ``run``,
+        ``push`` and the other all-engine calls wait for every engine
+        (:meth:`wait_for_engines` waits explicitly).
+        """
+        return _aio.run(self._start(min_engines))
+
+    async def astart(self, min_engines: int | None = None) -> Cluster:
+        return await _aio.wrap(self._start(min_engines))
+
+    def wait_for_engines(self, n: int | None = None, timeout: float | None = None) -> None:
+        """Wait until ``n`` engines (default: all) are usable; raise if some failed to start."""
+        _aio.run(self._wait_for_engines(n, timeout))
+
+    async def await_for_engines(self, n: int | None = None, timeout: float | None = None) -> None:
+        await _aio.wrap(self._wait_for_engines(n, timeout))
 
     def stop(self) -> None:
         """Stop every process of this cluster; safe to call twice."""
@@ -139,15 +155,17 @@ class Cluster(EngineNamespaces):
     def engine_ids(self) -> list[int]:
         return sorted(self._processes)
 
-    async def _start(self) -> Cluster:
+    async def _start(self, min_engines: int | None = None) -> Cluster:
+        if min_engines is not None and not (isinstance(min_engines, int) and min_engines >= 1):
+            raise ValueError(f"min_engines must be a whole number from 1 to {self.n}, "
+                             f"not {min_engines!r}.")
         if self.state != "new":
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
         self._lock = asyncio.Lock()
         self.state = "starting"
         _live.add(self)
-        t0 = time.monotonic()
-        timeout = self.profile.cluster.start_timeout
+        deadline = time.monotonic() + self.profile.cluster.start_timeout
         try:
             self._workdir = Path(tempfile.mkdtemp(prefix=f"cloudlab-{self.name}-"))
             self._backend.workdir = self._workdir
@@ -155,11 +173,18 @@ class Cluster(EngineNamespaces):
             self._record = Record(self.name, self.engine_kind, self.backend_kind,
                                   os.getpid(), this_process_started(), str(self._workdir))
             self._record.save()
+            await self._backend.prepare(self._engine.preload)
             self._controller = await self._backend.launch(
                 self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
             self._save_record()
-            await self._engine.connect(self._controller.alive, timeout)
-            await self._add_engines(self.n, timeout - (time.monotonic() - t0))
+            # Engines start while the controller does (they wait for its connection file).
+            connecting = asyncio.ensure_future(
+                self._engine.connect(self._controller.alive, deadline - time.monotonic()))
+            try:
+                await self._add_engines(self.n, deadline, min_engines, connecting)
+            finally:
+                if not connecting.done():
+                    connecting.cancel()
         except BaseException as error:
             self.state = "failed"
             await self._teardown()
@@ -171,35 +196,92 @@ class Cluster(EngineNamespaces):
         self.started_at = time.time()
         return self
 
-    async def _add_engines(self, count: int, timeout: float) -> None:
-        """Launch ``count`` engines and wait for them; if any fails, none of them stays.
+    async def _add_engines(self, count: int, deadline: float, enough: int | None = None,
+                           connecting: asyncio.Future | None = None) -> None:
+        """Launch ``count`` engines and wait for them (or for ``enough`` of them, the rest
+        joining in the background); if any fails, none of them stays.
 
         The error ends by saying what is left: nothing during a start, the engines
         the cluster had before during a scale.
         """
         new_ids = [next(self._next_id) for _ in range(count)]
         try:
-            for eid in new_ids:
-                self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
+            await asyncio.gather(*(self._launch_engine(eid) for eid in new_ids))
             self._save_record()
+            if connecting is not None:
+                await connecting
             outcome = ("nothing is left running" if self.state == "starting" else
                        f"{self.name} keeps its other {len(self._processes) - count} engines")
-            await self._wait_ready(new_ids, timeout, outcome)
-            self._identity.update(await self._on(new_ids, _remote.identity))
+            await self._wait_ready(new_ids, deadline, outcome, enough or count)
         except BaseException:
-            leaving = [eid for eid in new_ids if eid in self._processes]
-            await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
-            await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
-            self._save_record()
+            await self._drop_engines(new_ids)
             raise
+        if enough is not None and enough < count:
+            self._joining = asyncio.create_task(self._join_rest(new_ids, deadline))
+            # Its error is wait_for_engines' to raise; never "exception was never retrieved".
+            self._joining.add_done_callback(lambda t: t.cancelled() or t.exception())
+        else:
+            await self._learn_identity(new_ids)
 
-    async def _wait_ready(self, ids: list[int], timeout: float, outcome: str) -> None:
+    async def _join_rest(self, ids: list[int], deadline: float) -> None:
+        """Wait for engines still joining; drop those that fail, keep the others."""
+        try:
+            await self._wait_ready(ids, deadline, f"{self.name} keeps the engines that started")
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            ready = await self._engine.ready_ids()
+            await self._drop_engines([eid for eid in ids if eid not in ready])
+            self.n = len(self._processes)
+            await self._learn_identity([eid for eid in ids if eid in self._processes])
+            raise
+        await self._learn_identity(ids)
+
+    async def _joined(self) -> None:
+        """Let engines still joining finish (their failure is wait_for_engines' to report)."""
+        if self._joining is not None:
+            await asyncio.wait([self._joining])
+
+    async def _wait_for_engines(self, n: int | None, timeout: float | None) -> None:
+        self._require_running()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 1.0)
+        deadline = loop.time() + (timeout if timeout is not None else
+                                  self.profile.cluster.start_timeout)
+        if n is None:
+            if self._joining is not None:
+                await asyncio.wait_for(asyncio.shield(self._joining), deadline - loop.time())
+            return
+        while len(await self._engine.ready_ids() & set(self._processes)) < n:
+            if loop.time() > deadline:
+                raise ProvisionTimeout(len(await self._engine.ready_ids()), n, timeout or 0,
+                                       f"{self.name} keeps its engines")
+            await asyncio.sleep(0.02)
+
+    async def _learn_identity(self, ids: list[int]) -> None:
+        if ids:
+            results = await self._engine.run_on(ids, _remote.identity)
+            self._identity.update({eid: r.value for eid, r in results.items()})
+
+    async def _drop_engines(self, ids: list[int]) -> None:
+        leaving = [eid for eid in ids if eid in self._processes]
+        await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
+        await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
+        for eid in leaving:
+            self._identity.pop(eid, None)
+        self._save_record()
+
+    async def _launch_engine(self, eid: int) -> None:
+        self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
+
+    async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
+                          enough: int | None = None) -> None:
+        """Until ``enough`` (default: all) of ``ids`` are usable, by ``deadline`` (monotonic)."""
         wanted = set(ids)
+        enough = len(wanted) if enough is None else enough
+        deadline = max(deadline, time.monotonic() + 1.0)
         while True:
             ready = await self._engine.ready_ids() & wanted
-            if ready == wanted:
+            if len(ready) >= enough:
                 return
             dead = [eid for eid in sorted(wanted - ready) if not self._processes[eid].alive()]
             if dead or not self._controller.alive():
@@ -208,25 +290,23 @@ class Cluster(EngineNamespaces):
                 raise StartError(
                     f"{proc.name} of cluster {self.name} exited during start (exit code "
                     f"{proc.exit_code()}, last output: {last.strip()}); {outcome}.")
-            if loop.time() > deadline:
-                raise ProvisionTimeout(len(ready), len(wanted), timeout, outcome)
+            if time.monotonic() > deadline:
+                raise ProvisionTimeout(len(ready), enough, self.profile.cluster.start_timeout,
+                                       outcome)
             await asyncio.sleep(0.05)
 
     async def _scale(self, n: int) -> None:
         self._require_running()
+        await self._joined()
         async with self._lock:
             limit, reason = self._backend.max_engines(self._engine.mb_per_engine)
             n = policy.engine_count(n, limit + len(self._processes), reason)
             current = sorted(self._processes)
             if n > len(current):
-                await self._add_engines(n - len(current), self.profile.cluster.start_timeout)
+                await self._add_engines(n - len(current),
+                                        time.monotonic() + self.profile.cluster.start_timeout)
             elif n < len(current):
-                leaving = current[n:]
-                await self._engine.forget(leaving)
-                await self._backend.terminate([self._processes.pop(i) for i in leaving])
-                for eid in leaving:
-                    self._identity.pop(eid, None)
-                self._save_record()
+                await self._drop_engines(current[n:])
             self.n = n
 
     async def _stop(self) -> None:
@@ -238,6 +318,9 @@ class Cluster(EngineNamespaces):
 
     async def _teardown(self) -> None:
         """Stop everything this cluster started, whatever state it reached."""
+        if self._joining is not None and not self._joining.done():
+            self._joining.cancel()
+            await asyncio.wait([self._joining])
         if self._engine is not None:
             try:
                 await asyncio.wait_for(self._engine.close(), 5)
@@ -352,21 +435,22 @@ class Cluster(EngineNamespaces):
         """Run ``fn(*args)`` once on every engine; results by engine id."""
         self._require_running()
         caller = CallerQueue()
-        return _aio.run(self._on(self.engine_ids, fn, *args, sink=caller.output, ship=True),
+        return _aio.run(self._on(None, fn, *args, sink=caller.output, ship=True),
                         drain=caller.drain)
 
     async def arun(self, fn: Callable, *args: Any) -> dict[int, Any]:
         self._require_running()
         caller = CallerQueue()
         try:
-            return await _aio.wrap(self._on(self.engine_ids, fn, *args, sink=caller.output,
-                                            ship=True))
+            return await _aio.wrap(self._on(None, fn, *args, sink=caller.output, ship=True))
         finally:
             caller.drain()
 
-    async def _on(self, ids: list[int], fn: Callable, *args: Any, sink: OutputSink | None = None,
-                  ship: bool = False) -> dict[int, Any]:
-        """Run ``fn(*args)`` on each engine of ``ids``; values by engine id."""
+    async def _on(self, ids: list[int] | None, fn: Callable, *args: Any,
+                  sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]:
+        """Run ``fn(*args)`` on each engine of ``ids`` (None: every engine); values by id."""
+        await self._joined()
+        ids = self.engine_ids if ids is None else ids
         if ship:
             fn = _remote.Shipped(fn, frozenset(self._pushed))
         results = await self._engine.run_on(ids, fn, *args)
@@ -432,6 +516,26 @@ class Cluster(EngineNamespaces):
 
 def _call(fn, *args) -> None:
     fn(*args)
+
+
+def prewarm(engine: str | None = None, profile: str | None = None) -> concurrent.futures.Future:
+    """Make the next start of ``engine`` clusters fast, in the background.
+
+    The local backend starts its fork server, which imports the engine once
+    (about a second), so ``start`` then only forks. ``%load_ext cloudlab``
+    calls this for the default profile. Returns a future; a failure here
+    surfaces again, with its reason, at ``start``.
+    """
+    chosen = load_profile(profile, engine=engine)
+    kind = engine_class(chosen.cluster.engine)
+    backend = backend_class(chosen.cluster.backend)(chosen.backend_options, "prewarm")
+
+    async def warm() -> None:
+        await asyncio.gather(backend.prepare(kind.preload),
+                             *(_aio.to_thread(importlib.import_module, m)
+                               for m in kind.client_modules))
+
+    return _aio.submit(warm())
 
 
 def running_clusters() -> list[Cluster]:

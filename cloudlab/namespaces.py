@@ -29,7 +29,7 @@ class EngineNamespaces:
 
     async def _push(self, values: dict[str, Any]) -> None:
         self._require_running()
-        await self._on(self.engine_ids, _remote.store, values)
+        await self._on(None, _remote.store, values)
         self._pushed.update(values)
 
     def pull(self, name: str) -> dict[int, Any]:
@@ -41,7 +41,7 @@ class EngineNamespaces:
 
     async def _pull(self, name: str) -> dict[int, Any]:
         self._require_running()
-        return await self._on(self.engine_ids, _remote.fetch, name)
+        return await self._on(None, _remote.fetch, name)
 
     def scatter(self, name: str, sequence: Iterable) -> None:
         """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
@@ -52,6 +52,7 @@ class EngineNamespaces:
 
     async def _scatter(self, name: str, sequence: Iterable) -> None:
         self._require_running()
+        await self._joined()
         ids = self.engine_ids
         parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
                                  len(ids))
@@ -85,6 +86,7 @@ class EngineNamespaces:
 
     async def _execute(self, code: str, sink, targets) -> None:
         self._require_running()
+        await self._joined()
         ids = self.engine_ids if targets is None else list(targets)
         unknown = sorted(set(ids) - set(self._processes))
         if unknown:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from .backends.local import group_alive, signal_groups
+from .backends.local import cluster_of, group_alive, signal_groups
 from .profiles import cloudlab_home
 
 
@@ -92,7 +92,4 @@ def stop_record(record: Record, grace: float = 1.0) -> None:
 
 def _is_ours(pid: int, cluster: str) -> bool:
     """Whether ``pid`` still is a process of this cluster (pids get reused)."""
-    try:
-        return psutil.Process(pid).environ().get("CLOUDLAB_CLUSTER") == cluster
-    except psutil.Error:
-        return False
+    return cluster_of(pid) == cluster

@@ -23,18 +23,31 @@ ENGINES = ["ipyparallel", "dask"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def our_processes(cluster: str | None = None) -> list[psutil.Process]:
-    """Live cloudlab processes started by this test run (optionally of one cluster)."""
+def our_processes(cluster: str | None = None, servers: bool = True) -> list[psutil.Process]:
+    """Live cloudlab processes started by this test run: those of clusters (of ``cluster``
+    only, if given) and, with ``servers``, fork servers of other processes than this one
+    (this process's own live as long as it does, by design).
+
+    Processes carry a title (``cloudlab: NAME engine-3``, ``cloudlab fork server
+    (dask) of pid P``); CLOUDLAB_TEST_RUN in their environment tells this run's.
+    """
     found = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        words = " ".join(proc.info["cmdline"] or []).split()
+        if words[:1] == ["cloudlab:"]:
+            if cluster is not None and words[1:2] != [cluster]:
+                continue
+        elif words[:3] == ["cloudlab", "fork", "server"]:
+            if cluster is not None or not servers or words[-1] == str(os.getpid()):
+                continue
+        else:
+            continue
         try:
-            env = proc.environ()
+            ours = proc.environ().get("CLOUDLAB_TEST_RUN") == RUN_ID
         except psutil.Error:
             continue
-        if env.get("CLOUDLAB_TEST_RUN") == RUN_ID and "CLOUDLAB_CLUSTER" in env:
-            if cluster is None or env["CLOUDLAB_CLUSTER"] == cluster:
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
+        if ours and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
     return found
 
 
@@ -51,15 +64,16 @@ def launched(cluster: str) -> list[psutil.Process]:
     return leaders
 
 
-def wait_until_gone(cluster: str | None = None, timeout: float = 10.0) -> list[psutil.Process]:
+def wait_until_gone(cluster: str | None = None, timeout: float = 10.0,
+                    servers: bool = True) -> list[psutil.Process]:
     """Poll the process table until no process of ``cluster`` is left; return survivors."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = our_processes(cluster)
+        left = our_processes(cluster, servers)
         if not left:
             return []
         time.sleep(0.1)
-    return our_processes(cluster)
+    return our_processes(cluster, servers)
 
 
 @pytest.fixture(params=ENGINES)
@@ -85,7 +99,11 @@ def python() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     yield
-    survivors = wait_until_gone(timeout=10)
+    from cloudlab.backends import forkserver
+
+    forkserver.close_all()  # they live as long as the test process, by design
+    survivors = wait_until_gone(timeout=10) + [
+        p for p in psutil.Process().children() if p.name().startswith("cloudlab fork server")]
     assert survivors == [], f"processes outlived the test run: {[p.cmdline() for p in survivors]}"
 
 

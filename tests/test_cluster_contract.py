@@ -112,10 +112,13 @@ def test_status_reports_real_engine_processes(cluster):
     rows = settled_status(cluster)
     assert [r.id for r in rows] == [0, 1, 2]
     assert {r.state for r in rows} == {"idle"}
+    seen = cluster.run(lambda: (os.getpid(), os.environ["CLOUDLAB_CLUSTER"],
+                                os.environ["CLOUDLAB_ENGINE_ID"]))
     for r in rows:
-        proc = psutil.Process(r.pid)
-        assert proc.environ()["CLOUDLAB_CLUSTER"] == cluster.name
-        assert proc.environ()["CLOUDLAB_ENGINE_ID"] == str(r.id)
+        assert seen[r.id] == (r.pid, cluster.name, str(r.id))
+        # ps and top name the process after its cluster and engine
+        title = " ".join(psutil.Process(r.pid).cmdline()).strip()
+        assert title == f"cloudlab: {cluster.name} engine-{r.id}"
         assert r.host == os.uname().nodename
 
 

@@ -59,7 +59,7 @@ def test_malformed_toml_names_the_file(user_profiles):
     ('engnie = "dask"', "unknown key 'engnie'; allowed top-level keys: backend, description, engine"),
     ('engines = "lots"', "key 'engines' must be a whole number, got 'lots'"),
     ('engine = "spark"', "Unknown engine 'spark': use one of dask, ipyparallel"),
-    ('[local]\nport = 3', "unknown key 'port'; allowed: ip, memory_fraction, python"),
+    ('[local]\nport = 3', "unknown key 'port'; allowed: fork_server, ip, memory_fraction, python"),
     ('start_timeout = true', "key 'start_timeout' must be a number, got True"),
 ])
 def test_validation_error_names_file_key_and_allowed_values(user_profiles, body, message):

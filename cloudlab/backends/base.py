@@ -22,6 +22,8 @@ class Command:
     entry: str
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: Modules ``entry`` imports, which a backend may import once for many processes.
+    preload: tuple[str, ...] = ()
 
 
 class Launched(abc.ABC):
@@ -67,6 +69,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         """How many engines this backend can hold, and why no more."""
+
+    async def prepare(self, preload: tuple[str, ...]) -> None:
+        """Get ready to launch commands that import ``preload`` (e.g. start a fork server)."""
 
     @abc.abstractmethod
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:

@@ -3,7 +3,10 @@
 Each process is started as the leader of its own process group (so a terminal's
 Ctrl-C meant for the notebook does not reach the engines, and terminating the
 group also ends anything the engine itself spawned) under cloudlab's agent,
-which kills the group when this Python process dies.
+which kills the group when this Python process dies. By default processes are
+forked from a fork server that has already imported the engine kind
+(:mod:`cloudlab._forkserver`); ``fork_server = false`` starts each in a fresh
+interpreter instead, slower but otherwise the same.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from ..profiles import option
+from . import forkserver
 from .base import Backend, Command, Launched
 
 #: Thread pools inside each engine: one each, so 16 engines on 2 cores do not fight.
@@ -36,16 +42,16 @@ class LocalOptions:
                      "engines on other hosts must reach it.")
     python: str = option("", "Python executable for engines (default: the one running cloudlab).")
     memory_fraction: float = option(0.8, "Share of free memory engines may fill; bounds N.")
+    fork_server: bool = option(True, "Fork engines from a process that has already imported "
+                               "them (fast); false starts each in a fresh interpreter.")
 
 
 class LocalProcess(Launched):
-    def __init__(self, name: str, popen: subprocess.Popen, log: Path):
-        self.name, self.host, self.pid = name, "127.0.0.1", popen.pid
-        self.popen, self.log = popen, log
-        self._ps: psutil.Process | None = None
+    """A process on this machine, leader of its own process group."""
 
-    def exit_code(self) -> int | None:
-        return self.popen.poll()
+    def __init__(self, name: str, pid: int, log: Path):
+        self.name, self.host, self.pid, self.log = name, "127.0.0.1", pid, log
+        self._ps: psutil.Process | None = None
 
     def usage(self) -> tuple[float | None, float | None]:
         try:
@@ -65,6 +71,31 @@ class LocalProcess(Launched):
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+class SpawnedProcess(LocalProcess):
+    """Started in a fresh interpreter; our own child."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, log: Path):
+        super().__init__(name, popen.pid, log)
+        self.popen = popen
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll()
+
+
+class ForkedProcess(LocalProcess):
+    """Forked by a fork server, which reaps it and tells us its exit code."""
+
+    def __init__(self, name: str, pid: int, log: Path, server: forkserver.ForkServer):
+        super().__init__(name, pid, log)
+        self.server = server
+
+    def exit_code(self) -> int | None:
+        code = self.server.exit_codes.get(self.pid)
+        if code is None and self.server.closed and not group_alive(self.pid):
+            return -1  # the server died before it could tell us; the process is gone
+        return code
+
+
 class LocalBackend(Backend):
     name = "local"
     Options = LocalOptions
@@ -81,22 +112,41 @@ class LocalBackend(Backend):
             f"{free_mb / 1024:.1f} GB free"
         )
 
+    @property
+    def python(self) -> str:
+        return self.options.python or sys.executable
+
+    async def prepare(self, preload: tuple[str, ...]) -> None:
+        if self.options.fork_server:
+            await self._fork_server(preload)
+
+    async def _fork_server(self, preload: tuple[str, ...]) -> forkserver.ForkServer:
+        tag = zlib.crc32(" ".join(preload).encode())
+        log = Path(tempfile.gettempdir()) / f"cloudlab-forkserver-{os.getpid()}-{tag:08x}.log"
+        return await forkserver.get(self.python, preload, base_environment(), log)
+
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         log = self.workdir / f"{command.name}.log"
-        argv = [self.options.python or sys.executable, "-m", "cloudlab._agent",
-                "--owner-pid", str(os.getpid())]
+        title = process_title(self.cluster_name, command.name)
+        env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name, **command.env}
+        if self.options.fork_server and command.preload:
+            server = await self._fork_server(command.preload)
+            pid = await server.fork({
+                "entry": command.entry, "args": list(command.args), "env": env,
+                "cwd": os.getcwd(), "log": str(log), "cleanup": [str(p) for p in cleanup],
+                "title": title})
+            return ForkedProcess(command.name, pid, log, server)
+        argv = [self.python, "-m", "cloudlab._agent", "--owner-pid", str(os.getpid()),
+                "--title", title]
         for path in cleanup:
             argv += ["--cleanup", str(path)]
         argv += [command.entry, "--", *command.args]
-        env = {**os.environ, **SINGLE_THREADED, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": client_python_path(), "CLOUDLAB_CLUSTER": self.cluster_name,
-               **command.env}
         with open(log, "ab") as out:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=os.getcwd(), start_new_session=True, close_fds=True,
             )
-        return LocalProcess(command.name, popen, log)
+        return SpawnedProcess(command.name, popen, log)
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
         procs = [p for p in launched if isinstance(p, LocalProcess)]
@@ -105,15 +155,33 @@ class LocalBackend(Backend):
         while any(p.alive() for p in procs) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         signal_groups([p.pid for p in procs], signal.SIGKILL)  # also ends children left in the groups
-        for p in procs:
-            try:
-                p.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        # Return only once every group is empty: "stopped" means no process is left.
-        deadline = asyncio.get_running_loop().time() + 2
-        while any(group_alive(p.pid) for p in procs) and asyncio.get_running_loop().time() < deadline:
+        # Return only once each is reaped and every group is empty: "stopped" means no
+        # process is left.
+        deadline = asyncio.get_running_loop().time() + 5
+        while (any(p.alive() or group_alive(p.pid) for p in procs)
+               and asyncio.get_running_loop().time() < deadline):
             await asyncio.sleep(0.01)
+
+
+def process_title(cluster: str, name: str) -> str:
+    """What ``ps`` and ``top`` show for a process of a cluster; :func:`cluster_of` reads it."""
+    return f"cloudlab: {cluster} {name}"
+
+
+def cluster_of(pid: int) -> str | None:
+    """The cluster process ``pid`` belongs to, from its title (None if not cloudlab's)."""
+    try:
+        words = " ".join(psutil.Process(pid).cmdline()).split()
+    except psutil.Error:
+        return None
+    return words[1] if len(words) >= 3 and words[0] == "cloudlab:" else None
+
+
+def base_environment() -> dict[str, str]:
+    """The environment every local process starts with."""
+    return {**os.environ, **SINGLE_THREADED, "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": client_python_path(),
+            "SPT_NOENV": "1"}  # setproctitle: keep /proc/PID/environ readable
 
 
 def client_python_path() -> str:

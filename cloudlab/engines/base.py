@@ -27,6 +27,10 @@ class Engine(abc.ABC):
     short_name: ClassVar[str]  # prefix of cluster names: ipp-1a2b3c
     #: Resident memory of one idle engine, measured; bounds how many fit on a host.
     mb_per_engine: ClassVar[int]
+    #: What the controller and engines import: a fork server imports it once for all.
+    preload: ClassVar[tuple[str, ...]]
+    #: What the client imports to connect: ``prewarm`` imports it ahead of ``start``.
+    client_modules: ClassVar[tuple[str, ...]]
 
     def __init__(self, workdir: Path, ip: str):
         self.workdir = workdir

@@ -25,6 +25,10 @@ class DaskEngine(Engine):
     name = "dask"
     short_name = "dask"
     mb_per_engine = 110
+    # What a worker imports while it starts, and what cloudlab's tasks use there.
+    preload = ("distributed.cli.dask_scheduler", "distributed.cli.dask_worker",
+               "distributed.http.worker.prometheus", "IPython", "cloudlab._remote", "numpy.random")
+    client_modules = ("distributed",)
 
     _client = None
 
@@ -40,19 +44,21 @@ class DaskEngine(Engine):
     def controller_command(self) -> Command:
         return Command(
             "scheduler",
-            "distributed.cli.dask_scheduler:main",
+            "cloudlab.engines.dask:scheduler_main",
             ("--host", self.ip, "--port", "0", "--scheduler-file", str(self.scheduler_file),
              "--no-dashboard", "--no-show"),
+            preload=self.preload,
         )
 
     def engine_command(self, engine_id: int) -> Command:
         return Command(
             f"engine-{engine_id}",
-            "distributed.cli.dask_worker:main",
+            "cloudlab.engines.dask:worker_main",
             ("--scheduler-file", str(self.scheduler_file), "--name", str(engine_id),
              "--host", self.ip, "--no-nanny", "--nthreads", "1", "--no-dashboard",
              "--local-directory", str(self.workdir / "dask"), "--death-timeout", "60"),
             {"CLOUDLAB_ENGINE_ID": str(engine_id)},
+            self.preload,
         )
 
     async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
@@ -143,3 +149,27 @@ class DaskEngine(Engine):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def scheduler_main() -> None:
+    """``dask scheduler``, keeping the process title cloudlab gave it."""
+    _keep_title()
+    from distributed.cli.dask_scheduler import main
+
+    main()
+
+
+def worker_main() -> None:
+    """``dask worker``, keeping the process title cloudlab gave it."""
+    _keep_title()
+    from distributed.cli.dask_worker import main
+
+    main()
+
+
+def _keep_title() -> None:
+    # Dask retitles its processes ("dask worker [tcp://...]"); cloudlab's title names the
+    # cluster and engine, and `cloudlab stop` and the tests recognise processes by it.
+    import distributed.proctitle
+
+    distributed.proctitle.setproctitle_mod = None

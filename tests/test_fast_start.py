@@ -1,0 +1,143 @@
+"""The fast paths of a start (fork server, partial readiness) give what the plain path gives."""
+
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+import cloudlab
+from cloudlab import _aio
+from cloudlab.backends import forkserver
+from cloudlab.errors import StartError
+from conftest import launched, our_processes, wait_until_gone
+
+
+def engine_facts():
+    """What a task on an engine sees of its process: the same, forked or not."""
+    import random
+
+    import numpy as np
+
+    return {
+        "cwd": os.getcwd(),
+        "cluster": os.environ["CLOUDLAB_CLUSTER"],
+        "threads": os.environ["OMP_NUM_THREADS"],
+        "group_leader": os.getpgid(0) == os.getpid(),
+        "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", os.devnull),
+        "draws": (random.random(), float(np.random.random())),
+    }
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "fresh"])
+def test_forked_engines_are_what_fresh_ones_are(engine, fork_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "helper_module.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import helper_module
+
+    with cloudlab.Cluster(3, engine=engine, fork_server=fork_server) as c:
+        facts = c.run(engine_facts)
+        assert c.map(helper_module.triple, range(1000)) == [3 * x for x in range(1000)]
+        c.push(offset=5)
+        assert c.map(lambda x: x + offset, [1, 2]) == [6, 7]  # noqa: F821 (pushed)
+        forked = [p for p in launched(c.name) if p.ppid() != os.getpid()]
+    for fact in facts.values():
+        assert fact["cwd"] == str(tmp_path)
+        assert fact["cluster"] == c.name and fact["threads"] == "1"
+        assert fact["group_leader"] and fact["stdin_is_devnull"]
+    # Each engine draws its own random numbers: a fork must not copy its siblings' seed.
+    draws = [f["draws"] for f in facts.values()]
+    assert len({d[0] for d in draws}) == len({d[1] for d in draws}) == 3
+    # Forked processes are the fork server's children; fresh ones are ours.
+    assert len(forked) == (4 if fork_server else 0)
+    assert wait_until_gone(c.name, 5) == []
+
+
+def test_one_fork_server_serves_every_cluster_of_a_process_and_outlives_them(engine):
+    with cloudlab.Cluster(1, engine=engine) as first:
+        parents = {p.ppid() for p in launched(first.name)}
+    with cloudlab.Cluster(1, engine=engine) as second:
+        assert {p.ppid() for p in launched(second.name)} == parents
+    (server,) = parents
+    title = " ".join(psutil.Process(server).cmdline()).strip()
+    assert title.startswith("cloudlab fork server") and title.endswith(f"of pid {os.getpid()}")
+
+
+def test_start_can_return_on_the_first_engine_and_the_rest_join(engine):
+    with cloudlab.Cluster(6, engine=engine) as c:
+        pass
+    c = cloudlab.Cluster(6, engine=engine)
+    try:
+        c.start(min_engines=1)
+        assert c.state == "running"
+        # map and submit run on what is there; results are whole and ordered.
+        assert c.map(abs, range(-500, 500)) == [abs(x) for x in range(-500, 500)]
+        # push and run reach every engine: they wait for the ones still joining.
+        c.push(token=42)
+        assert c.run(lambda: token) == dict.fromkeys(range(6), 42)  # noqa: F821 (pushed)
+        c.wait_for_engines()
+        assert [r.state for r in c.status()] == ["idle"] * 6
+    finally:
+        c.stop()
+    assert wait_until_gone(c.name, 5) == []
+
+
+def test_stop_while_engines_are_still_joining_leaves_nothing(engine):
+    c = cloudlab.Cluster(8, engine=engine)
+    c.start(min_engines=1)
+    c.stop()
+    assert c.state == "stopped"
+    assert wait_until_gone(c.name, 5) == []
+
+
+def test_min_engines_must_be_a_positive_whole_number():
+    c = cloudlab.Cluster(2)
+    with pytest.raises(ValueError, match="min_engines must be a whole number from 1 to 2"):
+        c.start(min_engines=0)
+    assert c.state == "new" and our_processes(c.name) == []
+
+
+def test_a_fork_server_that_cannot_import_its_engine_says_why(tmp_path):
+    log = tmp_path / "server.log"
+
+    async def start():
+        return await forkserver.get(sys.executable, ("no_such_engine_module",), dict(os.environ),
+                                    log)
+
+    with pytest.raises(StartError, match="No module named 'no_such_engine_module'"):
+        _aio.run(start())
+    assert not log.exists()  # read for the message, then removed
+
+
+def test_a_fork_server_ends_when_its_owner_is_killed(tmp_path):
+    import subprocess
+
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import cloudlab, time\n"
+        "cloudlab.prewarm('dask').result()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        servers = [p for p in psutil.Process(owner.pid).children()
+                   if "fork server" in " ".join(p.cmdline())]
+        assert len(servers) == 1
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5 and alive(servers[0]):
+            time.sleep(0.005)
+        assert not alive(servers[0]), "the fork server outlived its owner"
+        print(f"fork server gone {time.monotonic() - t0:.3f} s after its owner")
+    finally:
+        owner.kill()
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
