@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from .shared import SharedValue
+
 _DASK_NAMESPACE: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
 
 
@@ -38,7 +40,8 @@ def identity() -> tuple[str, int]:
 
 
 def store(values: dict[str, Any]) -> None:
-    namespace().update(values)
+    namespace().update({name: value.load() if isinstance(value, SharedValue) else value
+                        for name, value in values.items()})
 
 
 def fetch(name: str) -> Any:
@@ -183,9 +186,9 @@ def call(fn, *args) -> Result:
     return Result(engine_id(), value, out.getvalue(), err.getvalue())
 
 
-def call_packed(packed: tuple) -> Result:
-    """``call`` with ``(fn, args)`` in one object, so it can be scattered once to all engines."""
-    fn, args = packed
+def call_packed(packed: bytes) -> Result:
+    """``call`` with ``(fn, args)`` pickled once by the client for every engine it goes to."""
+    fn, args = cloudpickle.loads(packed)
     return call(fn, *args)
 
 

@@ -44,6 +44,9 @@ from .registry import Record, this_process_started
 #: even when the notebook drops its last name for it.
 _live: set[Cluster] = set()
 
+#: Seconds processes get to exit on SIGTERM at stop before they are killed.
+STOP_GRACE = 0.25
+
 
 @dataclass(frozen=True)
 class EngineStatus:
@@ -85,6 +88,7 @@ class Cluster(EngineNamespaces):
         self._processes: dict[int, Launched] = {}
         self._identity: dict[int, tuple[str, int]] = {}
         self._pushed: set[str] = set()
+        self._shared = {}
         #: Items of work (map items, submits) each engine has finished, by engine id.
         self.tasks_done: Counter[int] = Counter()
         self._next_id = itertools.count()
@@ -269,6 +273,11 @@ class Cluster(EngineNamespaces):
         for eid in leaving:
             self._identity.pop(eid, None)
         self._save_record()
+        # An engine can finish registering while it is being stopped: return once the
+        # controller has noticed it is gone, so no task is sent to it.
+        deadline = time.monotonic() + self._engine.notices_death_within
+        while set(leaving) & await self._engine.ready_ids() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _launch_engine(self, eid: int) -> None:
         self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
@@ -327,14 +336,15 @@ class Cluster(EngineNamespaces):
             except Exception:
                 pass
         if self._backend.workdir is not None:
-            # Engines first, while their controller is still there to say goodbye to
-            # (a Dask worker whose scheduler vanished retries for seconds); then the controller.
-            await self._backend.terminate(list(self._processes.values()), grace=0.5)
-            if self._controller is not None:
-                await self._backend.terminate([self._controller], grace=0.5)
+            # All at once, politely, then by force: sixteen engines tidying up one after
+            # another on two cores would take seconds, and nothing they hold outlives the
+            # cluster (its workdir goes next).
+            everything = [*self._processes.values(), *filter(None, [self._controller])]
+            await self._backend.terminate(everything, grace=STOP_GRACE)
             await self._backend.close()
         self._processes.clear()
         self._controller = None
+        self._release_shared()
         if self._record is not None:
             self._record.remove()
         if self._workdir is not None:
@@ -418,7 +428,20 @@ class Cluster(EngineNamespaces):
 
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
-        return _aio.submit(self._submit(fn, *args))
+        self._require_running()
+        sent = self._engine.submit_now(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        if sent is None:
+            return _aio.submit(self._submit(fn, *args))
+        future = concurrent.futures.Future()
+
+        def settle(done: concurrent.futures.Future) -> None:
+            try:
+                future.set_result(self._settled_value(done.result()))
+            except BaseException as error:
+                future.set_exception(error)
+
+        sent.add_done_callback(settle)
+        return future
 
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
@@ -427,6 +450,9 @@ class Cluster(EngineNamespaces):
     async def _submit(self, fn: Callable, *args: Any) -> Any:
         self._require_running()
         result = await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        return self._settled_value(result)
+
+    def _settled_value(self, result: _remote.Result) -> Any:
         self._settle([result], PrefixedSink())
         self.tasks_done[result.engine] += 1
         return result.value

@@ -13,12 +13,22 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _aio, _remote, policy
-from .errors import format_ids
+from .errors import RemoteError, format_ids
 from .output import PrefixedSink
+from .shared import SharedBlock, share
 
 
 class EngineNamespaces:
-    """Named values on every engine; mixed into :class:`~cloudlab.Cluster`."""
+    """Named values on every engine; mixed into :class:`~cloudlab.Cluster`.
+
+    On a backend whose engines share the client's machine, ``push`` puts large
+    buffers in shared memory once (:mod:`cloudlab.shared`) instead of copying
+    them to each engine; ``_shared`` holds that memory until the name is
+    pushed again or the cluster stops.
+    """
+
+    _shared: dict[str, SharedBlock]
+    _share_memory: bool = True
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every engine's namespace."""
@@ -29,8 +39,32 @@ class EngineNamespaces:
 
     async def _push(self, values: dict[str, Any]) -> None:
         self._require_running()
-        await self._on(None, _remote.store, values)
+        blocks: dict[str, SharedBlock] = {}
+        if self._backend.same_machine and self._share_memory:
+            for name, value in values.items():
+                if (block := await _aio.to_thread(share, value)) is not None:
+                    blocks[name] = block
+        try:
+            await self._on(None, _remote.store,
+                           {k: blocks[k].value if k in blocks else v for k, v in values.items()})
+        except RemoteError as error:
+            for block in blocks.values():
+                block.close()
+            if not blocks or {e[0] for e in error.failures.values()} != {"SharedMemoryUnavailable"}:
+                raise
+            self._share_memory = False  # engines cannot map our memory: the ordinary way, always
+            await self._on(None, _remote.store, values)
+            blocks = {}
+        for name in values:  # the previous value's memory goes once engines drop it
+            if (old := self._shared.pop(name, None)) is not None:
+                old.close()
+        self._shared.update(blocks)
         self._pushed.update(values)
+
+    def _release_shared(self) -> None:
+        for block in self._shared.values():
+            block.close()
+        self._shared.clear()
 
     def pull(self, name: str) -> dict[int, Any]:
         """The value of ``name`` on each engine, by engine id."""

@@ -54,6 +54,8 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    #: Engines run on the client's machine and can map its memory (zero-copy push).
+    same_machine: ClassVar[bool] = False
 
     def __init__(self, options: Any, cluster_name: str):
         self.options = options

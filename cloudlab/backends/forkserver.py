@@ -95,6 +95,8 @@ class ForkServer:
             self.popen.wait(1)  # it closed its end as it exited: reap it
         except subprocess.TimeoutExpired:
             pass
+        self.popen.stdout.close()
+        self.popen.stdin.close()
         self.closed = True
         _servers.pop((self.python, self.preload), None)
         error = StartError(self._why_closed())

@@ -99,6 +99,7 @@ class ForkedProcess(LocalProcess):
 class LocalBackend(Backend):
     name = "local"
     Options = LocalOptions
+    same_machine = True
 
     @property
     def controller_ip(self) -> str:

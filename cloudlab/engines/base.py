@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ class Engine(abc.ABC):
     preload: ClassVar[tuple[str, ...]]
     #: What the client imports to connect: ``prewarm`` imports it ahead of ``start``.
     client_modules: ClassVar[tuple[str, ...]]
+    #: Seconds the controller may take to notice that an engine died.
+    notices_death_within: ClassVar[float] = 5.0
 
     def __init__(self, workdir: Path, ip: str):
         self.workdir = workdir
@@ -64,6 +67,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def submit(self, fn: Callable, *args: Any) -> Result:
         """Run ``call(fn, *args)`` on any engine; return its :class:`~cloudlab._remote.Result`."""
+
+    def submit_now(self, fn: Callable, *args: Any) -> concurrent.futures.Future | None:
+        """Like :meth:`submit`, sent from the caller's thread, or None where the engine's
+        client cannot do that; a future of the Result. Saves two thread hops per task."""
+        return None
 
     @abc.abstractmethod
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:

@@ -13,12 +13,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
+
 from .._remote import Result, call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
 from .base import Engine, OutputSink, raise_failures, wait_for_file
 
 OUTPUT_TOPIC = "cloudlab-output"
+SCATTER_ABOVE = 1 << 20  # bytes of an all-engine call's pickled function and arguments
 
 
 class DaskEngine(Engine):
@@ -29,6 +32,7 @@ class DaskEngine(Engine):
     preload = ("distributed.cli.dask_scheduler", "distributed.cli.dask_worker",
                "distributed.http.worker.prometheus", "IPython", "cloudlab._remote", "numpy.random")
     client_modules = ("distributed",)
+    notices_death_within = 2.0  # the scheduler sees the worker's connection close
 
     _client = None
 
@@ -98,10 +102,12 @@ class DaskEngine(Engine):
             return {}
         # Pinned tasks, not Client.run: a long function must not block a worker's event
         # loop (and its heartbeats), and it should queue behind running work as on ipyparallel.
-        # The arguments travel once (scatter, broadcast), not once per engine.
+        # Pickled once; a large payload travels once (scatter, broadcast), not once per engine.
         addresses = [self._address[i] for i in ids]
-        [packed] = await self._client.scatter([(fn, args)], broadcast=True, workers=addresses,
-                                              hash=False)
+        packed = cloudpickle.dumps((fn, args))
+        if len(packed) > SCATTER_ABOVE:
+            [packed] = await self._client.scatter([packed], broadcast=True, workers=addresses,
+                                                  hash=False)
         futures = [self._client.submit(call_packed, packed, workers=[a], allow_other_workers=False,
                                        pure=False) for a in addresses]
         return dict(zip(ids, await self._client.gather(futures)))
