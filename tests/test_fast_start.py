@@ -19,9 +19,11 @@ def engine_facts():
     """What a task on an engine sees of its process: the same, forked or not."""
     import random
 
+    import dask.config
     import numpy as np
 
     return {
+        "dask_config": dask.config.get("cloudlab_test.probe", None),
         "cwd": os.getcwd(),
         "cluster": os.environ["CLOUDLAB_CLUSTER"],
         "threads": os.environ["OMP_NUM_THREADS"],
@@ -33,6 +35,9 @@ def engine_facts():
 
 @pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "fresh"])
 def test_forked_engines_are_what_fresh_ones_are(engine, fork_server, tmp_path, monkeypatch):
+    cloudlab.prewarm(engine).result()
+    # Set after the fork server imported everything: a forked process must still see them.
+    monkeypatch.setenv("DASK_CLOUDLAB_TEST__PROBE", "7")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "helper_module.py").write_text("def triple(x):\n    return 3 * x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -46,6 +51,7 @@ def test_forked_engines_are_what_fresh_ones_are(engine, fork_server, tmp_path, m
         forked = [p for p in launched(c.name) if p.ppid() != os.getpid()]
     for fact in facts.values():
         assert fact["cwd"] == str(tmp_path)
+        assert fact["dask_config"] == 7
         assert fact["cluster"] == c.name and fact["threads"] == "1"
         assert fact["group_leader"] and fact["stdin_is_devnull"]
     # Each engine draws its own random numbers: a fork must not copy its siblings' seed.

@@ -158,22 +158,27 @@ class DaskEngine(Engine):
 
 
 def scheduler_main() -> None:
-    """``dask scheduler``, keeping the process title cloudlab gave it."""
-    _keep_title()
+    """``dask scheduler``, with this process's Dask config and cloudlab's process title."""
+    _prepare_process()
     from distributed.cli.dask_scheduler import main
 
     main()
 
 
 def worker_main() -> None:
-    """``dask worker``, keeping the process title cloudlab gave it."""
-    _keep_title()
+    """``dask worker``, with this process's Dask config and cloudlab's process title."""
+    _prepare_process()
     from distributed.cli.dask_worker import main
 
     main()
 
 
-def _keep_title() -> None:
+def _prepare_process() -> None:
+    # A forked process's Dask config was read when its fork server imported Dask: read it
+    # again from this process's environment (DASK_* variables set since then).
+    import dask.config
+
+    dask.config.refresh()
     # Dask retitles its processes ("dask worker [tcp://...]"); cloudlab's title names the
     # cluster and engine, and `cloudlab stop` and the tests recognise processes by it.
     import distributed.proctitle

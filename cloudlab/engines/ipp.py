@@ -21,6 +21,9 @@ from .base import Engine, OutputSink, wait_for_file
 CLUSTER_ID = "cloudlab"
 HEARTBEAT_MS = 100
 HEARTBEAT_MISSES = 20  # a dead engine is unregistered after 2 s
+# ipyparallel's apps chdir to a work_dir whose default is the directory at *import* time;
+# forked from a fork server, that is the server's, not the one the process starts in.
+WORK_DIR = "--work-dir=."
 
 
 class IPyParallelEngine(Engine):
@@ -55,6 +58,7 @@ class IPyParallelEngine(Engine):
             "controller",
             "ipyparallel.controller.app:main",
             (f"--ip={self.ip}", f"--profile-dir={self.profile_dir}", f"--cluster-id={CLUSTER_ID}",
+             WORK_DIR,
              f"--HeartMonitor.period={HEARTBEAT_MS}",
              f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
              "--usethreads", "--log-level=WARN"),
@@ -67,6 +71,7 @@ class IPyParallelEngine(Engine):
             f"engine-{engine_id}",
             "ipyparallel.engine.app:main",
             (f"--file={self._connection_file('engine')}", f"--profile-dir={self.profile_dir}",
+             WORK_DIR,
              f"--IPEngine.id={engine_id}", "--IPEngine.enable_nanny=False",
              "--IPEngine.wait_for_url_file=120", "--HistoryManager.enabled=False",
              "--log-level=ERROR"),
