@@ -262,7 +262,8 @@ class Cluster(EngineNamespaces):
             await asyncio.sleep(0.02)
 
     async def _learn_identity(self, ids: list[int]) -> None:
-        if ids:
+        """Ask engines their host and pid, where the backend's handles do not tell them."""
+        if ids and not self._backend.knows_engine_pids:
             results = await self._engine.run_on(ids, _remote.identity)
             self._identity.update({eid: r.value for eid, r in results.items()})
 

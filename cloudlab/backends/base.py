@@ -56,6 +56,8 @@ class Backend(abc.ABC):
     Options: ClassVar[type]
     #: Engines run on the client's machine and can map its memory (zero-copy push).
     same_machine: ClassVar[bool] = False
+    #: A Launched's ``host`` and ``pid`` are the engine's own (no need to ask the engine).
+    knows_engine_pids: ClassVar[bool] = False
 
     def __init__(self, options: Any, cluster_name: str):
         self.options = options

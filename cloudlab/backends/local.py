@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ class LocalProcess(Launched):
     """A process on this machine, leader of its own process group."""
 
     def __init__(self, name: str, pid: int, log: Path):
-        self.name, self.host, self.pid, self.log = name, "127.0.0.1", pid, log
+        self.name, self.host, self.pid, self.log = name, socket.gethostname(), pid, log
         self._ps: psutil.Process | None = None
 
     def usage(self) -> tuple[float | None, float | None]:
@@ -100,6 +101,7 @@ class LocalBackend(Backend):
     name = "local"
     Options = LocalOptions
     same_machine = True
+    knows_engine_pids = True
 
     @property
     def controller_ip(self) -> str:

@@ -56,7 +56,7 @@ class IPyParallelEngine(Engine):
         (self.profile_dir / "security").mkdir(parents=True, exist_ok=True)
         return Command(
             "controller",
-            "ipyparallel.controller.app:main",
+            "cloudlab.engines.ipp:controller_main",
             (f"--ip={self.ip}", f"--profile-dir={self.profile_dir}", f"--cluster-id={CLUSTER_ID}",
              WORK_DIR,
              f"--HeartMonitor.period={HEARTBEAT_MS}",
@@ -164,3 +164,39 @@ def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:
         eid = info.get("engine_id", ids[0]) if isinstance(info, dict) else ids[0]
         failures[eid] = (ename, evalue, "\n".join(tb) if isinstance(tb, list) else (tb or ""))
     return failures
+
+
+def controller_main() -> None:
+    """``ipcontroller``, without the fixed 0.25 s pause in its hub's set-up.
+
+    ``IPController.init_hub`` sleeps a quarter second after creating its
+    database; every start waits for it, though nothing has connected yet. Only
+    that call runs with a ``time`` whose ``sleep`` returns at once; the test
+    suite starts every ipyparallel cluster through this path.
+    """
+    import time
+
+    import ipyparallel.controller.app as app
+
+    init_hub = app.IPController.init_hub
+
+    def init_hub_without_pause(self) -> None:
+        app.time = _TimeWithoutSleep()
+        try:
+            init_hub(self)
+        finally:
+            app.time = time
+
+    app.IPController.init_hub = init_hub_without_pause
+    app.main()
+
+
+class _TimeWithoutSleep:
+    def __getattr__(self, name):
+        import time
+
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
