@@ -11,6 +11,13 @@ def test_numba_kernel_counts_exactly_what_numpy_reference_counts():
         assert pi.count_inside(key, start, stop) == pi.count_inside_numpy(key, start, stop)
 
 
+def test_numba_kernel_matches_the_reference_across_blocks_and_past_2_to_the_32():
+    key, b = pi.seed_key(7), pi.BLOCK  # each block of samples has its own 32-bit key
+    for start, stop in [(5, 5), (9, 3), (b - 3, b + 2), (3 * b - 17, 5 * b + 1),
+                        (2**32 - 7, 2**32 + 11), (2**40 + 1, 2**40 + b + 2)]:
+        assert pi.count_inside(key, start, stop) == pi.count_inside_numpy(key, start, stop)
+
+
 def test_counts_add_up_whatever_the_split():
     key = pi.seed_key(3)
     whole = pi.count_inside(key, 0, 1_000_000)

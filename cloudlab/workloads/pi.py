@@ -1,11 +1,20 @@
 """Monte Carlo pi: the fraction of random points of the unit square inside the quarter circle.
 
-Sample ``i`` of a run is a pure function of ``(seed, i)``: a SplitMix64 hash of
-a counter, whose 64 bits give two 24-bit coordinates. Points are therefore
-independent of how samples are split across engines, so an estimate is
-reproducible for a seed whatever the engine count, and the inside test is
-exact integer arithmetic (``x*x + y*y < 2**48``), identical on every machine.
-The Numba kernel and the NumPy reference compute the same counts.
+Sample ``i`` of a run is a pure function of ``(seed, i)``, so an estimate is reproducible for a
+seed whatever the engine count. Samples come in blocks of 2**20: block ``b`` takes a key
+``(c, m)``, ``m`` odd, from SplitMix64 of ``seed_key(seed) + b * GAMMA``, and sample ``j`` of the
+block is the 32-bit hash ``lowbias32(c + j * m)``, whose halves are the cell ``(x, y)`` of a
+2**16 x 2**16 grid. The point is the cell's centre, so the inside test
+``(2x+1)**2 + (2y+1)**2 < 2**34``, that is ``x*(x+1) <= ~(y*(y+1))`` in uint32, is exact integer
+arithmetic, and the grid biases the estimate by only 5e-8 (one standard error at 1e15
+samples). Within a block the hash is a bijection, so points never repeat (sampling without
+replacement from 2**32 cells: no visible difference); blocks have independent keys.
+
+Why 32 bits: counting is compute bound, and AVX2 multiplies 32-bit integers on 8 lanes but has
+no 64-bit multiply, so this counts ~4.3 G samples/s per core where SplitMix64 per sample (64-bit
+lanes) counted 1.2. Numba widens integer operators to 64 bits, so the arithmetic is spelt with
+NumPy ufuncs, which keep uint32 (and wrap) both in Numba and on arrays: the Numba kernel and
+the NumPy reference share ``_block_key`` and ``_inside`` and so count exactly the same points.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import numpy as np
 
 GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (golden ratio)
 MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-MASK24 = (1 << 24) - 1
-RADIUS2 = 1 << 48
+BLOCK = 1 << 20  # samples per key
+H1, H2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)  # lowbias32's multipliers
+ONE, S15, S16, LOW16 = np.uint32(1), np.uint32(15), np.uint32(16), np.uint32(0xFFFF)
+add, mul, xor, shr = np.add, np.multiply, np.bitwise_xor, np.right_shift  # uint32 in, uint32 out
 
 
 @dataclass(frozen=True)
@@ -45,37 +56,58 @@ def seed_key(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
 
 
-def count_inside_numpy(key: int, start: int, stop: int, chunk: int = 1 << 20) -> int:
+def _block_key(key, b):
+    """Block ``b``'s ``(c, m)``: SplitMix64 of ``key + b * GAMMA``, split in two 32-bit halves."""
+    z = np.uint64(key) + np.uint64(b) * np.uint64(GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+    z = z ^ (z >> np.uint64(31))
+    return np.uint32(z & np.uint64(0xFFFFFFFF)), np.uint32(np.uint32(z >> np.uint64(32)) | ONE)
+
+
+def _inside(u):
+    """Whether the point hashed from ``u`` (uint32, scalar or array) is inside."""
+    h = mul(xor(u, shr(u, S16)), H1)  # lowbias32 (Wellons' hash-prospector)
+    h = mul(xor(h, shr(h, S15)), H2)
+    x = shr(h, S16)
+    y = np.bitwise_and(xor(h, x), LOW16)
+    return np.less_equal(mul(x, add(x, ONE)), np.invert(mul(y, add(y, ONE))))
+
+
+def _blocks(start: int, stop: int):
+    """``(b, lo, hi)``: samples ``start..stop-1`` as offsets ``lo..hi-1`` into blocks ``b``."""
+    for b in range(start // BLOCK, -(-stop // BLOCK)):
+        yield b, max(start - b * BLOCK, 0), min(stop - b * BLOCK, BLOCK)
+
+
+def count_inside_numpy(key: int, start: int, stop: int) -> int:
     """Reference implementation: points inside for samples ``start..stop-1``."""
     inside = 0
-    k, g = np.uint64(key), np.uint64(GAMMA)
-    with np.errstate(over="ignore"):
-        for a in range(start, stop, chunk):
-            z = k + np.arange(a, min(a + chunk, stop), dtype=np.uint64) * g
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
-            z ^= z >> np.uint64(31)
-            x, y = z >> np.uint64(40), z & np.uint64(MASK24)
-            inside += int(np.count_nonzero(x * x + y * y < np.uint64(RADIUS2)))
+    with np.errstate(over="ignore"):  # SplitMix64 wraps on purpose
+        for b, lo, hi in _blocks(start, stop):
+            c, m = _block_key(key, b)
+            u = add(c, mul(np.arange(lo, hi, dtype=np.uint32), m))
+            inside += int(np.count_nonzero(_inside(u)))
     return inside
 
 
 def _numba_kernel():
     import numba
+    from numba.extending import register_jitable
+
+    for f in (_blocks, _block_key, _inside):
+        register_jitable(f)  # globals, not closure cells, so that the kernel caches
 
     @numba.njit(cache=True, nogil=True)
     def count_inside(key, start, stop):
-        k = np.uint64(key)
         inside = 0
-        for i in range(start, stop):
-            z = k + np.uint64(i) * np.uint64(GAMMA)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
-            z = z ^ (z >> np.uint64(31))
-            x = z >> np.uint64(40)
-            y = z & np.uint64(MASK24)
-            if x * x + y * y < np.uint64(RADIUS2):
-                inside += 1
+        for b, lo, hi in _blocks(start, stop):
+            c, m = _block_key(key, b)
+            u, n = add(c, mul(np.uint32(lo), m)), np.uint32(0)
+            for _ in range(lo, hi):  # uint32 lanes throughout: 8 samples per AVX2 instruction
+                n = add(n, np.uint32(_inside(u)))
+                u = add(u, m)
+            inside += n
         return inside
 
     return count_inside
