@@ -177,7 +177,9 @@ class Cluster(EngineNamespaces):
             self._record = Record(self.name, self.engine_kind, self.backend_kind,
                                   os.getpid(), this_process_started(), str(self._workdir))
             self._record.save()
-            await self._backend.prepare(self._engine.preload)
+            # The fork server imports the engine while the controller starts.
+            preparing = asyncio.ensure_future(self._backend.prepare(self._engine.preload))
+            preparing.add_done_callback(_retrieve)
             self._controller = await self._backend.launch(
                 self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
             self._save_record()
@@ -185,6 +187,7 @@ class Cluster(EngineNamespaces):
             connecting = asyncio.ensure_future(
                 self._engine.connect(self._controller.alive, deadline - time.monotonic()))
             try:
+                await preparing
                 await self._add_engines(self.n, deadline, min_engines, connecting)
             finally:
                 if not connecting.done():
@@ -222,8 +225,7 @@ class Cluster(EngineNamespaces):
             raise
         if enough is not None and enough < count:
             self._joining = asyncio.create_task(self._join_rest(new_ids, deadline))
-            # Its error is wait_for_engines' to raise; never "exception was never retrieved".
-            self._joining.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._joining.add_done_callback(_retrieve)  # its error is wait_for_engines' to raise
         else:
             await self._learn_identity(new_ids)
 
@@ -543,6 +545,11 @@ class Cluster(EngineNamespaces):
 
 def _call(fn, *args) -> None:
     fn(*args)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a background task's error as seen (it is reported elsewhere, or not needed)."""
+    task.cancelled() or task.exception()
 
 
 def prewarm(engine: str | None = None, profile: str | None = None) -> concurrent.futures.Future:

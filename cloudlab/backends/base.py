@@ -24,6 +24,9 @@ class Command:
     env: dict[str, str] = field(default_factory=dict)
     #: Modules ``entry`` imports, which a backend may import once for many processes.
     preload: tuple[str, ...] = ()
+    #: One process (a controller): start it fresh rather than wait for a fork server that is
+    #: still importing, so that both happen at once.
+    spawn_if_cold: bool = False
 
 
 class Launched(abc.ABC):

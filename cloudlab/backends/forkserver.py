@@ -135,6 +135,14 @@ async def get(python: str, preload: tuple[str, ...], env: dict[str, str], log: P
     return server
 
 
+def ready(python: str, preload: tuple[str, ...]) -> ForkServer | None:
+    """The fork server for ``python`` and ``preload`` if one is ready to fork now."""
+    server = _servers.get((python, preload))
+    if server is None or server.closed or not server._ready.done():
+        return None
+    return None if server._ready.exception() else server
+
+
 def close_all() -> None:
     """End every fork server of this process (each ends with it anyway)."""
     for server in list(_servers.values()):

@@ -132,8 +132,12 @@ class LocalBackend(Backend):
         log = self.workdir / f"{command.name}.log"
         title = process_title(self.cluster_name, command.name)
         env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name, **command.env}
+        server = None
         if self.options.fork_server and command.preload:
-            server = await self._fork_server(command.preload)
+            server = forkserver.ready(self.python, command.preload)
+            if server is None and not command.spawn_if_cold:
+                server = await self._fork_server(command.preload)
+        if server is not None:
             pid = await server.fork({
                 "entry": command.entry, "args": list(command.args), "env": env,
                 "cwd": os.getcwd(), "log": str(log), "cleanup": [str(p) for p in cleanup],

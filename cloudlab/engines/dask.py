@@ -63,6 +63,7 @@ class DaskEngine(Engine):
              "--no-dashboard", "--no-show"),
             _quiet(),
             self.preload,
+            spawn_if_cold=True,
         )
 
     def engine_command(self, engine_id: int) -> Command:

@@ -64,6 +64,7 @@ class IPyParallelEngine(Engine):
              "--usethreads", "--log-level=WARN"),
             self._common_env(),
             self.preload,
+            spawn_if_cold=True,
         )
 
     def engine_command(self, engine_id: int) -> Command:
