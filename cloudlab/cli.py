@@ -5,6 +5,7 @@
     cloudlab stop NAME | --all                     stop clusters owned by any process
     cloudlab run WORKLOAD [options] [--json]       e.g. cloudlab run pi --engines 4 --samples 1e9
     cloudlab profiles                              profiles and where they come from
+    cloudlab bench [--quick] [--only M,...]        cloudlab vs raw ipyparallel and Dask, one run
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--all", action="store_true", help="stop every cluster")
 
     sub.add_parser("profiles", help="available profiles")
+
+    bench = sub.add_parser("bench", help="measure cloudlab against raw ipyparallel and raw Dask")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes, one repetition (under 2 minutes on 2 cores)")
+    bench.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
+    bench.add_argument("--only", help="comma-separated measures: start, start2, map, rtt, push, "
+                                      "pi, stop (default: all)")
+    bench.add_argument("--out", default="bench-results",
+                       help="folder for bench.json and bench.png (default: bench-results)")
 
     run = sub.add_parser("run", help="run a workload on a fresh cluster")
     workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
@@ -137,6 +147,22 @@ def cmd_profiles(args) -> int:
             description = "(not valid TOML)"
         print(f"{name:<14} {description}  [{path}]")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    try:
+        report = bench.run(quick=args.quick, reps=args.reps, only=args.only, out=args.out,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"cloudlab bench: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    print(f"Wrote {report.files['json']} and {report.files['png']} "
+          f"({report.seconds:.0f} s).")
+    # Only a ratio regression fails the run: absolute times depend on the machine.
+    return 1 if report.regressions else 0
 
 
 def cmd_run(args) -> int:
