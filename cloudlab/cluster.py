@@ -339,11 +339,13 @@ class Cluster(EngineNamespaces):
             except Exception:
                 pass
         if self._backend.workdir is not None:
-            # All at once, politely, then by force: sixteen engines tidying up one after
-            # another on two cores would take seconds, and nothing they hold outlives the
+            # Engines first, while their controller is there to say goodbye to (a Dask worker
+            # whose scheduler is gone can hang in its goodbye); then the controller. Each
+            # politely, then by force after a short grace: nothing they hold outlives the
             # cluster (its workdir goes next).
-            everything = [*self._processes.values(), *filter(None, [self._controller])]
-            await self._backend.terminate(everything, grace=STOP_GRACE)
+            await self._backend.terminate(list(self._processes.values()), grace=STOP_GRACE)
+            if self._controller is not None:
+                await self._backend.terminate([self._controller], grace=STOP_GRACE)
             await self._backend.close()
         self._processes.clear()
         self._controller = None

@@ -160,7 +160,7 @@ class LocalBackend(Backend):
         signal_groups([p.pid for p in procs], signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
         while any(p.alive() for p in procs) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
         signal_groups([p.pid for p in procs], signal.SIGKILL)  # also ends children left in the groups
         # Return only once each is reaped and every group is empty: "stopped" means no
         # process is left.

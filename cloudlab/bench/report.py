@@ -27,6 +27,9 @@ RTT_ALLOWANCE = 1.10
 #: On top of that, the noise one run on a shared machine has: 200 timed round
 #: trips (full) move their median by a few percent, 50 (quick) by up to ~20%.
 RTT_NOISE = {"full": 1.10, "quick": 1.25}
+#: A cold start is mostly Python importing ipyparallel or Dask in fresh processes, which one
+#: quick run on a shared machine moves by up to ~20%; full runs take medians and allow none.
+COLD_START_NOISE = {"full": 1.0, "quick": 1.25}
 
 
 def median(values: list[float]) -> float | None:
