@@ -344,8 +344,8 @@ class Cluster(EngineNamespaces):
             # politely, then by force after a short grace: nothing they hold outlives the
             # cluster (its workdir goes next).
             await self._backend.terminate(list(self._processes.values()), grace=STOP_GRACE)
-            if self._controller is not None:
-                await self._backend.terminate([self._controller], grace=STOP_GRACE)
+            if self._controller is not None:  # it has no engine left to wait for
+                await self._backend.terminate([self._controller], grace=STOP_GRACE / 2)
             await self._backend.close()
         self._processes.clear()
         self._controller = None

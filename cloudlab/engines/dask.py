@@ -40,7 +40,7 @@ class DaskEngine(Engine):
     mb_per_engine = 110
     # What a worker imports while it starts, and what cloudlab's tasks use there.
     preload = ("distributed.cli.dask_scheduler", "distributed.cli.dask_worker",
-               "distributed.http.worker.prometheus", "IPython", "cloudlab._remote", "numpy.random")
+               "distributed.http.worker.prometheus", "cloudlab._remote", "numpy.random")
     client_modules = ("distributed",)
     notices_death_within = 2.0  # the scheduler sees the worker's connection close
 
