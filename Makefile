@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lab install clean
+.PHONY: demo test bench lab install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cloudlab needs Python 3.11 or newer"'
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# cloudlab against raw ipyparallel and raw Dask; BENCH_ARGS=--quick for the 2-minute run.
+bench: $(VENV)/.installed
+	$(BIN)/cloudlab bench $(BENCH_ARGS)
 
 # JupyterLab refuses to run as root unless told; containers and Binder-like machines often are root.
 lab: $(VENV)/.installed
