@@ -148,3 +148,19 @@ def alive(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_connection_files_are_read_only_once_whole(tmp_path):
+    """Engines and client start alongside their controller, which writes its file in pieces."""
+    import json
+    import threading
+
+    from cloudlab.engines.base import wait_for_file
+
+    path = tmp_path / "connection.json"
+    path.write_text('{"key": "abc", "ports": [1, ')  # half written
+    threading.Timer(0.2, lambda: path.write_text(json.dumps({"key": "abc", "ports": [1, 2]}))).start()
+    t0 = time.monotonic()
+    _aio.run(wait_for_file(path, lambda: True, 5, "controller"))
+    assert time.monotonic() - t0 >= 0.15
+    assert json.loads(path.read_text())["ports"] == [1, 2]

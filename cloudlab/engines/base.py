@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,17 +92,26 @@ class Engine(abc.ABC):
 
 
 async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll for ``path``; fail fast if the process that should write it died."""
+    """Poll for the JSON file ``path`` until it is whole (controllers write theirs in
+    pieces); fail fast if the process that should write it died."""
     from ..errors import StartError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not path.exists():
+    while not _whole_json(path):
         if not alive():
             raise StartError(f"The {what} exited before it was ready")
         if loop.time() > deadline:
             raise StartError(f"The {what} was not ready after {timeout:g} s")
         await asyncio.sleep(0.02)
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def raise_failures(results: Iterable[Result]) -> None:

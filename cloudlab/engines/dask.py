@@ -97,6 +97,8 @@ class DaskEngine(Engine):
         return info.get("workers", {})
 
     async def ready_ids(self) -> set[int]:
+        if self._client is None:  # not connected (yet): nothing is usable
+            return set()
         workers = await self._workers()
         self._address = {int(w["name"]): addr for addr, w in workers.items()}
         return set(self._address)

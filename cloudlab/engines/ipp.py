@@ -70,7 +70,7 @@ class IPyParallelEngine(Engine):
     def engine_command(self, engine_id: int) -> Command:
         return Command(
             f"engine-{engine_id}",
-            "ipyparallel.engine.app:main",
+            "cloudlab.engines.ipp:engine_main",
             (f"--file={self._connection_file('engine')}", f"--profile-dir={self.profile_dir}",
              WORK_DIR,
              f"--IPEngine.id={engine_id}", "--IPEngine.enable_nanny=False",
@@ -95,7 +95,7 @@ class IPyParallelEngine(Engine):
         return self._client
 
     async def ready_ids(self) -> set[int]:
-        return set(self._client.ids)
+        return set(self._client.ids) if self._client is not None else set()
 
     async def busy_ids(self) -> set[int]:
         status = await _aio.to_thread(self._client.queue_status)
@@ -165,6 +165,31 @@ def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:
         eid = info.get("engine_id", ids[0]) if isinstance(info, dict) else ids[0]
         failures[eid] = (ename, evalue, "\n".join(tb) if isinstance(tb, list) else (tb or ""))
     return failures
+
+
+def engine_main() -> None:
+    """``ipengine``, once the controller's connection file is complete.
+
+    Engines start alongside their controller. ipengine waits for the file to
+    exist, polling every 0.1 s, but may then read it half-written; this waits
+    (every 10 ms) until it parses.
+    """
+    import json
+    import sys
+    import time
+
+    from ipyparallel.engine.app import main
+
+    path = next(a.partition("=")[2] for a in sys.argv if a.startswith("--file="))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                json.load(f)
+            break
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    main()
 
 
 def controller_main() -> None:
