@@ -21,13 +21,13 @@ from .shared import SharedBlock, share
 class EngineNamespaces:
     """Named values on every engine; mixed into :class:`~cloudlab.Cluster`.
 
-    On a backend whose engines share the client's machine, ``push`` puts large
-    buffers in shared memory once (:mod:`cloudlab.shared`) instead of copying
-    them to each engine; ``_shared`` holds that memory until the name is
-    pushed again or the cluster stops.
+    On a backend whose engines share the client's machine, ``push`` and
+    ``scatter`` put large buffers in shared memory once (:mod:`cloudlab.shared`)
+    instead of copying them to each engine; ``_shared`` holds that memory until
+    the name is bound again or the cluster stops.
     """
 
-    _shared: dict[str, SharedBlock]
+    _shared: dict[str, list[SharedBlock]]
     _share_memory: bool = True
 
     def push(self, **values: Any) -> None:
@@ -39,13 +39,19 @@ class EngineNamespaces:
 
     async def _push(self, values: dict[str, Any]) -> None:
         self._require_running()
+        blocks = await self._store(None, values)
+        self._keep_shared(values, {name: [block] for name, block in blocks.items()})
+        self._pushed.update(values)
+
+    async def _store(self, ids: list[int] | None, values: dict[str, Any]) -> dict[str, SharedBlock]:
+        """Bind ``values`` on engines ``ids`` (None: all); the shared memory now holding some."""
         blocks: dict[str, SharedBlock] = {}
         if self._backend.same_machine and self._share_memory:
             for name, value in values.items():
                 if (block := await _aio.to_thread(share, value)) is not None:
                     blocks[name] = block
         try:
-            await self._on(None, _remote.store,
+            await self._on(ids, _remote.store,
                            {k: blocks[k].value if k in blocks else v for k, v in values.items()})
         except RemoteError as error:
             for block in blocks.values():
@@ -53,17 +59,21 @@ class EngineNamespaces:
             if not blocks or {e[0] for e in error.failures.values()} != {"SharedMemoryUnavailable"}:
                 raise
             self._share_memory = False  # engines cannot map our memory: the ordinary way, always
-            await self._on(None, _remote.store, values)
-            blocks = {}
-        for name in values:  # the previous value's memory goes once engines drop it
-            if (old := self._shared.pop(name, None)) is not None:
+            await self._on(ids, _remote.store, values)
+            return {}
+        return blocks
+
+    def _keep_shared(self, names: Iterable[str], blocks: dict[str, list[SharedBlock]]) -> None:
+        """``names`` were bound anew: their previous memory goes (once engines drop it)."""
+        for name in names:
+            for old in self._shared.pop(name, []):
                 old.close()
-        self._shared.update(blocks)
-        self._pushed.update(values)
+        self._shared.update({name: kept for name, kept in blocks.items() if kept})
 
     def _release_shared(self) -> None:
-        for block in self._shared.values():
-            block.close()
+        for blocks in self._shared.values():
+            for block in blocks:
+                block.close()
         self._shared.clear()
 
     def pull(self, name: str) -> dict[int, Any]:
@@ -90,8 +100,9 @@ class EngineNamespaces:
         ids = self.engine_ids
         parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
                                  len(ids))
-        await asyncio.gather(*(self._on([eid], _remote.store, {name: part})
-                               for eid, part in zip(ids, parts)))
+        stored = await asyncio.gather(*(self._store([eid], {name: part})
+                                        for eid, part in zip(ids, parts)))
+        self._keep_shared([name], {name: [b[name] for b in stored if name in b]})
         self._pushed.add(name)
 
     def gather(self, name: str) -> list:

@@ -90,3 +90,16 @@ def test_engines_that_cannot_map_our_memory_get_the_value_the_ordinary_way(clust
     assert cluster._share_memory is False  # and it stays on the ordinary path from now on
     seen = cluster.run(described, "fallback")
     assert {v[0][:2] for v in seen.values()} == {(float(a.sum()), a.shape)}
+
+
+def test_scatter_shares_each_part_and_gather_undoes_it(cluster):
+    a = np.arange(3 * 2**19, dtype=np.float64)  # 12 MB: 4 MB a part on 3 engines
+    before = memfds_of_this_process()
+    cluster.scatter("part", a)
+    assert memfds_of_this_process() == before + 3  # one block a part, written once
+    seen = cluster.run(described, "part")
+    assert [v[0][1:] for _, v in sorted(seen.items())] == [((2**19,), "float64", False)] * 3
+    assert np.array_equal(cluster.gather("part"), a)
+    cluster.scatter("part", list(range(6)))  # small parts: the ordinary way, memory released
+    assert memfds_of_this_process() == before
+    assert cluster.gather("part") == list(range(6))
