@@ -99,6 +99,8 @@ def share(value: Any) -> SharedBlock | None:
     """``value`` in shared memory, or None if its buffers are too small to bother."""
     import cloudpickle
 
+    if not hasattr(os, "memfd_create"):  # Linux only: elsewhere values travel the ordinary way
+        return None
     buffers: list[pickle.PickleBuffer] = []
     pickled = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     if sum(b.raw().nbytes for b in buffers) < MIN_SHARED_BYTES:

@@ -164,3 +164,11 @@ def test_connection_files_are_read_only_once_whole(tmp_path):
     _aio.run(wait_for_file(path, lambda: True, 5, "controller"))
     assert time.monotonic() - t0 >= 0.15
     assert json.loads(path.read_text())["ports"] == [1, 2]
+
+
+def test_without_pidfds_engines_start_fresh(monkeypatch):
+    monkeypatch.delattr(os, "pidfd_open")  # as on macOS: no fork server there
+    with cloudlab.Cluster(2) as c:
+        assert {p.ppid() for p in launched(c.name)} == {os.getpid()}
+        assert c.map(abs, [-1, -2]) == [1, 2]
+    assert wait_until_gone(c.name, 5) == []

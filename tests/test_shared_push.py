@@ -103,3 +103,11 @@ def test_scatter_shares_each_part_and_gather_undoes_it(cluster):
     cluster.scatter("part", list(range(6)))  # small parts: the ordinary way, memory released
     assert memfds_of_this_process() == before
     assert cluster.gather("part") == list(range(6))
+
+
+def test_without_memfd_values_travel_the_ordinary_way(cluster, monkeypatch):
+    monkeypatch.delattr(os, "memfd_create")  # as on macOS
+    before = memfds_of_this_process()
+    cluster.push(plain=np.ones(2**18))
+    assert memfds_of_this_process() == before
+    assert {v[0][3] for v in cluster.run(described, "plain").values()} == {True}  # a copy: writable

@@ -119,8 +119,13 @@ class LocalBackend(Backend):
     def python(self) -> str:
         return self.options.python or sys.executable
 
+    @property
+    def forks(self) -> bool:
+        """Whether processes come from a fork server (it needs Linux's pidfds)."""
+        return self.options.fork_server and hasattr(os, "pidfd_open")
+
     async def prepare(self, preload: tuple[str, ...]) -> None:
-        if self.options.fork_server:
+        if self.forks:
             await self._fork_server(preload)
 
     async def _fork_server(self, preload: tuple[str, ...]) -> forkserver.ForkServer:
@@ -133,7 +138,7 @@ class LocalBackend(Backend):
         title = process_title(self.cluster_name, command.name)
         env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name, **command.env}
         server = None
-        if self.options.fork_server and command.preload:
+        if self.forks and command.preload:
             server = forkserver.ready(self.python, command.preload)
             if server is None and not command.spawn_if_cold:
                 server = await self._fork_server(command.preload)
