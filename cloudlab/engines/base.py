@@ -98,7 +98,7 @@ async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, w
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not _whole_json(path):
+    while not whole_json(path):
         if not alive():
             raise StartError(f"The {what} exited before it was ready")
         if loop.time() > deadline:
@@ -106,7 +106,8 @@ async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, w
         await asyncio.sleep(0.02)
 
 
-def _whole_json(path: Path) -> bool:
+def whole_json(path: Path) -> bool:
+    """Whether ``path`` holds a complete JSON document (not yet there, or half written: no)."""
     try:
         json.loads(path.read_text())
     except (OSError, ValueError):

@@ -16,7 +16,7 @@ from .. import _aio
 from .._remote import Result, call
 from ..backends.base import Command
 from ..errors import RemoteError, StartError
-from .base import Engine, OutputSink, wait_for_file
+from .base import Engine, OutputSink, wait_for_file, whole_json
 
 CLUSTER_ID = "cloudlab"
 HEARTBEAT_MS = 100
@@ -174,21 +174,16 @@ def engine_main() -> None:
     exist, polling every 0.1 s, but may then read it half-written; this waits
     (every 10 ms) until it parses.
     """
-    import json
     import sys
     import time
+    from pathlib import Path
 
     from ipyparallel.engine.app import main
 
-    path = next(a.partition("=")[2] for a in sys.argv if a.startswith("--file="))
+    path = Path(next(a.partition("=")[2] for a in sys.argv if a.startswith("--file=")))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                json.load(f)
-            break
-        except (OSError, ValueError):
-            time.sleep(0.01)
+    while not whole_json(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
     main()
 
 
