@@ -251,15 +251,15 @@ class Cluster(EngineNamespaces):
     async def _wait_for_engines(self, n: int | None, timeout: float | None) -> None:
         self._require_running()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout if timeout is not None else
-                                  self.profile.cluster.start_timeout)
+        timeout = self.profile.cluster.start_timeout if timeout is None else timeout
+        deadline = loop.time() + timeout
         if n is None:
             if self._joining is not None:
-                await asyncio.wait_for(asyncio.shield(self._joining), deadline - loop.time())
+                await asyncio.wait_for(asyncio.shield(self._joining), timeout)
             return
         while len(await self._engine.ready_ids() & set(self._processes)) < n:
             if loop.time() > deadline:
-                raise ProvisionTimeout(len(await self._engine.ready_ids()), n, timeout or 0,
+                raise ProvisionTimeout(len(await self._engine.ready_ids()), n, timeout,
                                        f"{self.name} keeps its engines")
             await asyncio.sleep(0.02)
 
@@ -434,9 +434,10 @@ class Cluster(EngineNamespaces):
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
-        sent = self._engine.submit_now(_remote.Shipped(fn, frozenset(self._pushed)), *args)
+        shipped = _remote.Shipped(fn, frozenset(self._pushed))
+        sent = self._engine.submit_now(shipped, *args)
         if sent is None:
-            return _aio.submit(self._submit(fn, *args))
+            return _aio.submit(self._submit(shipped, *args))
         future = concurrent.futures.Future()
 
         def settle(done: concurrent.futures.Future) -> None:
@@ -450,12 +451,12 @@ class Cluster(EngineNamespaces):
 
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
-        return await _aio.wrap(self._submit(fn, *args))
-
-    async def _submit(self, fn: Callable, *args: Any) -> Any:
         self._require_running()
-        result = await self._engine.submit(_remote.Shipped(fn, frozenset(self._pushed)), *args)
-        return self._settled_value(result)
+        return await _aio.wrap(self._submit(_remote.Shipped(fn, frozenset(self._pushed)), *args))
+
+    async def _submit(self, shipped: _remote.Shipped, *args: Any) -> Any:
+        self._require_running()
+        return self._settled_value(await self._engine.submit(shipped, *args))
 
     def _settled_value(self, result: _remote.Result) -> Any:
         self._settle([result], PrefixedSink())
