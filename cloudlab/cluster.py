@@ -20,6 +20,7 @@ import itertools
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -177,8 +178,10 @@ class Cluster(EngineNamespaces):
             self._record = Record(self.name, self.engine_kind, self.backend_kind,
                                   os.getpid(), this_process_started(), str(self._workdir))
             self._record.save()
-            # The fork server imports the engine while the controller starts.
-            preparing = asyncio.ensure_future(self._backend.prepare(self._engine.preload))
+            # The fork server imports the engine while the controller starts, and this
+            # process what its client needs (a no-op after prewarm).
+            preparing = asyncio.ensure_future(asyncio.gather(
+                self._backend.prepare(self._engine.preload), _import_client(self._engine_cls)))
             preparing.add_done_callback(_retrieve)
             self._controller = await self._backend.launch(
                 self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
@@ -212,26 +215,31 @@ class Cluster(EngineNamespaces):
         the cluster had before during a scale.
         """
         new_ids = [next(self._next_id) for _ in range(count)]
+        enough = count if enough is None else min(enough, count)
+        # Engines wanted first start alone: on a machine with fewer cores than engines,
+        # sixteen initialising together would each be usable only as late as the last.
+        first = new_ids[:enough] if enough < count and self._backend.same_machine else new_ids
         try:
-            await asyncio.gather(*(self._launch_engine(eid) for eid in new_ids))
-            self._save_record()
+            await self._launch_engines(first)
             if connecting is not None:
                 await connecting
             outcome = ("nothing is left running" if self.state == "starting" else
                        f"{self.name} keeps its other {len(self._processes) - count} engines")
-            await self._wait_ready(new_ids, deadline, outcome, enough or count)
+            await self._wait_ready(first, deadline, outcome, enough)
         except BaseException:
             await self._drop_engines(new_ids)
             raise
-        if enough is not None and enough < count:
-            self._joining = asyncio.create_task(self._join_rest(new_ids, deadline))
+        if enough < count:
+            self._joining = asyncio.create_task(
+                self._join_rest(new_ids, new_ids[len(first):], deadline))
             self._joining.add_done_callback(_retrieve)  # its error is wait_for_engines' to raise
         else:
             await self._learn_identity(new_ids)
 
-    async def _join_rest(self, ids: list[int], deadline: float) -> None:
-        """Wait for engines still joining; drop those that fail, keep the others."""
+    async def _join_rest(self, ids: list[int], unlaunched: list[int], deadline: float) -> None:
+        """Launch and wait for engines still to join; drop those that fail, keep the others."""
         try:
+            await self._launch_engines(unlaunched)
             await self._wait_ready(ids, deadline, f"{self.name} keeps the engines that started")
         except asyncio.CancelledError:
             raise
@@ -282,8 +290,25 @@ class Cluster(EngineNamespaces):
         while set(leaving) & await self._engine.ready_ids() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _launch_engine(self, eid: int) -> None:
-        self._processes[eid] = await self._backend.launch(self._engine.engine_command(eid))
+    async def _launch_engines(self, ids: list[int]) -> None:
+        """Launch engines ``ids`` together and record each process started, also when
+        this is cancelled (a process asked for starts anyway), so a teardown stops it."""
+        launches = {eid: asyncio.ensure_future(self._backend.launch(self._engine.engine_command(eid)))
+                    for eid in ids}
+        if not launches:
+            return
+        all_done = asyncio.ensure_future(asyncio.wait(launches.values()))
+        try:
+            await asyncio.shield(all_done)
+        finally:
+            await all_done
+            for eid, launch in launches.items():
+                if launch.exception() is None:
+                    self._processes[eid] = launch.result()
+            self._save_record()
+        for launch in launches.values():
+            if launch.exception() is not None:
+                raise launch.exception()
 
     async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
                           enough: int | None = None) -> None:
@@ -568,11 +593,14 @@ def prewarm(engine: str | None = None, profile: str | None = None) -> concurrent
     backend = backend_class(chosen.cluster.backend)(chosen.backend_options, "prewarm")
 
     async def warm() -> None:
-        await asyncio.gather(backend.prepare(kind.preload),
-                             *(_aio.to_thread(importlib.import_module, m)
-                               for m in kind.client_modules))
+        await asyncio.gather(backend.prepare(kind.preload), _import_client(kind))
 
     return _aio.submit(warm())
+
+
+async def _import_client(kind) -> None:
+    if not all(m in sys.modules for m in kind.client_modules):
+        await _aio.to_thread(lambda: [importlib.import_module(m) for m in kind.client_modules])
 
 
 def running_clusters() -> list[Cluster]:
