@@ -246,8 +246,25 @@ def measure_start(subject, spec: dict) -> dict:
     stop = time.perf_counter() - t0
     new = [p for p in _descendants() if p.pid not in before]
     left = [d for d in map(_describe, new) if not any(h in d for h in HELPERS)]
-    return {"first": first, "start": everything, "stop": stop, "left": len(left),
-            "left_processes": left}
+    values = {"first": first, "start": everything, "stop": stop, "left": len(left),
+              "left_processes": left}
+    if isinstance(subject, Cloudlab) and not spec.get("variant"):
+        values["import"] = engine_import_seconds(subject.engine)
+    return values
+
+
+def engine_import_seconds(engine: str) -> float:
+    """How long a fresh Python takes to import what an engine needs: the floor under any
+    cold start, which no process can start an engine without paying."""
+    import subprocess
+
+    from cloudlab.plugins import engine_class
+
+    modules = engine_class(engine).preload
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {', '.join(modules)}"], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def measure_map(subject, spec: dict) -> dict:
