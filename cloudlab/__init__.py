@@ -9,7 +9,9 @@ In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
 
 from . import progress as _progress
 from .cluster import Cluster, EngineStatus, prewarm, running_clusters
+from .deaths import Death
 from .errors import (
+    Cancelled,
     CapacityError,
     CloudlabError,
     ClusterStateError,
@@ -17,6 +19,7 @@ from .errors import (
     ProvisionTimeout,
     RemoteError,
     StartError,
+    TaskLost,
     UnknownNameError,
 )
 from .widgets import progress as _progress_views
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cluster",
     "EngineStatus",
+    "Death",
     "running_clusters",
     "prewarm",
     "load_ipython_extension",
@@ -40,6 +44,8 @@ __all__ = [
     "StartError",
     "ProvisionTimeout",
     "RemoteError",
+    "TaskLost",
+    "Cancelled",
 ]
 
 

@@ -12,6 +12,12 @@ owner (the kernel or script that started the cluster) exits for any reason,
 kill -9 included, the watchdog removes the ``--cleanup`` paths and kills its
 whole process group (the backend starts each process as a group leader), so
 nothing outlives its owner. Remote backends will add other lease kinds here.
+
+Where the environment sets a memory limit (``CLOUDLAB_MEMORY_LIMIT_MB``), a
+second thread checks the process's private resident memory every 50 ms and,
+past the limit, leaves its last words (why it ends, in the file named by
+``CLOUDLAB_LAST_WORDS``) and kills its group: one engine ends, not the
+machine's memory and the notebook with it.
 """
 
 from __future__ import annotations
@@ -78,6 +84,45 @@ def start_watchdog(owner_pid: int, cleanup: list[str]) -> None:
     threading.Thread(target=watch, name="cloudlab-lease", daemon=True).start()
 
 
+#: Environment: the file a process writes why it ended itself, for its cluster to read.
+LAST_WORDS = "CLOUDLAB_LAST_WORDS"
+#: Environment: private resident memory, in MB (10**6 bytes), past which an engine ends itself.
+MEMORY_LIMIT = "CLOUDLAB_MEMORY_LIMIT_MB"
+MEMORY_CHECK_SECONDS = 0.05
+
+
+def private_memory_mb(statm: int) -> float:
+    """Resident memory not shared with other processes, in MB of 10**6 bytes (``statm``
+    is an open ``/proc/self/statm``): arrays pushed through shared memory do not count."""
+    fields = os.pread(statm, 256, 0).split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def leave_last_words(text: str) -> None:
+    path = os.environ.get(LAST_WORDS)
+    if path:
+        try:
+            with open(path, "w") as out:
+                out.write(text + "\n")
+        except OSError:
+            pass
+
+
+def start_memory_guard(limit_mb: float) -> None:
+    statm = os.open("/proc/self/statm", os.O_RDONLY)
+
+    def guard() -> None:
+        while True:
+            used = private_memory_mb(statm)
+            if used > limit_mb:
+                leave_last_words(f"ran out of memory: it held {used:,.0f} MB, over its "
+                                 f"memory_limit of {limit_mb:,.0f} MB")
+                end_everything([])
+            time.sleep(MEMORY_CHECK_SECONDS)
+
+    threading.Thread(target=guard, name="cloudlab-memory-guard", daemon=True).start()
+
+
 def set_title(title: str) -> None:
     """Name the process as ``ps`` and ``top`` show it (``cloudlab: ipp-1a2b3c engine-3``)."""
     try:
@@ -110,6 +155,9 @@ def run(owner_pid: int, cleanup: list[str], entry: str, args: list[str],
     if not _alive(owner_pid):
         end_everything(cleanup)
     start_watchdog(owner_pid, cleanup)
+    os.umask(0o077)  # connection files, keys and logs: the owner's only
+    if os.environ.get(MEMORY_LIMIT):
+        start_memory_guard(float(os.environ[MEMORY_LIMIT]))
     if title:
         set_title(title)
     sys.argv = [entry.partition(":")[0], *args]

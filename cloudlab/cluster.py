@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import importlib
 import itertools
 import os
+import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,20 +31,35 @@ from pathlib import Path
 from typing import Any
 
 from . import _aio, _remote, policy
+from ._agent import MEMORY_LIMIT
 from .backends.base import Launched
+from .deaths import Death
+from .dispatch import Job, Signal, describe_items
 from .engines.base import OutputSink, raise_failures
-from .errors import ClusterStateError, ProvisionTimeout, RemoteError, StartError
+from .errors import (
+    Cancelled,
+    ClusterStateError,
+    ConfigError,
+    ProvisionTimeout,
+    RemoteError,
+    StartError,
+)
 from .namespaces import EngineNamespaces
 from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
-from .profiles import Profile, load_profile
+from .profiles import Profile, load_profile, memory_limit_bytes
 from .progress import CANCELLED, DONE, FAILED, Progress, open_progress
 from .registry import Record, this_process_started
+from .security import private_dir
+from .supervisor import Supervisor
 
 #: Clusters of this process that may hold processes. A strong reference on
 #: purpose: a running cluster stays reachable (for %cluster list and atexit)
 #: even when the notebook drops its last name for it.
 _live: set[Cluster] = set()
+
+#: Cluster names appear in process titles and file names: keep them to one plain word.
+VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 #: Seconds processes get to exit on SIGTERM at stop before they are killed.
 STOP_GRACE = 0.25
@@ -78,6 +94,9 @@ class Cluster(EngineNamespaces):
         opts = self.profile.cluster
         self.engine_kind, self.backend_kind = opts.engine, opts.backend
         self._engine_cls = engine_class(self.engine_kind)
+        if name is not None and not VALID_NAME.fullmatch(str(name)):
+            raise ConfigError(f"A cluster name is letters, digits, '.', '_' and '-' (up to 64, "
+                              f"like run-1), not {name!r}.")
         self.name = name or f"{self._engine_cls.short_name}-{secrets.token_hex(3)}"
         self._backend = backend_class(self.backend_kind)(self.profile.backend_options, self.name)
         limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)
@@ -98,6 +117,15 @@ class Cluster(EngineNamespaces):
         self._lock: asyncio.Lock | None = None
         #: Engines still joining after ``start(min_engines=...)`` returned early.
         self._joining: asyncio.Task | None = None
+        #: Engines the controller has counted as usable (and that are still ours).
+        self._ready: set[int] = set()
+        #: Notified whenever engines join, die or leave: jobs hand out work again.
+        self.engines_changed = Signal()
+        self._supervisor: Supervisor | None = None
+        self._jobs: set[Job] = set()
+        self._memory_limit: int | None = None  # bytes per engine
+        #: Why the cluster died (its controller ended), once it has.
+        self.end_cause: str | None = None
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
@@ -172,9 +200,13 @@ class Cluster(EngineNamespaces):
         _live.add(self)
         deadline = time.monotonic() + self.profile.cluster.start_timeout
         try:
-            self._workdir = Path(tempfile.mkdtemp(prefix=f"cloudlab-{self.name}-"))
+            self._workdir = private_dir(f"{self.name}-")
             self._backend.workdir = self._workdir
-            self._engine = self._engine_cls(self._workdir, self._backend.controller_ip)
+            self._engine = self._engine_cls(self._workdir, self._backend.controller_ip,
+                                            self.profile.cluster.task_retries)
+            limit = memory_limit_bytes(self.profile.cluster.memory_limit)
+            self._memory_limit = (self._backend.auto_memory_limit(self.n) if limit == "auto"
+                                  else limit)
             self._record = Record(self.name, self.engine_kind, self.backend_kind,
                                   os.getpid(), this_process_started(), str(self._workdir))
             self._record.save()
@@ -204,6 +236,8 @@ class Cluster(EngineNamespaces):
                              f"{error}); nothing is left running.") from error
         self.state = "running"
         self.started_at = time.time()
+        self._supervisor = Supervisor(self)
+        self._supervisor.start()
         return self
 
     async def _add_engines(self, count: int, deadline: float, enough: int | None = None,
@@ -216,9 +250,11 @@ class Cluster(EngineNamespaces):
         """
         new_ids = [next(self._next_id) for _ in range(count)]
         enough = count if enough is None else min(enough, count)
-        # Engines wanted first start alone: on a machine with fewer cores than engines,
-        # sixteen initialising together would each be usable only as late as the last.
-        first = new_ids[:enough] if enough < count and self._backend.same_machine else new_ids
+        # Engines wanted first start alone (with as many more as there are cores to run
+        # them): sixteen initialising together on two cores would each be usable only as
+        # late as the last.
+        head = max(enough, os.cpu_count() or 1)
+        first = new_ids[:head] if head < count and self._backend.same_machine else new_ids
         try:
             await self._launch_engines(first)
             if connecting is not None:
@@ -232,6 +268,7 @@ class Cluster(EngineNamespaces):
         if enough < count:
             self._joining = asyncio.create_task(
                 self._join_rest(new_ids, new_ids[len(first):], deadline))
+            self._joining.add_done_callback(lambda _: self.engines_changed.notify())
             self._joining.add_done_callback(_retrieve)  # its error is wait_for_engines' to raise
         else:
             await self._learn_identity(new_ids)
@@ -279,6 +316,8 @@ class Cluster(EngineNamespaces):
 
     async def _drop_engines(self, ids: list[int]) -> None:
         leaving = [eid for eid in ids if eid in self._processes]
+        self._ready.difference_update(leaving)
+        self.engines_changed.notify()
         await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
         await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
         for eid in leaving:
@@ -293,7 +332,7 @@ class Cluster(EngineNamespaces):
     async def _launch_engines(self, ids: list[int]) -> None:
         """Launch engines ``ids`` together and record each process started, also when
         this is cancelled (a process asked for starts anyway), so a teardown stops it."""
-        launches = {eid: asyncio.ensure_future(self._backend.launch(self._engine.engine_command(eid)))
+        launches = {eid: asyncio.ensure_future(self._backend.launch(self._engine_command(eid)))
                     for eid in ids}
         if not launches:
             return
@@ -310,6 +349,13 @@ class Cluster(EngineNamespaces):
             if launch.exception() is not None:
                 raise launch.exception()
 
+    def _engine_command(self, eid: int):
+        command = self._engine.engine_command(eid)
+        if self._memory_limit is None:
+            return command
+        return dataclasses.replace(command, env={
+            **command.env, MEMORY_LIMIT: f"{self._memory_limit / 1e6:.0f}"})
+
     async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
                           enough: int | None = None) -> None:
         """Until ``enough`` (default: all) of ``ids`` are usable, by ``deadline`` (monotonic)."""
@@ -317,8 +363,13 @@ class Cluster(EngineNamespaces):
         enough = len(wanted) if enough is None else enough
         deadline = max(deadline, time.monotonic() + 1.0)
         while True:
+            # An engine that died once usable is the supervisor's to replace: stop waiting for it.
+            wanted &= set(self._processes)
             ready = await self._engine.ready_ids() & wanted
-            if len(ready) >= enough:
+            if ready - self._ready:
+                self._ready |= ready
+                self.engines_changed.notify()
+            if len(ready) >= min(enough, len(wanted)):
                 return
             dead = [eid for eid in sorted(wanted - ready) if not self._processes[eid].alive()]
             if dead or not self._controller.alive():
@@ -349,12 +400,18 @@ class Cluster(EngineNamespaces):
     async def _stop(self) -> None:
         if self.state in ("new", "stopped", "failed"):
             return
+        if self.state == "dead":  # already torn down (or being torn down) when it died
+            await self._teardown()
+            return
         self.state = "stopping"
         await self._teardown()
         self.state = "stopped"
 
     async def _teardown(self) -> None:
         """Stop everything this cluster started, whatever state it reached."""
+        if self._supervisor is not None:
+            await self._supervisor.stop()
+        self.engines_changed.notify()  # jobs waiting for engines see the cluster go
         if self._joining is not None and not self._joining.done():
             self._joining.cancel()
             await asyncio.wait([self._joining])
@@ -373,6 +430,7 @@ class Cluster(EngineNamespaces):
                 await self._backend.terminate([self._controller], grace=STOP_GRACE / 2)
             await self._backend.close()
         self._processes.clear()
+        self._ready.clear()
         self._controller = None
         self._release_shared()
         if self._record is not None:
@@ -382,23 +440,99 @@ class Cluster(EngineNamespaces):
         _live.discard(self)
 
     def _save_record(self) -> None:
+        if not self._record.path.exists():
+            return  # stopped from outside (`cloudlab stop`): do not bring the record back
         procs = list(self._processes.values()) + [self._controller]
         self._record.engines = len(self._processes)
         self._record.pids = [p.pid for p in procs if p is not None and p.pid]
         self._record.save()
 
-    def _require_running(self) -> None:
-        if self.state == "running" and self._controller is not None and not self._controller.alive():
-            # Stopped from outside (`cloudlab stop --all`, a killed controller): say so plainly.
-            _aio.submit(self._stop())  # kill what is left and remove its files, in the background
-            raise ClusterStateError(
-                f"Cluster {self.name} was stopped from outside (its {self._engine_cls.name} "
-                f"controller exited); start a new one with %cluster start N.")
+    async def _die(self, cause: str) -> None:
+        """The controller ended: stop the engines, remove the files, say why from now on."""
         if self.state != "running":
-            raise ClusterStateError(
-                f"Cluster {self.name} is {self.state}: start it first (c.start() or "
+            return
+        self.end_cause = cause
+        self.state = "dead"
+        await self._teardown()
+
+    def why_not_running(self) -> str:
+        if self.state == "dead":
+            return (f"Cluster {self.name} is dead: {self.end_cause} (stopped from outside, or "
+                    f"crashed), and its engines were stopped; start a new one with "
+                    f"%cluster start N.")
+        return (f"Cluster {self.name} is {self.state}: start it first (c.start() or "
                 f"%cluster start)." if self.state == "new" else
                 f"Cluster {self.name} is {self.state}: start a new one with %cluster start N.")
+
+    def _require_running(self) -> None:
+        if self.state == "running" and self._controller is not None and not self._controller.alive():
+            # Ended from outside (`cloudlab stop --all`, a killed controller), not yet noticed.
+            cause = f"its controller {self._supervisor.cause(self._controller)}"
+            _aio.submit(self._die(cause))  # kill what is left and remove its files
+            self.state, self.end_cause = "dead", cause
+        if self.state != "running":
+            raise ClusterStateError(self.why_not_running())
+
+    # ------------------------------------------------------------ engines, for jobs
+    def usable_engines(self) -> list[int]:
+        """Engines that take work now: counted by the controller, process alive."""
+        return sorted(eid for eid in self._ready
+                      if eid in self._processes and self._processes[eid].alive())
+
+    def engine_state(self, eid: int) -> str | Death:
+        """"alive"; "dying" (its process ended, the supervisor has yet to say why); or
+        how it left the cluster."""
+        if eid in self._processes:
+            return "alive" if self._processes[eid].alive() else "dying"
+        return self.death_of(eid) or Death(eid, "left the cluster", ordered=True)
+
+    def engines_coming(self) -> bool:
+        """Whether engines that are not usable yet are starting (joining, replacements)."""
+        return bool(set(self._processes) - self._ready
+                    or (self._supervisor is not None and self._supervisor.replacing)
+                    or (self._joining is not None and not self._joining.done()))
+
+    def why_no_engines(self, job: str) -> str:
+        reason = self._supervisor.not_replaced if self._supervisor is not None else None
+        return (f"Cluster {self.name} has no engine left to run {job}"
+                + (f": {reason}" if reason else "")
+                + "; add engines with c.scale(n) (or %cluster scale N).")
+
+    def death_of(self, eid: int) -> Death | None:
+        return None if self._supervisor is None else self._supervisor.deaths.get(eid)
+
+    @property
+    def deaths(self) -> list[Death]:
+        """Engines that died (or were ended by a cancel) while the cluster ran, oldest first."""
+        if self._supervisor is None:
+            return []
+        return sorted(self._supervisor.deaths.values(), key=lambda d: d.at)
+
+    async def submit_to(self, eid: int, fn: Callable, *args: Any) -> _remote.Result:
+        return await self._engine.submit_to(eid, fn, *args)
+
+    async def end_engines(self, ids: list[int], why: str) -> None:
+        """End engines ``ids`` at once; they are replaced like engines that died."""
+        if self._supervisor is not None:
+            await self._supervisor.end(ids, why)
+
+    def cancel(self) -> int:
+        """Stop every job (``map``) running on this cluster now; returns how many.
+
+        Work not yet handed out is dropped; engines running pieces of a job are
+        ended and replaced (no engine can stop a task that has started). The
+        jobs raise :class:`~cloudlab.errors.Cancelled`.
+        """
+        return _aio.run(self._cancel())
+
+    async def acancel(self) -> int:
+        return await _aio.wrap(self._cancel())
+
+    async def _cancel(self, why: str = "it was cancelled") -> int:
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel(why)
+        return len(jobs)
 
     # ------------------------------------------------------------------ status
     def status(self) -> list[EngineStatus]:
@@ -536,43 +670,55 @@ class Cluster(EngineNamespaces):
         progress = progress or Progress("map", len(items))
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
         shipped = _remote.Shipped(fn, frozenset(self._pushed))
-
+        chunks = policy.split(items, size)
+        starts = [i * size for i in range(len(chunks))]
         sink = caller.output if caller else PrefixedSink()
+        failures = {}
 
-        async def run(start: int, chunk: list):
-            result = await self._engine.submit(_remote.run_chunk, shipped, chunk)
-            self._settle([result], sink)
-            self.tasks_done[result.engine] += len(chunk)
-            progress.advance(len(chunk))
-            if on_result is not None:
+        def arrived(piece: int, result: _remote.Result) -> None:
+            try:
+                self._settle([result], sink)
+            except RemoteError as error:
+                failures.update(error.failures)
+            self.tasks_done[result.engine] += len(chunks[piece])
+            progress.advance(len(chunks[piece]))
+            if on_result is not None and not isinstance(result.value, _remote.Failure):
                 for offset, value in enumerate(result.value):
-                    (caller.call if caller else _call)(on_result, start + offset, value)
-            return result.value
+                    (caller.call if caller else _call)(on_result, starts[piece] + offset, value)
 
+        job = Job(self, f"map {getattr(fn, '__name__', 'f')}", _remote.run_chunk,
+                  [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
+                  describe_items(starts, [len(c) for c in chunks]), arrived)
+        self._jobs.add(job)
         try:
-            results = await asyncio.gather(
-                *(run(i * size, c) for i, c in enumerate(policy.split(items, size))),
-                return_exceptions=True)
+            results = await job.run()
         except asyncio.CancelledError:
             progress.finish(CANCELLED)
             raise
-        failures = {}
-        for r in results:
-            if isinstance(r, RemoteError):
-                failures.update(r.failures)
-            elif isinstance(r, BaseException):
-                progress.finish(FAILED, f"{type(r).__name__}: {r}")
-                raise r
+        except Cancelled:
+            progress.finish(CANCELLED)
+            raise
+        except BaseException as error:
+            progress.finish(FAILED, str(error).split("\n", 1)[0])
+            raise
+        finally:
+            self._jobs.discard(job)
+            for line in job.incidents:  # one line each, in the caller's cell
+                (caller.call if caller else _call)(_tell, f"cloudlab: {line}")
         if failures:
             error = RemoteError(failures)
             progress.finish(FAILED, str(error).split("\n", 1)[0])
             raise error
         progress.finish(DONE)
-        return [x for chunk in results for x in chunk]
+        return [x for r in results for x in r.value]
 
 
 def _call(fn, *args) -> None:
     fn(*args)
+
+
+def _tell(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -9,7 +9,9 @@
     ├── ClusterStateError      an operation the cluster's state forbids (no cluster, stopped)
     ├── StartError             engines or controller could not start; nothing is left running
     │   └── ProvisionTimeout   too few engines became ready in time
-    └── RemoteError            code raised on engines; collapsed across engines
+    ├── RemoteError            code raised on engines; collapsed across engines
+    ├── TaskLost               a piece of work lost more engines than it may be retried on
+    └── Cancelled              a job was cancelled; the engines that ran it were replaced
 
 Every error carries the numbers it talks about as attributes, so code can react
 without parsing messages.
@@ -100,6 +102,34 @@ class RemoteError(CloudlabError):
     @property
     def engine_ids(self) -> list[int]:
         return list(self.failures)
+
+
+class TaskLost(CloudlabError, RuntimeError):
+    """A piece of a job was running on an engine that died, more times than it is retried.
+
+    ``deaths`` are :class:`~cloudlab.deaths.Death` records, one per engine lost.
+    """
+
+    def __init__(self, job: str, piece: str, deaths: list, retries: int):
+        self.job, self.piece, self.deaths, self.retries = job, piece, list(deaths), retries
+        causes = "; ".join(str(d) for d in deaths)
+        fix = ("raise memory_limit in the profile, or give each task less to hold"
+               if any("memory" in d.cause for d in deaths) else
+               "find what ends the engines (a crash in native code shows as a signal), or "
+               "raise task_retries in the profile")
+        super().__init__(
+            f"{piece} of {job} was lost with {len(deaths)} engine"
+            f"{'s' if len(deaths) != 1 else ''} ({causes}) and is not retried again, as "
+            f"task_retries is {retries}: {fix}.")
+
+
+class Cancelled(CloudlabError):
+    """A job was cancelled; engines that were running it have been ended and replaced."""
+
+    def __init__(self, job: str, why: str):
+        self.job, self.why = job, why
+        super().__init__(f"{job} stopped because {why}; the engines that were running it "
+                         f"are replaced, and the cluster is ready for the next job.")
 
 
 def format_ids(ids: Iterable[int]) -> str:

@@ -11,6 +11,7 @@ and help; validation errors name the file, the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -38,6 +39,12 @@ class ClusterOptions:
     backend: str = option("local", "Backend: where engines run (local, ...).")
     engines: int = option(4, "Number of engines when none is given.")
     start_timeout: float = option(120.0, "Seconds to wait for all engines before giving up.")
+    replace_dead_engines: bool = option(True, "Start a new engine when one dies.")
+    task_retries: int = option(2, "Times a piece of work runs again after its engine died "
+                               "under it, before the job fails.")
+    memory_limit: str = option("auto", "Memory one engine may hold before it is ended (and "
+                               "replaced): like \"2GB\", \"auto\" (the machine's memory "
+                               "shared among its engines) or \"none\".")
     description: str = option("", "One line shown by `cloudlab profiles` and `%cluster list`.")
 
 
@@ -120,6 +127,13 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
                 f"{', '.join(sorted(cluster_keys | backend_keys))}."
             )
     cluster = coerce(ClusterOptions, cluster_data, source)
+    if cluster.task_retries < 0:
+        raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
+                          f"got {cluster.task_retries}.")
+    try:
+        memory_limit_bytes(cluster.memory_limit)
+    except ValueError as e:
+        raise ConfigError(f"{source}: key 'memory_limit' {e}") from None
     if cluster.engine not in engine_names():
         raise UnknownNameError("engine", cluster.engine, engine_names())
     return Profile(name, source, cluster, coerce(options_cls, backend_table, source))
@@ -169,6 +183,33 @@ def _check(hint: Any, value: Any, key: str, source: str, choices) -> Any:
             fail("a list of strings")
         value = tuple(value)
     return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+#: Below this an engine cannot even start (an idle one holds about 100 MB).
+MIN_MEMORY_LIMIT = 200 * 10**6
+
+
+def memory_limit_bytes(text: str) -> int | str | None:
+    """``"2GB"`` -> 2_000_000_000; ``"auto"`` -> ``"auto"``; ``"none"`` -> None."""
+    word = text.strip().lower().replace(" ", "").replace("_", "")
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    number = word.rstrip("kmgtib")
+    unit = word[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+        if not math.isfinite(value):
+            raise ValueError
+    except (ValueError, KeyError):
+        raise ValueError(f"must be a size like \"2GB\" or \"512MB\", \"auto\" or \"none\", "
+                         f"not {text!r}.") from None
+    if value < MIN_MEMORY_LIMIT:
+        raise ValueError(f"must be at least 200MB (an idle engine holds about 100 MB), "
+                         f"not {text!r}.")
+    return int(value)
 
 
 def describe(cls: type) -> list[tuple[str, Any, str]]:

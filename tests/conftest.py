@@ -6,6 +6,7 @@ find (and count) exactly its own engines, controllers and schedulers.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -105,6 +106,34 @@ def nothing_left_behind():
     survivors = wait_until_gone(timeout=10) + [
         p for p in psutil.Process().children() if p.name().startswith("cloudlab fork server")]
     assert survivors == [], f"processes outlived the test run: {[p.cmdline() for p in survivors]}"
+
+
+_recoveries: list[dict] = []
+
+
+@pytest.fixture
+def reliability():
+    """``reliability(fault, engine, outcome, seconds)`` records one measured recovery; the
+    session writes them to ``test-artifacts/reliability.json`` (docs/reliability.md quotes
+    them) and prints them."""
+
+    def record(fault: str, engine: str, outcome: str, seconds: float) -> None:
+        _recoveries.append({"fault": fault, "engine": engine, "outcome": outcome,
+                            "seconds": round(seconds, 3)})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _recoveries:
+        return
+    (ROOT / "test-artifacts").mkdir(exist_ok=True)
+    (ROOT / "test-artifacts" / "reliability.json").write_text(json.dumps(_recoveries, indent=1))
+    width = max(len(r["fault"]) for r in _recoveries)
+    terminalreporter.write_sep("-", "reliability: seconds to recover")
+    for r in _recoveries:
+        terminalreporter.write_line(
+            f"{r['fault']:<{width}}  {r['engine']:<11}  {r['seconds']:>7.3f}  {r['outcome']}")
 
 
 @pytest.hookimpl(hookwrapper=True)

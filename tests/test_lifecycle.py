@@ -11,6 +11,7 @@ import pytest
 import cloudlab
 from cloudlab.backends.base import Command
 from cloudlab.registry import records_dir
+from cloudlab.security import runtime_dir
 from conftest import launched, our_processes, wait_until_gone
 
 
@@ -57,7 +58,7 @@ def test_kill_9_of_the_owning_script_ends_every_process_within_10_s(engine, tmp_
     """, tmp_path, wait=False)
     name = owner.stdout.readline().strip()
     assert len(launched(name)) == 4, f"cluster {name!r} did not start"
-    workdirs = list(Path("/tmp").glob(f"cloudlab-{name}-*"))
+    workdirs = list(runtime_dir().glob(f"{name}-*"))
     assert len(workdirs) == 1
     owner.kill()
     owner.wait()
@@ -102,7 +103,7 @@ def test_failed_engine_start_raises_one_error_and_leaves_nothing(engine, monkeyp
     assert c.state == "failed"
     assert our_processes(c.name) == []
     assert not (records_dir() / f"{c.name}.json").exists()
-    assert not list(Path("/tmp").glob(f"cloudlab-{c.name}-*"))
+    assert not list(runtime_dir().glob(f"{c.name}-*"))
 
 
 def test_start_timeout_is_a_typed_error_and_cleans_up(monkeypatch):
@@ -162,10 +163,12 @@ def test_cluster_stopped_from_outside_says_so():
     with cloudlab.Cluster(1, engine="dask") as c:
         [record] = [r for r in read_records() if r.name == c.name]
         stop_record(record)  # what `cloudlab stop --all` does from another process
-        with pytest.raises(cloudlab.ClusterStateError, match="was stopped from outside"):
+        with pytest.raises(cloudlab.ClusterStateError,
+                           match="is dead: its controller (was killed|exited)"):
             c.map(abs, [1])
         assert wait_until_gone(c.name, 5) == []
-    assert c.state == "stopped"
+    assert c.state == "dead"
+    assert "stopped from outside" in c.why_not_running()
 
 
 def test_interrupting_a_start_stops_what_it_had_started(engine):

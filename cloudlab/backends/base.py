@@ -47,6 +47,10 @@ class Launched(abc.ABC):
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote, for error messages."""
 
+    def last_words(self) -> str | None:
+        """Why the process ended itself, if it said (the memory guard does)."""
+        return None
+
     def usage(self) -> tuple[float | None, float | None]:
         """(CPU %, resident memory in MB) now, where the backend can see them."""
         return None, None
@@ -76,6 +80,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         """How many engines this backend can hold, and why no more."""
+
+    def auto_memory_limit(self, engines: int) -> int | None:
+        """Bytes one of ``engines`` engines may hold when the profile says "auto"
+        (None: no limit where the backend cannot tell)."""
+        return None
 
     async def prepare(self, preload: tuple[str, ...]) -> None:
         """Get ready to launch commands that import ``preload`` (e.g. start a fork server)."""

@@ -30,7 +30,7 @@ class ForkServer:
     def __init__(self, python: str, preload: tuple[str, ...], env: dict[str, str], log: Path):
         self.python, self.preload, self.log = python, preload, log
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             self.popen = subprocess.Popen(
                 [python, "-m", "cloudlab._forkserver", "--owner-pid", str(os.getpid()),
                  "--title", f"cloudlab fork server ({preload[0].partition('.')[0]}) of pid {os.getpid()}",

@@ -17,14 +17,15 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from .._agent import LAST_WORDS
 from ..profiles import option
+from ..security import runtime_dir
 from . import forkserver
 from .base import Backend, Command, Launched
 
@@ -35,6 +36,10 @@ SINGLE_THREADED = {
     "MKL_NUM_THREADS": "1",
     "NUMBA_NUM_THREADS": "1",
 }
+
+
+#: Share of the machine's memory that "auto" memory limits divide among the engines.
+MEMORY_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class LocalProcess(Launched):
                 return self._ps.cpu_percent(None), self._ps.memory_info().rss / 2**20
         except psutil.Error:
             return None, None
+
+    def last_words(self) -> str | None:
+        try:
+            return last_words_file(self.log).read_text(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -115,6 +126,11 @@ class LocalBackend(Backend):
             f"{free_mb / 1024:.1f} GB free"
         )
 
+    def auto_memory_limit(self, engines: int) -> int | None:
+        # As Dask's LocalCluster does: the machine's memory shared equally, with room for
+        # the notebook itself.
+        return int(psutil.virtual_memory().total * MEMORY_SHARE / max(engines, 1))
+
     @property
     def python(self) -> str:
         return self.options.python or sys.executable
@@ -130,13 +146,14 @@ class LocalBackend(Backend):
 
     async def _fork_server(self, preload: tuple[str, ...]) -> forkserver.ForkServer:
         tag = zlib.crc32(" ".join(preload).encode())
-        log = Path(tempfile.gettempdir()) / f"cloudlab-forkserver-{os.getpid()}-{tag:08x}.log"
+        log = runtime_dir() / f"forkserver-{os.getpid()}-{tag:08x}.log"
         return await forkserver.get(self.python, preload, base_environment(), log)
 
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         log = self.workdir / f"{command.name}.log"
         title = process_title(self.cluster_name, command.name)
-        env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name, **command.env}
+        env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name,
+               LAST_WORDS: str(last_words_file(log)), **command.env}
         server = None
         if self.forks and command.preload:
             server = forkserver.ready(self.python, command.preload)
@@ -153,7 +170,7 @@ class LocalBackend(Backend):
         for path in cleanup:
             argv += ["--cleanup", str(path)]
         argv += [command.entry, "--", *command.args]
-        with open(log, "ab") as out:
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=os.getcwd(), start_new_session=True, close_fds=True,
@@ -173,6 +190,11 @@ class LocalBackend(Backend):
         while (any(p.alive() or group_alive(p.pid) for p in procs)
                and asyncio.get_running_loop().time() < deadline):
             await asyncio.sleep(0.01)
+
+
+def last_words_file(log: Path) -> Path:
+    """Where the process logging to ``log`` writes why it ended itself."""
+    return log.with_suffix(".last-words")
 
 
 def process_title(cluster: str, name: str) -> str:

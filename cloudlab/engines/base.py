@@ -36,9 +36,12 @@ class Engine(abc.ABC):
     #: Seconds the controller may take to notice that an engine died.
     notices_death_within: ClassVar[float] = 5.0
 
-    def __init__(self, workdir: Path, ip: str):
+    def __init__(self, workdir: Path, ip: str, task_retries: int = 2):
         self.workdir = workdir
         self.ip = ip
+        #: How often the engine's own scheduler reruns a task whose engine died (``submit``;
+        #: ``map`` pieces are rerun by cloudlab's jobs, see :mod:`cloudlab.dispatch`).
+        self.task_retries = task_retries
 
     @abc.abstractmethod
     def controller_command(self) -> Command:
@@ -73,6 +76,15 @@ class Engine(abc.ABC):
         """Like :meth:`submit`, sent from the caller's thread, or None where the engine's
         client cannot do that; a future of the Result. Saves two thread hops per task."""
         return None
+
+    @abc.abstractmethod
+    async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
+        """Run ``call(fn, *args)`` on engine ``engine_id``; cancelling this withdraws the
+        task where the engine's client can (a task already running goes on)."""
+
+    async def gone(self, ids: list[int]) -> None:
+        """Engines ``ids`` died: let the controller stop counting on them now, rather than
+        when its own checks notice."""
 
     @abc.abstractmethod
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:

@@ -9,6 +9,7 @@ as an ordinary synchronous ``distributed.Client``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import cloudpickle
 from .._remote import Result, call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
+from ..security import dask_security, dask_tls
 from .base import Engine, OutputSink, raise_failures, wait_for_file
 
 OUTPUT_TOPIC = "cloudlab-output"
@@ -27,6 +29,10 @@ SCATTER_ABOVE = 1 << 20  # bytes of an all-engine call's pickled function and ar
 #: Dask's idle bookkeeping, slowed down: with its defaults (an event-loop tick every 20 ms, a
 #: sampling profiler every 10 ms, ...) 16 idle workers keep half of a core busy (measured:
 #: 52%; 5% with these). A user's own DASK_* variables win.
+#: Dask serves HTTP (health, metrics) even without its dashboard, on every interface by
+#: default (the scheduler on port 8787): keep it on loopback, on a free port.
+LOOPBACK_HTTP = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+
 QUIET = {
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "500ms",
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
@@ -47,9 +53,11 @@ class DaskEngine(Engine):
 
     _client = None
 
-    def __init__(self, workdir, ip):
-        super().__init__(workdir, ip)
+    def __init__(self, workdir, ip, task_retries: int = 2):
+        super().__init__(workdir, ip, task_retries)
         self._address: dict[int, str] = {}
+        # Dask authenticates nobody by itself: every party shows this cluster's certificate.
+        self.tls = dask_tls(workdir)
         self._sinks: dict[str, tuple[OutputSink, set[int]]] = {}
 
     @property
@@ -61,8 +69,9 @@ class DaskEngine(Engine):
             "scheduler",
             "cloudlab.engines.dask:scheduler_main",
             ("--host", self.ip, "--port", "0", "--scheduler-file", str(self.scheduler_file),
-             "--no-dashboard", "--no-show"),
-            _quiet(),
+             "--protocol", "tls", *self._tls_args(), *LOOPBACK_HTTP, "--no-show"),
+            # A task whose worker died is run again elsewhere, this many times.
+            {**_quiet(), "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(self.task_retries)},
             self.preload,
             spawn_if_cold=True,
         )
@@ -72,11 +81,16 @@ class DaskEngine(Engine):
             f"engine-{engine_id}",
             "cloudlab.engines.dask:worker_main",
             ("--scheduler-file", str(self.scheduler_file), "--name", str(engine_id),
-             "--host", self.ip, "--no-nanny", "--nthreads", "1", "--no-dashboard",
+             "--host", self.ip, *self._tls_args(), "--no-nanny", "--nthreads", "1",
+             *LOOPBACK_HTTP,
              "--local-directory", str(self.workdir / "dask"), "--death-timeout", "60"),
             {**_quiet(), "CLOUDLAB_ENGINE_ID": str(engine_id)},
             self.preload,
         )
+
+    def _tls_args(self) -> tuple[str, ...]:
+        return ("--tls-ca-file", str(self.tls.ca), "--tls-cert", str(self.tls.cert),
+                "--tls-key", str(self.tls.key))
 
     async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
         from distributed import Client
@@ -84,6 +98,7 @@ class DaskEngine(Engine):
         await wait_for_file(self.scheduler_file, controller_alive, timeout, "Dask scheduler")
         try:
             self._client = await Client(scheduler_file=str(self.scheduler_file),
+                                        security=dask_security(self.tls),
                                         asynchronous=True, timeout=timeout)
         except Exception as e:
             raise StartError(f"Could not connect to the Dask scheduler: {e}") from e
@@ -115,6 +130,18 @@ class DaskEngine(Engine):
 
     async def submit(self, fn: Callable, *args: Any) -> Result:
         return await self._client.submit(call, fn, *args, pure=False)
+
+    async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
+        future = self._client.submit(call, fn, *args, workers=[self._address[engine_id]],
+                                     allow_other_workers=False, pure=False)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Pinned to a worker that may be gone, it would wait for that worker forever.
+            cancelling = future.cancel()  # a coroutine, with an asynchronous client
+            if inspect.isawaitable(cancelling):
+                asyncio.ensure_future(cancelling).add_done_callback(_ignore)
+            raise
 
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
         if not ids:
@@ -174,6 +201,10 @@ class DaskEngine(Engine):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _ignore(done: asyncio.Future) -> None:
+    done.cancelled() or done.exception()
 
 
 def _quiet() -> dict[str, str]:

@@ -41,6 +41,10 @@ class IPyParallelEngine(Engine):
     _client = None
     _balanced = None  # the load-balanced view, made once
 
+    def __init__(self, workdir, ip, task_retries: int = 2):
+        super().__init__(workdir, ip, task_retries)
+        self._direct: dict[int, Any] = {}  # a direct view per engine, made once
+
     @property
     def profile_dir(self):
         return self.workdir / "ipp"
@@ -110,7 +114,32 @@ class IPyParallelEngine(Engine):
         # ipyparallel's client sends from its own IO thread: safe from any thread.
         if self._balanced is None:
             self._balanced = self._client.load_balanced_view()
+            # A task whose engine died is run again elsewhere, by ipyparallel's scheduler.
+            # (cloudlab's _remote.call returns a task's own exception as a value, so these
+            # retries never rerun a task that merely raised.)
+            self._balanced.set_flags(retries=self.task_retries)
         return self._balanced.apply_async(call, fn, *args)
+
+    async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
+        view = self._direct.get(engine_id)
+        if view is None:
+            view = self._direct[engine_id] = self._client.direct_view(targets=engine_id)
+        # Shielded: a cancel must not reach ipyparallel's own future, which its IO thread
+        # still completes when the reply (or the engine's death) arrives.
+        reply = asyncio.wrap_future(view.apply_async(call, fn, *args))
+        reply.add_done_callback(_seen)  # an abandoned task's late error is nobody's to raise
+        return await asyncio.shield(reply)
+
+    async def gone(self, ids: list[int]) -> None:
+        # The hub would unregister a dead engine after 20 missed heartbeats (2 s); an
+        # unregistration request, sent as the engine itself would, does it now. The hub
+        # sends no reply, so it goes out raw, from the client's IO thread.
+        client = self._client
+        for eid in ids:
+            self._direct.pop(eid, None)
+            client._io_loop.add_callback(
+                client.session.send, client._query_stream, "unregistration_request",
+                content={"id": eid})
 
     async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
         if not ids:
@@ -158,6 +187,11 @@ class IPyParallelEngine(Engine):
         if self._client is not None:
             self._client.close()
             self._client = self._balanced = None
+            self._direct.clear()
+
+
+def _seen(future: asyncio.Future) -> None:
+    future.cancelled() or future.exception()
 
 
 def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:

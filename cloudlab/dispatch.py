@@ -1,0 +1,237 @@
+"""A job's pieces, handed to engines a few at a time, so cloudlab knows where each one runs.
+
+``map`` cuts its items into chunks; a :class:`Job` gives each engine at most
+``DEPTH`` of them at once (one running, one waiting there, so an engine never
+idles for a round trip) and the next as each comes back. Knowing where every
+piece is makes three things exact on both engine kinds, which their own
+load balancers do differently or not at all:
+
+- **An engine dies:** its pieces go back to the queue and run elsewhere, each
+  up to ``retries`` times; a piece's first result is its result, so nothing is
+  lost or counted twice. A piece that loses more engines than that fails the
+  job with one line naming the piece and each engine's cause of death.
+- **Cancel** (``Cluster.cancel``, Ctrl-C, the widget's Stop): nothing more is
+  handed out, and the engines running pieces of the job are ended (and
+  replaced), since neither engine kind can stop a task that has started.
+- **Engines joining** (a start that returned early, a replacement) get work
+  as soon as they are usable.
+
+The engines' own machinery still carries every piece (a direct view per
+engine on ipyparallel, a task pinned to a worker on Dask).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .deaths import Death
+from .errors import Cancelled, ClusterStateError, TaskLost
+
+if TYPE_CHECKING:
+    from ._remote import Result
+    from .cluster import Cluster
+
+#: Pieces an engine holds at once: one running, one waiting behind it.
+DEPTH = 2
+
+
+class Signal:
+    """Wakes every coroutine waiting on it, each time it is notified."""
+
+    def __init__(self) -> None:
+        self._waiters: asyncio.Future | None = None
+
+    def notify(self) -> None:
+        if self._waiters is not None and not self._waiters.done():
+            self._waiters.set_result(None)
+        self._waiters = None
+
+    def wait(self) -> asyncio.Future:
+        if self._waiters is None:
+            self._waiters = asyncio.get_running_loop().create_future()
+        return self._waiters
+
+
+class Job:
+    """Run ``call(fn, *piece)`` for each piece on the cluster's engines; results in order.
+
+    ``describe(i)`` names piece ``i`` for errors ("items 100-199");
+    ``on_result(i, result)`` is called as each piece's first result arrives.
+    """
+
+    def __init__(self, cluster: Cluster, name: str, fn: Callable, pieces: list[tuple],
+                 retries: int, describe: Callable[[int], str],
+                 on_result: Callable[[int, Result], None] | None = None):
+        self.cluster, self.name, self.fn, self.pieces = cluster, name, fn, pieces
+        self.retries, self.describe, self.on_result = retries, describe, on_result
+        self.results: dict[int, Result] = {}
+        self.queue: deque[int] = deque(range(len(pieces)))
+        self.running: dict[int, dict[int, asyncio.Task]] = {}  # engine -> piece -> task
+        self.charged: dict[int, list[Death]] = {}  # piece -> the deaths charged to it
+        self.suspects: set[int] = set()  # pieces that were on an engine that died: run alone
+        self.lost: dict[int, list[Death]] = {}  # pieces beyond their retries
+        #: Engines that died under a piece of this job, with what then ran where.
+        self.incidents: list[str] = []
+        self.cancelled_by: str | None = None
+        self._wake = Signal()
+
+    # ----------------------------------------------------------------- running
+    async def run(self) -> list[Result]:
+        try:
+            while len(self.results) + len(self.lost) < len(self.pieces):
+                if self.cancelled_by is not None:
+                    await self._end_running(self.cancelled_by)
+                    raise Cancelled(self.name, self.cancelled_by)
+                self._require_cluster()
+                self._take_back_from_dead_engines()
+                if not self.lost:
+                    self._hand_out()
+                elif not self._tasks():  # a piece is lost: let what runs finish, then fail
+                    break
+                await self._next_event()
+                self._collect()
+        except asyncio.CancelledError:  # Ctrl-C in the caller, or the cluster stopping
+            await self._end_running("the caller was interrupted")
+            raise
+        if self.lost:
+            piece, deaths = next(iter(self.lost.items()))
+            raise TaskLost(self.name, self.describe(piece), deaths, self.retries)
+        return [self.results[i] for i in range(len(self.pieces))]
+
+    def cancel(self, why: str = "it was cancelled") -> None:
+        self.cancelled_by = why
+        self._wake.notify()
+
+    def _require_cluster(self) -> None:
+        cluster = self.cluster
+        if cluster.state != "running":
+            raise ClusterStateError(cluster.why_not_running())
+        if not (cluster.usable_engines() or cluster.engines_coming() or self._tasks()):
+            raise ClusterStateError(cluster.why_no_engines(self.name))
+
+    def _tasks(self) -> list[asyncio.Task]:
+        return [t for pieces in self.running.values() for t in pieces.values()]
+
+    def _pending(self) -> list[asyncio.Task]:
+        return [t for t in self._tasks() if not t.done()]
+
+    def _hand_out(self) -> None:
+        """Fill every usable engine up to DEPTH, one piece per engine per round; a
+        suspect (see :meth:`_take_back_from_dead_engines`) only to an idle engine, alone."""
+        engines = self.cluster.usable_engines()
+        for slot in range(DEPTH):
+            for eid in engines:
+                if not self.queue:
+                    return
+                held = self.running.setdefault(eid, {})
+                if len(held) > slot or self.suspects & set(held):
+                    continue
+                piece = self._next_piece(alone=not held)
+                if piece is not None:
+                    held[piece] = asyncio.ensure_future(
+                        self.cluster.submit_to(eid, self.fn, *self.pieces[piece]))
+
+    def _next_piece(self, alone: bool) -> int | None:
+        if alone:
+            return self.queue.popleft()
+        for piece in self.queue:
+            if piece not in self.suspects:
+                self.queue.remove(piece)
+                return piece
+        return None
+
+    async def _next_event(self) -> None:
+        waits = [*self._pending(), self._wake.wait(), self.cluster.engines_changed.wait()]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+    def _collect(self) -> None:
+        for eid, held in list(self.running.items()):
+            for piece, task in list(held.items()):
+                if not task.done():
+                    continue
+                if task.cancelled() or task.exception() is not None:
+                    # The engine's client gave up on the task: did its engine die?
+                    state = self.cluster.engine_state(eid)
+                    if state != "alive":
+                        # Dying (the supervisor says why within 50 ms) or gone: the pieces
+                        # it held are taken back together, in the next round.
+                        continue
+                    del held[piece]
+                    if task.cancelled():
+                        self.queue.appendleft(piece)
+                        continue
+                    raise task.exception()  # not the engine's end: the task's own error
+                elif piece not in self.results:
+                    del held[piece]
+                    self.results[piece] = task.result()
+                    if self.on_result is not None:
+                        self.on_result(piece, task.result())
+                else:
+                    del held[piece]
+
+    def _take_back_from_dead_engines(self) -> None:
+        """Pieces held by an engine that has left the cluster (died, or was ended) run again.
+
+        Which of an engine's pieces killed it is certain only when it held one: that
+        piece is charged with the death (it counts against ``retries``). When it held
+        more, none is charged; each becomes a *suspect* and runs alone from then on,
+        so that its next death, if it causes one, is charged to it.
+        """
+        for eid in list(self.running):
+            death = self.cluster.engine_state(eid)
+            if not isinstance(death, Death):
+                continue
+            tasks = self.running.pop(eid)
+            for task in tasks.values():
+                task.cancel()
+            held = list(tasks)
+            charged = len(held) == 1 and not death.ordered
+            for piece in reversed(held):
+                if not charged:
+                    self.suspects.add(piece)
+                self._lose(piece, death, charged)
+            if held and not death.ordered:
+                names = " or ".join(self.describe(p) for p in held)
+                retried = [p for p in held if p not in self.lost]
+                self.incidents.append(
+                    f"engine {eid} {death.cause} while running {names} of {self.name}; "
+                    + ("ran again elsewhere" if len(retried) == len(held) else
+                       f"{self.describe(held[0])} is not retried"))
+
+    def _lose(self, piece: int, death: Death, charged: bool) -> None:
+        if piece in self.results:
+            return
+        deaths = self.charged.setdefault(piece, [])
+        if charged:
+            deaths.append(death)
+        if len(deaths) <= self.retries:
+            self.queue.appendleft(piece)  # first in line: it has waited longest
+        else:
+            self.lost[piece] = deaths
+
+    async def _end_running(self, why: str) -> None:
+        """End the engines running this job's pieces (they are replaced)."""
+        busy = [eid for eid, held in self.running.items() if held]
+        for task in self._tasks():
+            task.cancel()
+        self.running.clear()
+        self.queue.clear()
+        if busy:
+            await self.cluster.end_engines(busy, why)
+
+
+def describe_items(starts: list[int], sizes: list[int]) -> Callable[[int], str]:
+    """Names for the chunks of a map: 'item 7', 'items 100-199'."""
+
+    def describe(piece: int) -> str:
+        first, size = starts[piece], sizes[piece]
+        return f"item {first}" if size == 1 else f"items {first}-{first + size - 1}"
+
+    return describe
+
+
+def first_line(text: Any) -> str:
+    return str(text).split("\n", 1)[0]

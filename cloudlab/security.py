@@ -1,0 +1,113 @@
+"""Who may reach a cluster: only the user who started it.
+
+- **Files.** Every cluster keeps its connection files, keys, certificates and
+  logs in a directory of its own inside :func:`runtime_dir`, a per-user
+  directory (``$XDG_RUNTIME_DIR/cloudlab``, else ``<tmp>/cloudlab-<uid>``) that
+  only its owner can enter (0700, checked, never trusted if someone else made
+  it). Cloudlab's processes create files with umask 077: 0600.
+- **ipyparallel** signs every message with the HMAC key of its connection file
+  (ipyparallel's default): a process without the file can reach the ports but
+  cannot make an engine do anything.
+- **Dask** has no authentication of its own; cloudlab starts its scheduler,
+  workers and client with mutual TLS (:func:`dask_tls`): a connection without
+  the cluster's certificate and key is refused.
+- Everything binds to 127.0.0.1 locally, and no dashboard is started.
+
+Remote backends call the same functions for their keys and certificates.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+#: The permissions cloudlab's processes create files with: the owner's only.
+UMASK = 0o077
+
+
+def runtime_dir() -> Path:
+    """This user's directory for running clusters, created 0700 and checked."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base, "cloudlab") if base and os.path.isdir(base) else \
+        Path(tempfile.gettempdir(), f"cloudlab-{os.getuid()}")
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create cloudlab's runtime directory {path} ({e}); set "
+                          f"XDG_RUNTIME_DIR to a directory of your own.") from None
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to someone else (or is not a directory), so "
+                          f"cloudlab will not keep keys there; remove it, or set "
+                          f"XDG_RUNTIME_DIR to a directory of your own.")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
+
+
+def private_dir(prefix: str) -> Path:
+    """A new directory inside :func:`runtime_dir`, for one cluster's files."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=runtime_dir()))
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A certificate authority, and a certificate and key it signed, as 0600 PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def dask_tls(folder: Path) -> TLSFiles:
+    """Fresh credentials for one Dask cluster: scheduler, workers and client all present
+    this certificate and accept only peers that present it too.
+
+    An elliptic-curve key (P-256), where Dask's own ``Security.temporary`` makes
+    an RSA one: a few milliseconds instead of a noticeable part of a start.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask-internal")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("dask-internal")]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    files = TLSFiles(folder / "tls-ca.pem", folder / "tls-cert.pem", folder / "tls-key.pem")
+    for path, data in ((files.ca, cert_pem), (files.cert, cert_pem), (files.key, key_pem)):
+        write_private(path, data)
+    return files
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only (it must not exist yet)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(data)
+
+
+def dask_security(files: TLSFiles):
+    """The client's side of :func:`dask_tls`."""
+    from distributed.security import Security
+
+    return Security(tls_ca_file=str(files.ca), tls_client_cert=str(files.cert),
+                    tls_client_key=str(files.key), require_encryption=True)
