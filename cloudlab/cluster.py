@@ -62,7 +62,7 @@ _live: set[Cluster] = set()
 VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 #: Seconds processes get to exit on SIGTERM at stop before they are killed.
-STOP_GRACE = 0.25
+STOP_GRACE = 0.1
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,8 @@ class Cluster(EngineNamespaces):
             self._workdir = private_dir(f"{self.name}-")
             self._backend.workdir = self._workdir
             self._engine = self._engine_cls(self._workdir, self._backend.controller_ip,
-                                            self.profile.cluster.task_retries)
+                                            self.profile.cluster.task_retries,
+                                            remote=not self._backend.same_machine)
             limit = memory_limit_bytes(self.profile.cluster.memory_limit)
             self._memory_limit = (self._backend.auto_memory_limit(self.n) if limit == "auto"
                                   else limit)
@@ -690,6 +691,9 @@ class Cluster(EngineNamespaces):
                   [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
                   describe_items(starts, [len(c) for c in chunks]), arrived)
         self._jobs.add(job)
+        loop = asyncio.get_running_loop()
+        progress.on_stop = lambda: loop.call_soon_threadsafe(
+            job.cancel, "its Stop button was pressed")
         try:
             results = await job.run()
         except asyncio.CancelledError:
@@ -702,6 +706,7 @@ class Cluster(EngineNamespaces):
             progress.finish(FAILED, str(error).split("\n", 1)[0])
             raise
         finally:
+            progress.on_stop = None
             self._jobs.discard(job)
             for line in job.incidents:  # one line each, in the caller's cell
                 (caller.call if caller else _call)(_tell, f"cloudlab: {line}")

@@ -32,6 +32,13 @@ class Progress:
         self.ended: float | None = None
         self._lock = threading.Lock()
         self._drawn_at = 0.0
+        #: Set by the operation while it can be stopped; a view's Stop button calls it.
+        self.on_stop: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        """What a Stop button does: ask the operation to stop (it reports CANCELLED)."""
+        if self.on_stop is not None and self.state is None:
+            self.on_stop()
 
     # -- what the model calls
     def advance(self, n: int) -> None:

@@ -6,7 +6,7 @@ Debian's python3-zmq. Prints one JSON line: what each attempt got.
 
     attacker.py files PATH...                  read each path
     attacker.py ipp PORT ENGINE_IDENT KEY FILE  a signed execute_request that creates FILE
-    attacker.py dask PORT                      a TLS connection without the cluster's cert
+    attacker.py dask PORT                      a connection to a Dask scheduler or worker
 """
 
 import datetime
@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 import socket
-import ssl
 import sys
 import uuid
 
@@ -58,17 +57,13 @@ def try_ipp(port, engine_ident, key, target):
 
 
 def try_dask(port):
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # an attacker does not care who the server is
+    """Connect to a Dask server and wait for the first byte of its handshake."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with context.wrap_socket(raw) as tls:
-                tls.sendall(b"\x00" * 8)
-                data = tls.recv(1)  # TLS 1.3: a missing client certificate shows here
-                return {"result": "accepted" if data else "closed"}
-    except (ssl.SSLError, OSError) as e:
-        return {"result": "refused", "why": type(e).__name__}
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            data = sock.recv(1)
+            return {"result": "accepted" if data else "closed"}
+    except OSError as e:
+        return {"result": "closed", "why": type(e).__name__}
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def test_a_cloudlab_failure_regresses_only_where_the_raw_engine_gave_a_number():
     assert "gave no number" in failed.regression and "boom" in failed.regression
     assert row([], [1.0], errors=["raw timed out"]).regression is None
     assert row([], [], errors=["both failed"]).regression is None
+    # Raw and cloudlab timed in cloudlab's one process: its crash is cloudlab's.
+    assert "gave no number" in row([], [], errors=["Boom"], paired=True).regression
 
 
 def test_rows_without_comparison_never_regress():
@@ -134,8 +136,11 @@ def test_rows_from_results_medians_warm_rows_and_pi_efficiency():
                                                   "left": 0}, rep=rep, variant="warm")]
     runs += [result("pi", "numpy", {"rate": 1e8}),
              result("pi", "cloudlab-dask", {"rate1": 4e9, "rate2": 7.2e9, "efficiency": 0.9}),
-             {"kind": "rtt", "subject": "cloudlab-dask", "values": {}, "error": "Boom: x"},
-             result("rtt", "raw-dask", {"rtt": 0.01})]
+             # rtt: raw and cloudlab timed in one process, in turns
+             result("rtt", "cloudlab-ipp", {"rtt": 0.009, "raw_rtt": 0.01},
+                    paired_with="raw-ipp"),
+             {"kind": "rtt", "subject": "cloudlab-dask", "paired_with": "raw-dask",
+              "values": {}, "error": "Boom: x"}]
     rows = {(r.name, r.engine): r for r in bench.build_rows(runs, bench.FULL, "full")}
     start = rows["start16", "ipyparallel"]
     # A cold start is compared with the raw engine only; the targets are the warm rows'.
@@ -151,8 +156,10 @@ def test_rows_from_results_medians_warm_rows_and_pi_efficiency():
     assert rows["pi per core", "dask"].raw == [0.1]
     assert rows["pi efficiency", "dask"].cloudlab == [90.0]
     assert rows["pi efficiency", "dask"].met is True
-    rtt = rows["rtt", "dask"]
-    assert rtt.unit == "ms" and rtt.raw == [10.0] and "Boom" in rtt.regression
+    rtt = rows["rtt", "ipyparallel"]
+    assert rtt.unit == "ms" and (rtt.raw, rtt.cloudlab) == ([10.0], [9.0]) and rtt.met
+    # A measuring process that crashed gave neither number: that fails the run.
+    assert "Boom" in rows["rtt", "dask"].regression
     assert ("map", "dask") not in rows  # not run, not shown
 
 
@@ -173,6 +180,9 @@ def test_interleaved_plan_runs_raw_beside_cloudlab_and_warm_only_for_starts():
         ("raw-ipp", None), ("cloudlab-ipp", None), ("cloudlab-ipp", "warm"),
         ("raw-dask", None), ("cloudlab-dask", None), ("cloudlab-dask", "warm")]
     assert all("variant" not in s for s in bench.specs("map", bench.QUICK))
+    # Round trips: each raw engine is timed in cloudlab's process, in turns with it.
+    assert [(s["subject"], s["paired_with"]) for s in bench.specs("rtt", bench.QUICK)] == [
+        ("cloudlab-ipp", "raw-ipp"), ("cloudlab-dask", "raw-dask")]
 
 
 def test_cli_refuses_an_unknown_measure_in_one_line(capsys):

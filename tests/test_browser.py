@@ -46,6 +46,7 @@ CELLS = [
     # chunksize=1: every finished item moves a count (the default makes 16 big chunks).
     f"import time\nresults = cluster.map(time.sleep, [{SLEEP}] * {ITEMS}, chunksize=1)\n"
     "len(results)",
+    "cluster.map(time.sleep, [30] * 8, chunksize=1)",
     "from cloudlab.workloads import pi\nr = pi.estimate(cluster, 4e8, seed=1, plot=True)",
     "%cluster stop",
 ]
@@ -191,18 +192,33 @@ def _drive(lab, page, t0):
     assert all(int(t) > 0 for t in done["tasks"]), done  # every engine did some of it
     assert shot_taken, "no screenshot: the map never showed busy engines with a progress bar"
 
-    # (4) the live pi plot: an image in the cell, drawn (not a broken link)
+    # (4) a map of 30 s tasks, stopped with its progress bar's Stop button while the cell
+    # runs: the cell ends within 2 s saying why, and the next map (pi, below) works
     run_cell(page, 3)
-    wait_cell_done(page, 3, timeout=60)
-    assert cell_errors(page, 3) == []
-    image = cell(page, 3).locator(".jp-OutputArea-output img").first
+    poll(lambda: "busy" in seen(page)["states"], timeout=30, what="engines busy with 30 s tasks")
+    time.sleep(1)
+    stop = cell(page, 3).locator(".cloudlab-progress button", has_text="Stop")
+    clicked = time.monotonic()
+    stop.click(timeout=5000)
+    wait_cell_done(page, 3, timeout=10)
+    stopped = time.monotonic() - clicked
+    said = cell_output(page, 3)
+    print(f"\nStop button: the cell ended {stopped:.2f} s after the click")
+    assert stopped < 2, f"the cell ended {stopped:.2f} s after Stop was clicked"
+    assert "Cancelled: map sleep stopped because its Stop button was pressed" in said, said
+
+    # (5) the live pi plot: an image in the cell, drawn (not a broken link)
+    run_cell(page, 4)
+    wait_cell_done(page, 4, timeout=60)
+    assert cell_errors(page, 4) == []
+    image = cell(page, 4).locator(".jp-OutputArea-output img").first
     image.wait_for(state="visible", timeout=15_000)
     assert image.evaluate("img => img.complete && img.naturalWidth > 300"), "pi plot not drawn"
 
-    # (5) %cluster stop: the table empties, the engines are gone
-    run_cell(page, 4)
-    wait_cell_done(page, 4, timeout=60)
-    assert "Stopped" in cell_output(page, 4), cell_output(page, 4)
+    # (6) %cluster stop: the table empties, the engines are gone
+    run_cell(page, 5)
+    wait_cell_done(page, 5, timeout=60)
+    assert "Stopped" in cell_output(page, 5), cell_output(page, 5)
     poll(lambda: (s := seen(page))["widget"] and s["rows"] == 0 and s, timeout=15,
          what="the cluster widget showing no engines after %cluster stop")
     assert wait_until_gone(timeout=15, servers=False) == []  # the kernel's fork server stays

@@ -1,4 +1,4 @@
-"""Secure by default, locally: loopback only, private files, and a second user locked out.
+"""Secure by default: loopback only, private files, a second user locked out, TLS when remote.
 
 The second-user test creates a real Unix user (``cloudlab-other``; it needs
 root, as in CI) and runs ``tests/attacker.py`` as that user with Debian's
@@ -63,12 +63,22 @@ def test_connection_files_keys_and_logs_are_the_owners_only(engine):
         assert loose == {}
 
 
-def test_dask_refuses_a_client_without_the_clusters_certificate():
+def test_remote_dask_engines_use_mutual_tls_and_refuse_a_client_without_the_certificate(
+        monkeypatch):
+    """What remote backends get (checked here on local processes, told they are remote)."""
     import distributed
 
-    with cloudlab.Cluster(1, engine="dask") as c:
+    from cloudlab.engines import dask as dask_engine
+
+    init = dask_engine.DaskEngine.__init__
+    monkeypatch.setattr(dask_engine.DaskEngine, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "remote": True}))
+    with cloudlab.Cluster(2, engine="dask") as c:
         address = c.client.scheduler.address
         assert address.startswith("tls://127.0.0.1:")
+        assert c.map(abs, [-1, -2]) == [1, 2]
+        key = c._engine.tls.key
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
         with pytest.raises((OSError, TimeoutError)):
             distributed.Client(address.replace("tls://", "tcp://"), timeout=2)
         with pytest.raises((OSError, TimeoutError, TypeError)):
@@ -142,10 +152,13 @@ def test_a_second_user_can_neither_read_nor_drive_an_ipyparallel_cluster(other_u
 
 def test_a_second_user_cannot_connect_to_a_dask_cluster(other_user, attacker_script):
     with cloudlab.Cluster(1, engine="dask") as c:
-        port = c.client.scheduler.address.rsplit(":", 1)[1]
-        files = attack(attacker_script, "files", str(c._engine.scheduler_file),
-                       str(c._engine.tls.key), user=other_user)
+        scheduler = int(c.client.scheduler.address.rsplit(":", 1)[1])
+        worker = int(next(iter(c._engine._address.values())).rsplit(":", 1)[1])
+        files = attack(attacker_script, "files", str(c._engine.scheduler_file), user=other_user)
         assert set(files.values()) == {"PermissionError"}
-        answer = attack(attacker_script, "dask", port, user=other_user)
-        assert answer["result"] == "refused", answer
+        for port in (scheduler, worker):
+            answer = attack(attacker_script, "dask", str(port), user=other_user)
+            assert answer["result"] == "closed", (port, answer)
+            # The same connection from the owner's user is answered: the refusal was real.
+            assert attack(attacker_script, "dask", str(port), user=None)["result"] == "accepted"
         assert c.map(abs, [-3]) == [3]  # and the owner's cluster is unharmed

@@ -76,6 +76,7 @@ class Row:
     target: Target | None = None
     limit: float | None = 1.0  # cloudlab/raw beyond which it is a regression; None: no comparison
     errors: list[str] = field(default_factory=list)
+    paired: bool = False  # raw and cloudlab measured in one process (see measures.measure_rtt)
 
     @property
     def name(self) -> str:
@@ -117,10 +118,13 @@ class Row:
             return None
         what = f"{self.name} on {self.engine}"
         if self.cloudlab_median is None:
-            if self.raw_median is None:
+            # Both failed: not cloudlab's fault, unless both were measured by cloudlab's
+            # measuring process (paired), which then crashed.
+            if self.raw_median is None and not (self.paired and self.errors):
                 return None
             cause = _short(self.errors[-1]) if self.errors else "no result"
-            return f"{what}: cloudlab gave no number ({cause}); the raw engine did."
+            return (f"{what}: cloudlab gave no number ({cause}); " +
+                    ("it measured the raw engine too." if self.paired else "the raw engine did."))
         speedup = self.speedup
         if speedup is None or speedup * self.limit >= 1:
             return None

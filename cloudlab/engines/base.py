@@ -36,9 +36,12 @@ class Engine(abc.ABC):
     #: Seconds the controller may take to notice that an engine died.
     notices_death_within: ClassVar[float] = 5.0
 
-    def __init__(self, workdir: Path, ip: str, task_retries: int = 2):
+    def __init__(self, workdir: Path, ip: str, task_retries: int = 2, remote: bool = False):
         self.workdir = workdir
         self.ip = ip
+        #: Engines on other machines than the client: traffic must be authenticated and
+        #: encrypted on the wire, not only kept to this machine's users.
+        self.remote = remote
         #: How often the engine's own scheduler reruns a task whose engine died (``submit``;
         #: ``map`` pieces are rerun by cloudlab's jobs, see :mod:`cloudlab.dispatch`).
         self.task_retries = task_retries

@@ -20,7 +20,7 @@ import cloudpickle
 from .._remote import Result, call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
-from ..security import dask_security, dask_tls
+from ..security import accept_only_this_user, dask_security, dask_tls
 from .base import Engine, OutputSink, raise_failures, wait_for_file
 
 OUTPUT_TOPIC = "cloudlab-output"
@@ -53,11 +53,13 @@ class DaskEngine(Engine):
 
     _client = None
 
-    def __init__(self, workdir, ip, task_retries: int = 2):
-        super().__init__(workdir, ip, task_retries)
+    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
+        super().__init__(workdir, ip, task_retries, remote)
         self._address: dict[int, str] = {}
-        # Dask authenticates nobody by itself: every party shows this cluster's certificate.
-        self.tls = dask_tls(workdir)
+        # Dask authenticates nobody by itself. Between machines every party shows this
+        # cluster's certificate; on one machine its servers accept only this user's
+        # connections (see cloudlab.security).
+        self.tls = dask_tls(workdir) if remote else None
         self._sinks: dict[str, tuple[OutputSink, set[int]]] = {}
 
     @property
@@ -69,7 +71,7 @@ class DaskEngine(Engine):
             "scheduler",
             "cloudlab.engines.dask:scheduler_main",
             ("--host", self.ip, "--port", "0", "--scheduler-file", str(self.scheduler_file),
-             "--protocol", "tls", *self._tls_args(), *LOOPBACK_HTTP, "--no-show"),
+             *self._tls_args(), *LOOPBACK_HTTP, "--no-show"),
             # A task whose worker died is run again elsewhere, this many times.
             {**_quiet(), "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(self.task_retries)},
             self.preload,
@@ -89,8 +91,10 @@ class DaskEngine(Engine):
         )
 
     def _tls_args(self) -> tuple[str, ...]:
-        return ("--tls-ca-file", str(self.tls.ca), "--tls-cert", str(self.tls.cert),
-                "--tls-key", str(self.tls.key))
+        if self.tls is None:
+            return ()
+        return ("--protocol", "tls", "--tls-ca-file", str(self.tls.ca),
+                "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key))
 
     async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
         from distributed import Client
@@ -98,7 +102,7 @@ class DaskEngine(Engine):
         await wait_for_file(self.scheduler_file, controller_alive, timeout, "Dask scheduler")
         try:
             self._client = await Client(scheduler_file=str(self.scheduler_file),
-                                        security=dask_security(self.tls),
+                                        security=dask_security(self.tls) if self.tls else None,
                                         asynchronous=True, timeout=timeout)
         except Exception as e:
             raise StartError(f"Could not connect to the Dask scheduler: {e}") from e
@@ -238,3 +242,4 @@ def _prepare_process() -> None:
     import distributed.proctitle
 
     distributed.proctitle.setproctitle_mod = None
+    accept_only_this_user()  # plain TCP (on one machine): this user's processes only

@@ -41,8 +41,8 @@ class IPyParallelEngine(Engine):
     _client = None
     _balanced = None  # the load-balanced view, made once
 
-    def __init__(self, workdir, ip, task_retries: int = 2):
-        super().__init__(workdir, ip, task_retries)
+    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
+        super().__init__(workdir, ip, task_retries, remote)
         self._direct: dict[int, Any] = {}  # a direct view per engine, made once
 
     @property

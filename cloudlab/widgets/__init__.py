@@ -7,6 +7,7 @@ frontend asks for it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 
 
@@ -37,3 +38,37 @@ def install(shell) -> None:
     if widgets_available(shell):
         shell.display_formatter.mimebundle_formatter.for_type(
             Cluster, lambda c, include=None, exclude=None: status.view(c).box._repr_mimebundle_())
+
+
+def clickable_while_busy(widget) -> bool:
+    """Let ``widget``'s clicks be handled while a cell runs; False where the kernel cannot.
+
+    A kernel handles widget events between cells, on its main thread, which a
+    blocking call such as ``c.map`` holds. ipykernel 7 can run *subshells*,
+    threads with event loops of their own, and routes each comm's messages to
+    the subshell its ``_reply_subshell_for`` names: this widget's go to one
+    subshell of cloudlab's, so its handler runs while the cell waits.
+    """
+    global _subshell
+    try:
+        kernel = sys.modules["IPython"].get_ipython().kernel
+        manager = kernel.shell_channel_thread.manager
+        if _subshell is None:
+            created: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+            def create() -> None:
+                try:
+                    created.set_result(manager._create_subshell())
+                except BaseException as e:  # noqa: BLE001 - reported to the waiting thread
+                    created.set_exception(e)
+
+            manager._shell_channel_io_loop.add_callback(create)
+            _subshell = created.result(timeout=5)
+        subshell = _subshell
+        widget.comm._reply_subshell_for = lambda data, default: subshell
+    except Exception:
+        return False
+    return True
+
+
+_subshell: str | None = None

@@ -11,7 +11,7 @@ import html
 import sys
 
 from ..progress import CANCELLED, DONE, FAILED, Progress
-from . import widgets_available
+from . import clickable_while_busy, widgets_available
 
 BAR_STYLES = {DONE: "success", FAILED: "danger", CANCELLED: "warning"}
 
@@ -25,6 +25,13 @@ class WidgetProgress(Progress):
         self.bar = w.IntProgress(value=0, min=0, max=max(total, 1),
                                  layout=w.Layout(width="300px"))
         self.caption = w.HTML(html.escape(self.text()))
+        self.stop_button = w.Button(description="Stop", icon="stop", button_style="warning",
+                                    tooltip="Stop this job: its running tasks end, their "
+                                            "engines are replaced",
+                                    layout=w.Layout(width="80px"))
+        self.stop_button.on_click(lambda _: self.stop())
+        if not clickable_while_busy(self.stop_button):  # a click would come too late
+            self.stop_button.layout.display = "none"
         outer = self
 
         class Box(w.HBox):
@@ -34,7 +41,7 @@ class WidgetProgress(Progress):
                 bundle["text/html"] = f"<pre class='cloudlab-progress'>{html.escape(outer.text())}</pre>"
                 return bundle
 
-        self.box = Box([self.bar, self.caption])
+        self.box = Box([self.bar, self.stop_button, self.caption])
         self.box.add_class("cloudlab-progress")
         self.handle = display(self.box, display_id=True)
 
@@ -43,6 +50,7 @@ class WidgetProgress(Progress):
         self.caption.value = html.escape(self.text())
         if self.state is not None:
             self.bar.bar_style = BAR_STYLES[self.state]
+            self.stop_button.layout.display = "none"
             if self.handle is not None:
                 self.handle.update(self.box)  # the saved notebook keeps the final text
 
