@@ -7,7 +7,8 @@
   it). Cloudlab's processes create files with umask 077: 0600.
 - **ipyparallel** signs every message with the HMAC key of its connection file
   (ipyparallel's default): a process without the file can reach the ports but
-  cannot make an engine do anything.
+  cannot make an engine do anything. Between machines, CurveZMQ also encrypts
+  and authenticates every connection (:func:`ipyparallel_env`).
 - **Dask** has no authentication of its own. Locally, its scheduler and
   workers close at once any connection whose other end belongs to another
   user (:func:`accept_only_this_user`: the kernel's socket table names the
@@ -67,6 +68,13 @@ class TLSFiles:
     ca: Path
     cert: Path
     key: Path
+
+
+def ipyparallel_env(remote: bool) -> dict[str, str]:
+    """Environment for an ipyparallel controller: with ``remote``, CurveZMQ on every
+    connection (the controller makes the key pair and puts its public key in the
+    connection files, from which engines and client take it)."""
+    return {"IPP_ENABLE_CURVE": "1"} if remote else {}
 
 
 def dask_tls(folder: Path) -> TLSFiles:

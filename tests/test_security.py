@@ -85,6 +85,20 @@ def test_remote_dask_engines_use_mutual_tls_and_refuse_a_client_without_the_cert
             distributed.Client(address, timeout=2)
 
 
+def test_remote_ipyparallel_engines_use_curvezmq(monkeypatch):
+    """What remote backends get (checked here on local processes, told they are remote)."""
+    from cloudlab.engines import ipp
+
+    init = ipp.IPyParallelEngine.__init__
+    monkeypatch.setattr(ipp.IPyParallelEngine, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "remote": True}))
+    with cloudlab.Cluster(2, engine="ipyparallel") as c:
+        connection = json.loads(next(c._workdir.rglob("ipcontroller-*-client.json")).read_text())
+        assert len(connection.get("curve_serverkey") or "") == 40  # a Z85 public key
+        assert c.client.curve_serverkey  # the client speaks CurveZMQ
+        assert c.map(abs, [-1, -2, -3]) == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def other_user() -> str:
     """A second Unix user, created if needed (needs root)."""

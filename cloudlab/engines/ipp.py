@@ -16,6 +16,7 @@ from .. import _aio
 from .._remote import Result, call
 from ..backends.base import Command
 from ..errors import RemoteError, StartError
+from ..security import ipyparallel_env
 from .base import Engine, OutputSink, wait_for_file, whole_json
 
 CLUSTER_ID = "cloudlab"
@@ -54,7 +55,7 @@ class IPyParallelEngine(Engine):
 
     def _common_env(self) -> dict[str, str]:
         # Engines run an IPython shell: keep its history and config out of ~/.ipython.
-        return {"IPYTHONDIR": str(self.workdir / "ipython")}
+        return {"IPYTHONDIR": str(self.workdir / "ipython"), **ipyparallel_env(self.remote)}
 
     def controller_command(self) -> Command:
         # Engines start alongside the controller and need the profile directory at once.
