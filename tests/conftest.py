@@ -92,6 +92,20 @@ def cluster(request):
     assert wait_until_gone(c.name, 5) == []
 
 
+@pytest.fixture(scope="module")
+def ip():
+    """An IPython shell with cloudlab's magics, as a notebook user has it."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import cloudlab
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "cloudlab")
+    yield shell
+    for c in cloudlab.running_clusters():
+        c.stop()
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

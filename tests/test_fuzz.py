@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import cloudlab
 from cloudlab.profiles import ClusterOptions, cloudlab_home
@@ -42,15 +41,6 @@ def fuzz_profile():
     path = folder / "fuzz.toml"
     yield path
     path.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def ip():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "cloudlab")
-    yield shell
-    for c in cloudlab.running_clusters():
-        c.stop()
 
 
 def one_sentence(message: str) -> None:

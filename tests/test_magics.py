@@ -2,20 +2,10 @@
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import cloudlab
 from cloudlab.magics import CLUSTER_HELP, ClusterMagics
 from conftest import launched, our_processes
-
-
-@pytest.fixture(scope="module")
-def ip():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "cloudlab")
-    yield shell
-    for c in cloudlab.running_clusters():
-        c.stop()
 
 
 def magic(ip, line):
