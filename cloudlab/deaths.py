@@ -53,7 +53,7 @@ def oom_kills() -> int | None:
 def cause_of(exit_code: int | None, last_words: str | None = None,
              oom_before: int | None = None, oom_now: int | None = None) -> str:
     """One phrase, to follow "engine 3 ...": what ended the engine."""
-    if last_words:
+    if last_words and last_words.strip():
         return last_words.strip().splitlines()[0]
     if exit_code is None:
         return "stopped answering its controller"
