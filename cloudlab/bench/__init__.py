@@ -371,8 +371,8 @@ def notes(rows: list[Row], sizes: Sizes, mode: str) -> list[str]:
                    "does, so what `%cluster start` meets; the start targets are for it), "
                    "against the raw engine's cold start. Without 'warm': a fresh process, "
                    "cloudlab's fork server not yet started; compared with the raw engine only"
-                   + (f", a regression beyond x {COLD_START_NOISE[mode]:g} (noise of one quick "
-                      "run)" if COLD_START_NOISE[mode] != 1 else "")
+                   + (f", a regression beyond x {COLD_START_NOISE[mode]:g} (the spread of "
+                      "fresh interpreters' imports between runs)" if COLD_START_NOISE[mode] != 1 else "")
                    + "; import: a fresh Python importing what an engine needs, which any "
                    "cold start pays.")
     if "map" in measures:

@@ -333,11 +333,16 @@ def measure_pi(subject, spec: dict) -> dict:
 
     subject.start(2)
     rates: dict[int, list[float]] = {2: [], 1: []}
+    cpu: list[dict] = []
     for _ in range(spec.get("pairs", 1)):
         for engines in (2, 1):
             if engines != len(subject.c.engine_ids):
                 subject.c.scale(engines)
+            pi.warm_up()
+            subject.c.run(pi.warm_up)  # so that the CPU counted below is the timed count's
+            before = _cpu_snapshot()
             result = pi.estimate(subject.c, spec["samples"])
+            cpu.append({"engines": engines, **_cpu_spent(before, result.seconds)})
             _require(result.engines == engines,
                      f"pi ran on {result.engines} engines, not {engines}")
             _require(abs(result.estimate - math.pi) < 6 * result.stderr + 1e-6,
@@ -345,7 +350,35 @@ def measure_pi(subject, spec: dict) -> dict:
             rates[engines].append(result.samples_per_s)
     rate1, rate2 = statistics.median(rates[1]), statistics.median(rates[2])
     return {"rate1": rate1, "rate2": rate2, "efficiency": rate2 / (2 * rate1),
-            "rates1": rates[1], "rates2": rates[2]}
+            "rates1": rates[1], "rates2": rates[2], "cpu": cpu}
+
+
+def _cpu_snapshot() -> tuple[float, float, dict[int, float]]:
+    """Busy CPU seconds of the whole machine, its steal, and each process of this
+    measure (this one and its descendants: fork server, engines)."""
+    mine = {}
+    for p in [psutil.Process(), *_descendants()]:
+        try:
+            t = p.cpu_times()
+            mine[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal, t.steal, mine
+
+
+def _cpu_spent(before, seconds: float) -> dict:
+    """Where the CPU went during a timed run: to this measure's processes (per process, as
+    a fraction of the run), to the hypervisor (steal), to anything else on the machine. A
+    slow run with CPU left to others was crowded out; one whose engines idled was not fed."""
+    busy0, steal0, mine0 = before
+    busy1, steal1, mine1 = _cpu_snapshot()
+    ours = {pid: mine1[pid] - mine0.get(pid, 0.0) for pid in mine1}
+    return {"busy": (busy1 - busy0) / seconds, "steal": (steal1 - steal0) / seconds,
+            "others": (busy1 - busy0 - sum(ours.values())) / seconds,
+            "ours": sorted((round(v / seconds, 3) for v in ours.values() if v > 0.01 * seconds),
+                           reverse=True),
+            "names": {pid: _describe(psutil.Process(pid))[:40] for pid, v in ours.items() if v > 0.01 * seconds}}
 
 
 def numpy_pi(spec: dict) -> dict:

@@ -27,9 +27,10 @@ RTT_ALLOWANCE = 1.10
 #: On top of that, the noise one run on a shared machine has: 200 timed round
 #: trips (full) move their median by a few percent, 50 (quick) by up to ~20%.
 RTT_NOISE = {"full": 1.10, "quick": 1.25}
-#: A cold start is mostly Python importing ipyparallel or Dask in fresh processes, which one
-#: quick run on a shared machine moves by up to ~20%; full runs take medians and allow none.
-COLD_START_NOISE = {"full": 1.0, "quick": 1.25}
+#: A cold start is mostly Python importing ipyparallel or Dask in fresh processes, on both
+#: sides. On this machine the medians of 3 raw Dask cold starts of 2 moved from 0.92 to 1.26 s
+#: between full runs, so a cold row, which has no target, regresses only beyond that spread.
+COLD_START_NOISE = {"full": 1.25, "quick": 1.25}
 
 
 def median(values: list[float]) -> float | None:
