@@ -1,0 +1,179 @@
+"""The system matrix: each history's row of chord lengths along its most likely path (the
+"MLP cache"), built once and kept by the engine that holds the history.
+
+Outside the hull a proton flies straight, so its path is the tracker line up to the hull
+entry (``u0``) and from the hull exit (``u2``); between them it is the MLP, sampled every
+half pixel at depths d_k = (k + 1/2) L / n. Each sample adds (L / n) sqrt(1 + tan^2 theta)
+to its pixel; consecutive samples in one pixel merge. Two passes over the histories in
+Numba (count the samples, then fill and merge) avoid the index arithmetic over 10^9 entries
+that exhausted memory in NumPy (PCT.md section 9).
+
+Rows are grouped into the global DROP blocks: a history's block is a hash of its global id,
+so every engine count cuts the same blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import mlp
+from .cuts import PHI, T_IN, T_OUT, THETA_IN, THETA_OUT, WEPL
+from .phantom import Grid
+
+MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@dataclass
+class Block:
+    """The rows of one DROP block that one share holds, as CSR with 32-bit indices."""
+
+    indptr: np.ndarray  # int64 (rows + 1)
+    indices: np.ndarray  # int32 pixel ids
+    chords: np.ndarray  # float32 cm
+    wepl: np.ndarray  # float64 cm
+    norms: np.ndarray  # float64: squared row norms
+
+    @property
+    def rows(self) -> int:
+        return self.wepl.size
+
+    def matrix(self, pixels: int):
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix((self.chords, self.indices, self.indptr), shape=(self.rows, pixels))
+
+    def crossings(self, pixels: int) -> np.ndarray:
+        """How many of these rows cross each pixel (DROP's per-block step scaling)."""
+        return np.bincount(self.indices, minlength=pixels)
+
+
+def block_of(gid: np.ndarray, blocks: int) -> np.ndarray:
+    """A history's DROP block: SplitMix64 of its global id, modulo ``blocks``."""
+    z = gid.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(blocks)).astype(np.int64)
+
+
+def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker: float,
+          blocks: int, table: np.ndarray, length_step: float) -> list[Block]:
+    """The rows of histories ``h`` (global ids ``gid``), grouped into ``blocks`` blocks;
+    histories whose entry line misses the hull have no row."""
+    order = np.argsort(block_of(gid, blocks), kind="stable")
+    h = np.ascontiguousarray(h[order], dtype=np.float64)
+    block = block_of(gid[order], blocks)
+    mask = np.ascontiguousarray(hull, dtype=np.bool_)
+    kernel_count, kernel_fill = _kernels()
+    geometry = np.empty((h.shape[0], 6))  # u0, t0, u2, t2, L, samples (0: no row)
+    step = grid.pixel / 2
+    kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
+    bound = np.concatenate([[0], np.cumsum(geometry[:, 5].astype(np.int64))])
+    indices = np.empty(bound[-1], dtype=np.int32)
+    chords = np.empty(bound[-1], dtype=np.float32)
+    lengths = np.zeros(h.shape[0], dtype=np.int64)
+    kernel_fill(h, geometry, grid.n, grid.pixel, table, length_step, bound, indices, chords,
+                lengths)
+    has_row = lengths > 0
+    out = []
+    for t in range(blocks):
+        rows = np.nonzero(has_row & (block == t))[0]
+        n = lengths[rows]
+        indptr = np.concatenate([[0], np.cumsum(n)])
+        take = _gather_index(bound[rows], n, indptr[-1])
+        c = chords[take]
+        sq = np.add.reduceat(c.astype(np.float64) ** 2, indptr[:-1]) if rows.size else np.zeros(0)
+        out.append(Block(indptr, indices[take], c, h[rows, WEPL].astype(np.float64), sq))
+    return out
+
+
+def _gather_index(starts: np.ndarray, counts: np.ndarray, total: int) -> np.ndarray:
+    """Positions ``starts[r] .. starts[r] + counts[r] - 1`` for every row, concatenated."""
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(counts.size), counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return starts[rows] + (np.arange(total) - first[rows])
+
+
+# ----------------------------------------------------------------- compiled passes
+def _in_hull(mask, n, pixel, u, t, cos, sin):
+    x, y = u * cos - t * sin, u * sin + t * cos
+    j, i = int(math.floor(x / pixel + n / 2)), int(math.floor(y / pixel + n / 2))
+    return 0 <= i < n and 0 <= j < n and mask[i, j]
+
+
+def _count(h, mask, n, pixel, tracker, step, geometry):
+    """Pass 1: hull entry and exit of each history and an upper bound of its samples."""
+    reach = n * pixel / math.sqrt(2.0) + step
+    for r in range(h.shape[0]):
+        cos, sin = math.cos(h[r, PHI]), math.sin(h[r, PHI])
+        t_in, tan_in = h[r, T_IN], math.tan(h[r, THETA_IN])
+        t_out, tan_out = h[r, T_OUT], math.tan(h[r, THETA_OUT])
+        geometry[r, 5] = 0.0
+        u0 = -reach
+        while u0 < reach and not _in_hull(mask, n, pixel, u0, t_in + (u0 + tracker) * tan_in,
+                                          cos, sin):
+            u0 += step
+        if u0 >= reach:
+            continue  # misses the hull
+        u2 = reach
+        while u2 > u0 and not _in_hull(mask, n, pixel, u2, t_out - (tracker - u2) * tan_out,
+                                       cos, sin):
+            u2 -= step
+        u0, u2 = u0 - step / 2, u2 + step / 2  # the crossings lie between samples
+        geometry[r, 0] = u0
+        geometry[r, 1] = t_in + (u0 + tracker) * tan_in
+        geometry[r, 2] = u2
+        geometry[r, 3] = t_out - (tracker - u2) * tan_out
+        geometry[r, 4] = u2 - u0
+        geometry[r, 5] = math.ceil((u2 - u0) / step)
+
+
+def _fill(h, geometry, n, pixel, table, length_step, bound, indices, chords, lengths):
+    """Pass 2: walk each MLP, writing (pixel, chord) pairs and merging repeats."""
+    for r in range(h.shape[0]):
+        samples = int(geometry[r, 5])
+        if samples == 0:
+            continue
+        cos, sin = math.cos(h[r, PHI]), math.sin(h[r, PHI])
+        u0, t0, length, t2 = geometry[r, 0], geometry[r, 1], geometry[r, 4], geometry[r, 3]
+        th0, th2 = h[r, THETA_IN], h[r, THETA_OUT]
+        step = length / samples
+        k, last = bound[r], -1
+        for s in range(samples):
+            d = (s + 0.5) * step
+            t, theta = mlp.table_mlp(table, length_step, length, d / length, t0, th0, t2, th2)
+            u = u0 + d
+            x, y = u * cos - t * sin, u * sin + t * cos
+            j, i = int(math.floor(x / pixel + n / 2)), int(math.floor(y / pixel + n / 2))
+            if not (0 <= i < n and 0 <= j < n):
+                continue
+            pixel_id = i * n + j
+            chord = step * math.sqrt(1.0 + math.tan(theta) ** 2)
+            if pixel_id == last:
+                chords[k - 1] += chord
+            else:
+                indices[k] = pixel_id
+                chords[k] = chord
+                k += 1
+                last = pixel_id
+        lengths[r] = k - bound[r]
+
+
+_compiled = None
+
+
+def _kernels():
+    global _compiled
+    if _compiled is None:
+        import numba
+        from numba.extending import register_jitable
+
+        register_jitable(_in_hull)
+        _compiled = (numba.njit(cache=True, nogil=True)(_count),
+                     numba.njit(cache=True, nogil=True)(_fill))
+    return _compiled
