@@ -6,8 +6,10 @@ find (and count) exactly its own engines, controllers and schedulers.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +22,7 @@ import pytest
 RUN_ID = uuid.uuid4().hex[:12]
 os.environ["CLOUDLAB_TEST_RUN"] = RUN_ID
 os.environ["CLOUDLAB_HOME"] = tempfile.mkdtemp(prefix="cloudlab-test-home-")
+atexit.register(shutil.rmtree, os.environ["CLOUDLAB_HOME"], ignore_errors=True)
 ENGINES = ["ipyparallel", "dask"]
 ROOT = Path(__file__).resolve().parent.parent
 

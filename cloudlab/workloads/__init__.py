@@ -6,4 +6,5 @@ A workload module offers ``add_arguments(parser)``, ``run(cluster, args) -> dict
 
 WORKLOADS = {
     "pi": "cloudlab.workloads.pi",
+    "pct": "cloudlab.workloads.pct",
 }

@@ -106,7 +106,7 @@ def test_mean_and_sigma_cuts_would_keep_outliers_that_robust_cuts_drop():
 def test_shepp_logan_filter_keeps_the_dc_term_so_a_disc_reconstructs_unbiased():
     """FBP of exact parallel projections of a uniform disc returns its value."""
     grid = Grid(96, 0.2)
-    geometry = fbp.Sinogram.for_grid(grid)
+    geometry = fbp.Sinogram.for_grid(grid, 20.0)
     t = grid.centres()
     radius, value = 7.0, 1.0
     chord = 2 * np.sqrt(np.clip(radius**2 - t**2, 0, None)) * value

@@ -62,6 +62,7 @@ class Reconstruction:
     rows: int
     nonzeros: int
     engines: int
+    peak_memory: int  # bytes: the engines' peak resident memory plus this process's
     inserts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -86,6 +87,7 @@ class Reconstruction:
             "rows": self.rows,
             "bytes_per_history": 8 * self.nonzeros / max(self.rows, 1) + 24,
             "engines": self.engines,
+            "peak_memory_gb": self.peak_memory / 1e9,
         }
 
 
@@ -115,10 +117,16 @@ class Shares:
             lost = sorted(set(range(chunks)) - set(held))
             raise RuntimeError(f"the histories of chunks {lost} were lost (an engine left the "
                                f"cluster during the reconstruction); run it again.")
-        values = [r.value for r in replies]
+        values = [r.value for r in replies if r.chunks]  # engines without a share add nothing
         if isinstance(values[0], tuple):
             return tuple(sum(v) for v in zip(*values))
         return sum(values[1:], values[0])
+
+
+def _peak_memory() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Star:
@@ -143,6 +151,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
     sets blocks, relaxation and cycles. ``on_image(label, image)`` sees the FBP and the
     image after each DROP cycle (for a live view); ``histories`` overrides the size's count.
     """
+    from ...progress import DONE, FAILED, open_progress
     from . import cuts, fbp, metrics, share, simulate, solve
     from .phantom import PHANTOMS, Grid
 
@@ -166,6 +175,8 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         seconds[stage] = now - clock
         clock = now
 
+    solves = 2 if tv and settings.tv_steps else 1
+    progress = open_progress("pCT DROP blocks", solves * settings.cycles * settings.blocks)
     try:
         share.warm_up()
         if cluster is not None:
@@ -179,7 +190,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
             share.histogram, len(counts), binning, level))
         kept, usable = shares.total(share.cut, len(counts), binning, found)
         lap("cuts")
-        geometry = fbp.Sinogram.for_grid(grid)
+        geometry = fbp.Sinogram.for_grid(grid, scan.tracker)
         first = fbp.reconstruct(shares.total(share.sinogram, len(counts), geometry), geometry)
         hull = fbp.hull(first)
         x0 = first * hull
@@ -194,10 +205,11 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
             return shares.total(share.block_sum, len(counts), t, x)
 
         def seen(label: str):
-            def cycle_done(cycle: int, t: int, x: np.ndarray) -> None:
+            def block_done(cycle: int, t: int, x: np.ndarray) -> None:
+                progress.advance(1)
                 if on_image is not None and t == settings.blocks - 1:
                     on_image(f"{label}: cycle {cycle + 1} of {settings.cycles}", x)
-            return cycle_done
+            return block_done
 
         plain = solve.drop(x0, hull, crossings, block_sum, plain_settings, seen("DROP"))
         lap("solve")
@@ -205,6 +217,12 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         if tv and settings.tv_steps:
             image = solve.drop(x0, hull, crossings, block_sum, settings, seen("DROP + TV"))
             lap("solve_tv")
+        memory = _peak_memory() + (0 if cluster is None else shares.total(share.peak_memory,
+                                                                           len(counts)))
+        progress.finish(DONE)
+    except BaseException as e:
+        progress.finish(FAILED, str(e).split("\n")[0])
+        raise
     finally:
         try:
             shares.each(share.forget)
@@ -217,7 +235,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         figures_plain=metrics.figures(plain, grid, phantom, truth),
         figures_fbp=metrics.figures(x0, grid, phantom, truth),
         seconds=seconds, histories=sum(counts), kept=kept, rows=rows, nonzeros=nonzeros,
-        engines=1 if cluster is None else len(cluster.engine_ids),
+        engines=1 if cluster is None else len(cluster.engine_ids), peak_memory=memory,
         inserts=metrics.insert_table(image, grid, phantom))
 
 

@@ -31,19 +31,21 @@ def insert_table(image: np.ndarray, grid: Grid, phantom: Phantom) -> list[dict]:
     return rows
 
 
-def edge_width(image: np.ndarray, grid: Grid, roi: Roi,
+def edge_width(image: np.ndarray, grid: Grid, x0: float, y0: float, radius: float,
                directions: int = 64) -> float:
-    """10-90% width (cm) of the insert's edge: the profile from its centre outwards,
-    averaged over ``directions``, between the insert's plateau and the background's."""
-    r = np.arange(0.0, 3 * roi.radius, grid.pixel / 10)
+    """10-90% width (cm) of the edge of the round insert of ``radius`` at ``(x0, y0)``: the
+    profile from its centre outwards, averaged over ``directions``, between the plateau of
+    its middle (r < R/2) and the ring around it (1.5 R to 2.2 R; the CTP404's inserts sit
+    1.65 cm from the body's edge, so that ring stays in the body)."""
+    r = np.arange(0.0, 2.2 * radius, grid.pixel / 10)
     angles = np.arange(directions) * 2 * math.pi / directions
-    x = roi.x + r[None, :] * np.cos(angles)[:, None]
-    y = roi.y + r[None, :] * np.sin(angles)[:, None]
+    x = x0 + r[None, :] * np.cos(angles)[:, None]
+    y = y0 + r[None, :] * np.sin(angles)[:, None]
     profile = _bilinear(image, grid, x, y).mean(axis=0)
-    inner = profile[r < 0.5 * roi.radius].mean()
-    outer = profile[r > 2 * roi.radius].mean()
+    inner = profile[r < 0.5 * radius].mean()
+    outer = profile[r > 1.5 * radius].mean()
     level = (profile - outer) / (inner - outer)  # 1 inside, 0 outside
-    edge = (r > 0.5 * roi.radius) & (r < 2 * roi.radius)
+    edge = (r > 0.5 * radius) & (r < 1.5 * radius)
     r90, r10 = _crossing(r[edge], level[edge], 0.9), _crossing(r[edge], level[edge], 0.1)
     return r10 - r90
 
@@ -65,7 +67,7 @@ def figures(image: np.ndarray, grid: Grid, phantom: Phantom, truth: np.ndarray) 
     }
     teflon = next((roi for roi in phantom.rois if roi.name.startswith("Teflon")), None)
     if teflon is not None:
-        out["edge_mm"] = 10 * edge_width(image, grid, teflon)
+        out["edge_mm"] = 10 * edge_width(image, grid, teflon.x, teflon.y, teflon.insert_radius)
     return out
 
 

@@ -51,6 +51,7 @@ class Roi:
     y: float
     radius: float
     rsp: float
+    insert_radius: float = 0.0  # of the insert the ROI sits in (for its edge), if round
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def ctp404(body_rsp: float = 1.0) -> Phantom:
         x = CTP404_INSERT_RING * math.cos(math.radians(degrees))
         y = CTP404_INSERT_RING * math.sin(math.radians(degrees))
         shapes.append((x, y, CTP404_INSERT_RADIUS, CTP404_INSERT_RADIUS, 0.0, rsp, SET))
-        rois.append(Roi(f"{material} ({degrees} deg)", x, y, ROI_RADIUS, rsp))
+        rois.append(Roi(f"{material} ({degrees} deg)", x, y, ROI_RADIUS, rsp,
+                        CTP404_INSERT_RADIUS))
     return Phantom("CTP404", np.array(shapes), CTP404_RADIUS, tuple(rois),
                    body=Roi("body centre", 0.0, 0.0, 2.0, body_rsp), rmse_radius=7.3)
 

@@ -51,6 +51,9 @@ def _reply(run: str, value) -> Reply:
     return Reply(tuple(sorted(_RUNS[run].chunks)), value)
 
 
+NOTHING = Reply((), None)  # the answer of an engine that holds no share of the run (a newcomer)
+
+
 def simulate_chunk(run: str, phantom: Phantom, scan: simulate.Scan, seed: int, chunk: int,
                    count: int) -> int:
     """Simulate chunk ``chunk`` here and keep it; returns its size."""
@@ -60,14 +63,17 @@ def simulate_chunk(run: str, phantom: Phantom, scan: simulate.Scan, seed: int, c
 
 
 def histogram(run: str, binning: cuts.Binning, level: cuts.Level) -> Reply:
-    share = _RUNS.setdefault(run, Share())
-    h = np.concatenate(list(share.chunks.values())) if share.chunks else np.zeros((0, 6))
+    if run not in _RUNS:
+        return NOTHING
+    h = np.concatenate(list(_RUNS[run].chunks.values()))
     return _reply(run, cuts.histogram(h, binning, level))
 
 
 def cut(run: str, binning: cuts.Binning, found: cuts.Cuts) -> Reply:
     """Keep the histories that pass; returns how many did, and how many were usable."""
-    share = _RUNS.setdefault(run, Share())
+    if run not in _RUNS:
+        return NOTHING
+    share = _RUNS[run]
     h, gid = share.all_histories()
     kept = cuts.keep(h, binning, found)
     share.histories, share.gid = h[kept], gid[kept]
@@ -75,6 +81,8 @@ def cut(run: str, binning: cuts.Binning, found: cuts.Cuts) -> Reply:
 
 
 def sinogram(run: str, geometry: fbp.Sinogram) -> Reply:
+    if run not in _RUNS:
+        return NOTHING
     return _reply(run, fbp.sinogram_sums(_RUNS[run].histories, geometry))
 
 
@@ -86,6 +94,8 @@ def mlp_table(length_step: float, max_length: float) -> np.ndarray:
 def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: int) -> Reply:
     """This share's rows, by block; returns per block how many rows cross each pixel, and
     the rows and nonzeros kept."""
+    if run not in _RUNS:
+        return NOTHING
     share = _RUNS[run]
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
     share.blocks = system.build(share.histories, share.gid, hull, grid, tracker, blocks,
@@ -99,6 +109,8 @@ def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: i
 
 def block_sum(run: str, t: int, x: np.ndarray) -> Reply:
     """sum over this share's rows i of block t of r_i a_i, r_i = (b_i - <a_i, x>) / |a_i|^2."""
+    if run not in _RUNS:
+        return NOTHING
     share = _RUNS[run]
     a, block = share.matrices[t], share.blocks[t]
     r = (block.wepl - a @ x) / block.norms
@@ -107,6 +119,15 @@ def block_sum(run: str, t: int, x: np.ndarray) -> Reply:
 
 def forget(run: str) -> None:
     _RUNS.pop(run, None)
+
+
+def peak_memory(run: str) -> Reply:
+    """This process's peak resident memory (bytes) so far."""
+    import resource
+
+    if run not in _RUNS:
+        return NOTHING
+    return _reply(run, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def warm_up() -> None:

@@ -23,9 +23,13 @@ TV_EPSILON = 1e-4
 
 @dataclass(frozen=True)
 class Drop:
+    """DROP's settings. lambda K cycles = 40 from the FBP: at the small size, further cycles
+    sharpened the Teflon edge by 0.1 mm a cycle but grew a ring of overshoot just inside
+    the inserts (Teflon's ROI +0.9% at 6 cycles against +0.75% at 4) and the noise."""
+
     blocks: int = 20
     relaxation: float = 0.5  # lambda
-    cycles: int = 6
+    cycles: int = 4
     tv_steps: int = 3  # 0: plain DROP
     tv_alpha: float = 0.75
 

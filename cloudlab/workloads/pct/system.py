@@ -23,6 +23,7 @@ from . import mlp
 from .cuts import PHI, T_IN, T_OUT, THETA_IN, THETA_OUT, WEPL
 from .phantom import Grid
 
+SAMPLES_PER_PIXEL = 2  # MLP samples per pixel of depth (the pCT code's MLP_U_STEP = voxel / 2)
 MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -69,7 +70,7 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     mask = np.ascontiguousarray(hull, dtype=np.bool_)
     kernel_count, kernel_fill = _kernels()
     geometry = np.empty((h.shape[0], 6))  # u0, t0, u2, t2, L, samples (0: no row)
-    step = grid.pixel / 2
+    step = grid.pixel / SAMPLES_PER_PIXEL
     kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
     bound = np.concatenate([[0], np.cumsum(geometry[:, 5].astype(np.int64))])
     indices = np.empty(bound[-1], dtype=np.int32)
