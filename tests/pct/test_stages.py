@@ -182,3 +182,15 @@ def test_figures_of_the_truth_are_perfect_and_of_a_blurred_truth_show_a_wider_ed
         blurred = (np.roll(blurred, 1, 0) + np.roll(blurred, -1, 0) + np.roll(blurred, 1, 1)
                    + np.roll(blurred, -1, 1) + blurred) / 5
     assert metrics.figures(blurred, grid, p, truth)["edge_mm"] > f["edge_mm"] + 0.5
+
+
+def test_mlp_follows_true_water_tracks_twice_as_well_as_the_straight_chord():
+    depths, t, theta = simulate.water_tracks(20_000, 20.0, seed=3)
+    mid = len(depths) // 2
+    y0 = (t[:, 0], theta[:, 0])
+    y2 = (t[:, -1], theta[:, -1])
+    t_mlp, _ = mlp_module.mlp(y0, y2, 20.0, depths[mid])
+    chord = (t[:, 0] + t[:, -1]) / 2
+    mlp_error = np.sqrt(np.mean((t_mlp - t[:, mid]) ** 2))
+    assert mlp_error == pytest.approx(mlp_module.mlp_error(20.0, 10.0), rel=0.06)
+    assert np.sqrt(np.mean((chord - t[:, mid]) ** 2)) > 1.8 * mlp_error

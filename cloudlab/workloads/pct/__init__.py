@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .solve import Drop
+
 
 @dataclass(frozen=True)
 class Size:
@@ -49,6 +51,7 @@ class Reconstruction:
 
     size: Size
     truth: np.ndarray
+    sinogram: np.ndarray  # mean WEPL per (angle, offset) bin over 180 degrees
     fbp: np.ndarray
     image: np.ndarray  # DROP with TV superiorization (plain DROP if run without TV)
     plain: np.ndarray  # plain DROP
@@ -159,7 +162,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         if size not in SIZES:
             raise ValueError(f"Unknown pCT size {size!r}: choose one of {', '.join(SIZES)}.")
         size = SIZES[size]
-    settings = drop or solve.Drop()
+    settings = drop or Drop()
     plain_settings = dataclasses.replace(settings, tv_steps=0)
     phantom = PHANTOMS[size.phantom]()
     grid = Grid(size.n, size.pixel)
@@ -191,7 +194,8 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         kept, usable = shares.total(share.cut, len(counts), binning, found)
         lap("cuts")
         geometry = fbp.Sinogram.for_grid(grid, scan.tracker)
-        first = fbp.reconstruct(shares.total(share.sinogram, len(counts), geometry), geometry)
+        sums = shares.total(share.sinogram, len(counts), geometry)
+        first = fbp.reconstruct(sums, geometry)
         hull = fbp.hull(first)
         x0 = first * hull
         if on_image is not None:
@@ -230,7 +234,8 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
             pass
     truth = phantom.raster(grid)
     return Reconstruction(
-        size=size, truth=truth, fbp=x0, image=image, plain=plain, hull=hull,
+        size=size, truth=truth, sinogram=fbp.projections(sums), fbp=x0, image=image,
+        plain=plain, hull=hull,
         figures=metrics.figures(image, grid, phantom, truth),
         figures_plain=metrics.figures(plain, grid, phantom, truth),
         figures_fbp=metrics.figures(x0, grid, phantom, truth),

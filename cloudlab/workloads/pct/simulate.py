@@ -151,3 +151,22 @@ def _kernel():
 
         _compiled = run
     return _compiled
+
+
+def water_tracks(count: int, length: float = 20.0, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """True paths of ``count`` protons through ``length`` cm of water, entering at t = 0 along
+    the axis, by the simulator's stepping law: ``(depths, t, theta)``, the last two
+    ``(count, steps + 1)``. For pictures and checks of the MLP, which only sees the ends."""
+    rng = np.random.default_rng(seed)
+    steps = round(length / STEP)
+    depths = np.linspace(0.0, length, steps + 1)
+    t = np.zeros((count, steps + 1))
+    theta = np.zeros((count, steps + 1))
+    factor = highland(length)
+    for k in range(steps):
+        sigma = math.sqrt(factor * polynomial(depths[k] + STEP / 2) * STEP)
+        z1, z2 = rng.standard_normal(count), rng.standard_normal(count)
+        ds = STEP * np.sqrt(1 + np.tan(theta[:, k]) ** 2)
+        t[:, k + 1] = t[:, k] + STEP * np.tan(theta[:, k]) + ds * sigma * (z1 / math.sqrt(12) + z2 / 2)
+        theta[:, k + 1] = theta[:, k] + sigma * z2
+    return depths, t, theta

@@ -31,7 +31,7 @@ MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 class Block:
     """The rows of one DROP block that one share holds, as CSR with 32-bit indices."""
 
-    indptr: np.ndarray  # int64 (rows + 1)
+    indptr: np.ndarray  # int32 (rows + 1): 32-bit like the indices, so scipy copies neither
     indices: np.ndarray  # int32 pixel ids
     chords: np.ndarray  # float32 cm
     wepl: np.ndarray  # float64 cm
@@ -68,7 +68,7 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     h = np.ascontiguousarray(h[order], dtype=np.float64)
     block = block_of(gid[order], blocks)
     mask = np.ascontiguousarray(hull, dtype=np.bool_)
-    kernel_count, kernel_fill = _kernels()
+    kernel_count, kernel_fill, kernel_compact = _kernels()
     geometry = np.empty((h.shape[0], 6))  # u0, t0, u2, t2, L, samples (0: no row)
     step = grid.pixel / SAMPLES_PER_PIXEL
     kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
@@ -78,26 +78,25 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     lengths = np.zeros(h.shape[0], dtype=np.int64)
     kernel_fill(h, geometry, grid.n, grid.pixel, table, length_step, bound, indices, chords,
                 lengths)
+    del geometry
+    total = kernel_compact(bound, lengths, indices, chords)
+    # Keep only the compacted prefix: the bound held up to twice as many entries.
+    indices, chords = indices[:total].copy(), chords[:total].copy()
+    # Rows are in block order, so each block is a contiguous slice (views, no copies).
     has_row = lengths > 0
+    ends = np.cumsum(lengths[has_row])
+    starts = ends - lengths[has_row]
+    wepl = h[has_row, WEPL]
+    squares = np.add.reduceat(chords.astype(np.float64) ** 2, starts) if starts.size else starts
+    first = np.searchsorted(block[has_row], np.arange(blocks + 1))
     out = []
     for t in range(blocks):
-        rows = np.nonzero(has_row & (block == t))[0]
-        n = lengths[rows]
-        indptr = np.concatenate([[0], np.cumsum(n)])
-        take = _gather_index(bound[rows], n, indptr[-1])
-        c = chords[take]
-        sq = np.add.reduceat(c.astype(np.float64) ** 2, indptr[:-1]) if rows.size else np.zeros(0)
-        out.append(Block(indptr, indices[take], c, h[rows, WEPL].astype(np.float64), sq))
+        a, b = first[t], first[t + 1]
+        lo = starts[a] if b > a else 0
+        hi = ends[b - 1] if b > a else 0
+        indptr = np.concatenate([[0], ends[a:b] - lo]).astype(np.int32)  # scipy keeps int32
+        out.append(Block(indptr, indices[lo:hi], chords[lo:hi], wepl[a:b], squares[a:b]))
     return out
-
-
-def _gather_index(starts: np.ndarray, counts: np.ndarray, total: int) -> np.ndarray:
-    """Positions ``starts[r] .. starts[r] + counts[r] - 1`` for every row, concatenated."""
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    rows = np.repeat(np.arange(counts.size), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return starts[rows] + (np.arange(total) - first[rows])
 
 
 # ----------------------------------------------------------------- compiled passes
@@ -165,6 +164,18 @@ def _fill(h, geometry, n, pixel, table, length_step, bound, indices, chords, len
         lengths[r] = k - bound[r]
 
 
+def _compact(bound, lengths, indices, chords):
+    """Pass 3: close the gaps between rows in place (each row moves left); the total."""
+    k = 0
+    for r in range(lengths.size):
+        start = bound[r]
+        for e in range(lengths[r]):
+            indices[k + e] = indices[start + e]
+            chords[k + e] = chords[start + e]
+        k += lengths[r]
+    return k
+
+
 _compiled = None
 
 
@@ -175,6 +186,5 @@ def _kernels():
         from numba.extending import register_jitable
 
         register_jitable(_in_hull)
-        _compiled = (numba.njit(cache=True, nogil=True)(_count),
-                     numba.njit(cache=True, nogil=True)(_fill))
+        _compiled = tuple(numba.njit(cache=True, nogil=True)(f) for f in (_count, _fill, _compact))
     return _compiled
