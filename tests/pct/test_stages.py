@@ -136,6 +136,14 @@ def test_a_straight_proton_through_a_full_hull_has_chords_summing_to_its_length(
     assert len(row0) == 16
     assert set(np.nonzero(a[1])[0] % 16) == {10}  # at 90 degrees x = -t = 2.5: column 10
     assert block.norms == pytest.approx((a**2).sum(axis=1))
+    # A proton that does not scatter has the same row whatever the path model.
+    for path in ("spline", "straight"):
+        [other] = system.build(h, np.arange(2), hull, grid, tracker, 1, table,
+                               mlp_module.TABLE_STEP, path)
+        assert np.abs(other.matrix(grid.n * grid.n).toarray() - a).max() < 1e-4
+    with pytest.raises(ValueError, match="Unknown path 'curly': choose one of mlp, spline"):
+        system.build(h, np.arange(2), hull, grid, tracker, 1, table, mlp_module.TABLE_STEP,
+                     "curly")
 
 
 def test_blocks_are_a_function_of_global_ids_only():
@@ -163,6 +171,11 @@ def test_drop_solves_a_consistent_system_and_tv_gradient_is_the_derivative():
     x = solve.drop(np.zeros((12, 12)), np.ones((12, 12), bool), crossings, block_sum,
                    solve.Drop(blocks=5, relaxation=1.0, cycles=60, tv_steps=0))
     assert np.abs(x - truth).max() < 0.02
+    # SART over all rows at once reaches the same image.
+    row_sums = a.sum(axis=1)
+    y = solve.sart(np.zeros((12, 12)), np.ones((12, 12), bool), a.sum(axis=0),
+                   lambda x: a.T @ ((b - a @ x) / row_sums), relaxation=1.0, iterations=300)
+    assert np.abs(y - truth).max() < 0.02
     x0 = rng.random((6, 6))
     g = solve.tv_gradient(x0)
     e = np.zeros_like(x0)

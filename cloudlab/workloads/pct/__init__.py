@@ -144,20 +144,24 @@ class _Star:
 
 
 def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: bool = True,
-                drop=None, on_image: Callable[[str, np.ndarray], None] | None = None,
+                drop=None, path: str = "mlp", on_image: Callable[[str, np.ndarray], None] | None = None,
                 histories: int | None = None) -> Reconstruction:
     """Simulate, cut, FBP, build the paths' rows and solve with DROP, on ``cluster``'s
     engines (or here, with None); score the images against the phantom.
 
     DROP runs plain, then (``tv``) with TV superiorization, from the same FBP: the figures
     are the last image's, and ``noise_pct`` the plain one's. ``drop`` (a ``solve.Drop``)
-    sets blocks, relaxation and cycles. ``on_image(label, image)`` sees the FBP and the
+    sets blocks, relaxation and cycles; ``path`` what the rows follow inside the hull: "mlp"
+    (the most likely path), "spline" (its cubic approximation) or "straight". ``on_image(label, image)`` sees the FBP and the
     image after each DROP cycle (for a live view); ``histories`` overrides the size's count.
     """
     from ...progress import DONE, FAILED, open_progress
     from . import cuts, fbp, metrics, share, simulate, solve
     from .phantom import PHANTOMS, Grid
+    from .system import PATHS
 
+    if path not in PATHS:
+        raise ValueError(f"Unknown path {path!r}: choose one of {', '.join(PATHS)}.")
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"Unknown pCT size {size!r}: choose one of {', '.join(SIZES)}.")
@@ -202,7 +206,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
             on_image("FBP", x0)
         lap("fbp")
         crossings, rows, nonzeros = shares.total(share.build_rows, len(counts), hull, grid,
-                                                 scan.tracker, settings.blocks)
+                                                 scan.tracker, settings.blocks, path)
         lap("system")
 
         def block_sum(t: int, x: np.ndarray) -> np.ndarray:
@@ -250,10 +254,13 @@ def add_arguments(parser) -> None:
                         help="phantom, grid and history count (default small)")
     parser.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     parser.add_argument("--no-tv", action="store_true", help="plain DROP, no TV superiorization")
+    parser.add_argument("--path", default="mlp", choices=["mlp", "spline", "straight"],
+                        help="what each proton's row follows inside the hull (default mlp)")
 
 
 def run(cluster, args) -> dict:
-    return reconstruct(cluster, args.size, seed=args.seed, tv=not args.no_tv).to_dict()
+    return reconstruct(cluster, args.size, seed=args.seed, tv=not args.no_tv,
+                       path=args.path).to_dict()
 
 
 def summary(figures: dict) -> str:

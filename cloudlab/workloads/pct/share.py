@@ -91,7 +91,8 @@ def mlp_table(length_step: float, max_length: float) -> np.ndarray:
     return mlp.build_table(max_length=max_length, length_step=length_step)
 
 
-def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: int) -> Reply:
+def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: int,
+               path: str = "mlp") -> Reply:
     """This share's rows, by block; returns per block how many rows cross each pixel, and
     the rows and nonzeros kept."""
     if run not in _RUNS:
@@ -99,7 +100,7 @@ def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: i
     share = _RUNS[run]
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
     share.blocks = system.build(share.histories, share.gid, hull, grid, tracker, blocks,
-                                table, mlp.TABLE_STEP)
+                                table, mlp.TABLE_STEP, path)
     share.matrices = {t: b.matrix(grid.n * grid.n) for t, b in enumerate(share.blocks)}
     crossings = np.stack([b.crossings(grid.n * grid.n) for b in share.blocks]).astype(np.int32)
     rows = sum(b.rows for b in share.blocks)
@@ -142,4 +143,6 @@ def warm_up() -> None:
     h = simulate.simulate_chunk(phantom, scan, 0, 0, 16).astype(np.float64)
     hull = np.ones((grid.n, grid.n), bool)
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
-    system.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP)
+    for path in system.PATHS:
+        system.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP,
+                     path)

@@ -23,6 +23,10 @@ from . import mlp
 from .cuts import PHI, T_IN, T_OUT, THETA_IN, THETA_OUT, WEPL
 from .phantom import Grid
 
+#: Paths a row can follow inside the hull: the most likely path (tabulated), the cubic
+#: spline of Collins-Fekete et al. 2015, or the straight chord between hull entry and exit.
+PATHS = ("mlp", "spline", "straight")
+MLP, SPLINE, STRAIGHT = range(3)
 SAMPLES_PER_PIXEL = 2  # MLP samples per pixel of depth (the pCT code's MLP_U_STEP = voxel / 2)
 MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -61,9 +65,11 @@ def block_of(gid: np.ndarray, blocks: int) -> np.ndarray:
 
 
 def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker: float,
-          blocks: int, table: np.ndarray, length_step: float) -> list[Block]:
-    """The rows of histories ``h`` (global ids ``gid``), grouped into ``blocks`` blocks;
-    histories whose entry line misses the hull have no row."""
+          blocks: int, table: np.ndarray, length_step: float, path: str = "mlp") -> list[Block]:
+    """The rows of histories ``h`` (global ids ``gid``), grouped into ``blocks`` blocks, along
+    ``path`` (one of PATHS); histories whose entry line misses the hull have no row."""
+    if path not in PATHS:
+        raise ValueError(f"Unknown path {path!r}: choose one of {', '.join(PATHS)}.")
     order = np.argsort(block_of(gid, blocks), kind="stable")
     h = np.ascontiguousarray(h[order], dtype=np.float64)
     block = block_of(gid[order], blocks)
@@ -76,8 +82,8 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     indices = np.empty(bound[-1], dtype=np.int32)
     chords = np.empty(bound[-1], dtype=np.float32)
     lengths = np.zeros(h.shape[0], dtype=np.int64)
-    kernel_fill(h, geometry, grid.n, grid.pixel, table, length_step, bound, indices, chords,
-                lengths)
+    kernel_fill(h, geometry, grid.n, grid.pixel, PATHS.index(path), table, length_step, bound,
+                indices, chords, lengths)
     del geometry
     total = kernel_compact(bound, lengths, indices, chords)
     # Keep only the compacted prefix: the bound held up to twice as many entries.
@@ -133,8 +139,8 @@ def _count(h, mask, n, pixel, tracker, step, geometry):
         geometry[r, 5] = math.ceil((u2 - u0) / step)
 
 
-def _fill(h, geometry, n, pixel, table, length_step, bound, indices, chords, lengths):
-    """Pass 2: walk each MLP, writing (pixel, chord) pairs and merging repeats."""
+def _fill(h, geometry, n, pixel, kind, table, length_step, bound, indices, chords, lengths):
+    """Pass 2: walk each path (PATHS[kind]), writing (pixel, chord) pairs, merging repeats."""
     for r in range(h.shape[0]):
         samples = int(geometry[r, 5])
         if samples == 0:
@@ -142,18 +148,45 @@ def _fill(h, geometry, n, pixel, table, length_step, bound, indices, chords, len
         cos, sin = math.cos(h[r, PHI]), math.sin(h[r, PHI])
         u0, t0, length, t2 = geometry[r, 0], geometry[r, 1], geometry[r, 4], geometry[r, 3]
         th0, th2 = h[r, THETA_IN], h[r, THETA_OUT]
+        # The spline's end tangents, scaled as Collins-Fekete et al. 2015 fitted them.
+        chord_length = math.sqrt(length**2 + (t2 - t0) ** 2)
+        ratio = (h[r, WEPL] / mlp.WER) ** 2
+        scale0, scale2 = (1.01 + 0.43 * ratio) * chord_length, (0.99 - 0.46 * ratio) * chord_length
+        c0, s0 = math.cos(th0), math.sin(th0)
+        c2, s2 = math.cos(th2), math.sin(th2)
         step = length / samples
         k, last = bound[r], -1
-        for s in range(samples):
-            d = (s + 0.5) * step
-            t, theta = mlp.table_mlp(table, length_step, length, d / length, t0, th0, t2, th2)
-            u = u0 + d
+        for sample in range(samples):
+            f = (sample + 0.5) / samples
+            if kind == MLP:
+                d = f * length
+                t, theta = mlp.table_mlp(table, length_step, length, f, t0, th0, t2, th2)
+                u = u0 + d
+                chord = step * math.sqrt(1.0 + math.tan(theta) ** 2)
+            elif kind == SPLINE:
+                # Sampled at the same depths as the MLP: solve u(s) = u0 + d for s (Newton).
+                target, q = f * length, f
+                for _ in range(3):
+                    du = (6*q**2 - 6*q) * u0 + (3*q**2 - 4*q + 1) * scale0 * c0 \
+                        + (-6*q**2 + 6*q) * (u0 + length) + (3*q**2 - 2*q) * scale2 * c2
+                    uq = (2*q**3 - 3*q**2 + 1) * u0 + (q**3 - 2*q**2 + q) * scale0 * c0 \
+                        + (-2*q**3 + 3*q**2) * (u0 + length) + (q**3 - q**2) * scale2 * c2
+                    q = min(max(q - (uq - u0 - target) / du, 0.0), 1.0)
+                u = u0 + target
+                t = (2*q**3 - 3*q**2 + 1) * t0 + (q**3 - 2*q**2 + q) * scale0 * s0 \
+                    + (-2*q**3 + 3*q**2) * t2 + (q**3 - q**2) * scale2 * s2
+                dt = (6*q**2 - 6*q) * t0 + (3*q**2 - 4*q + 1) * scale0 * s0 \
+                    + (-6*q**2 + 6*q) * t2 + (3*q**2 - 2*q) * scale2 * s2
+                chord = step * math.sqrt(1.0 + (dt / du) ** 2)
+            else:  # the straight chord from hull entry to hull exit
+                u = u0 + f * length
+                t = t0 + f * (t2 - t0)
+                chord = chord_length / samples
             x, y = u * cos - t * sin, u * sin + t * cos
             j, i = int(math.floor(x / pixel + n / 2)), int(math.floor(y / pixel + n / 2))
             if not (0 <= i < n and 0 <= j < n):
                 continue
             pixel_id = i * n + j
-            chord = step * math.sqrt(1.0 + math.tan(theta) ** 2)
             if pixel_id == last:
                 chords[k - 1] += chord
             else:
