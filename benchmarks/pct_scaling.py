@@ -5,7 +5,7 @@
 Runs ``cloudlab run pct --json`` on 1 engine and on 2 (fresh clusters, one after the other),
 and prints a Markdown table: for each stage, histories per second per core (histories the
 stage handled over its seconds times the engine count) and the efficiency of 2 engines
-(time on 1 / (2 x time on 2)). It checks that both runs scored the same figures.
+(time on 1 / (2 x time on 2)). It checks that both runs scored the same figures (to 1e-5 relative).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     one, two = run(args.size, args.engine, 1), run(args.size, args.engine, 2)
     for key in ("max_insert_error_pct", "rmse", "kept", "rows"):
-        if abs(one[key] - two[key]) > 1e-9 * max(1.0, abs(one[key])):
+        if abs(one[key] - two[key]) > 1e-5 * max(1.0, abs(one[key])):  # float32 products
             raise SystemExit(f"1 and 2 engines disagree on {key}: {one[key]} vs {two[key]}")
     n = one["histories"]
     print(f"pCT {one['size']}, {n:,} histories, {args.engine}\n")
