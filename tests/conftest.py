@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytest_plugins = ("external",)  # corpus, Redis and moto_server fixtures
+
 RUN_ID = uuid.uuid4().hex[:12]
 os.environ["CLOUDLAB_TEST_RUN"] = RUN_ID
 os.environ["CLOUDLAB_HOME"] = tempfile.mkdtemp(prefix="cloudlab-test-home-")

@@ -20,10 +20,16 @@ def pyproject_dependencies() -> set[tuple[str, str]]:
     return {requirement(d) for d in data["project"]["dependencies"]}
 
 
+#: conda-forge names that differ from PyPI's (the Redis client; conda-forge's "redis" is
+#: the server).
+CONDA_NAMES = {"redis-py": "redis"}
+
+
 def conda_dependencies(path) -> set[tuple[str, str]]:
     deps = yaml.safe_load(path.read_text())["dependencies"]
-    return {requirement(d) for d in deps
-            if isinstance(d, str) and not d.startswith(("python=", "pip"))}
+    found = (requirement(d) for d in deps
+             if isinstance(d, str) and not d.startswith(("python=", "pip")))
+    return {(CONDA_NAMES.get(name, name), version) for name, version in found}
 
 
 def test_environment_yml_and_binder_match_pyproject():

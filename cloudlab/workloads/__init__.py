@@ -7,4 +7,5 @@ A workload module offers ``add_arguments(parser)``, ``run(cluster, args) -> dict
 WORKLOADS = {
     "pi": "cloudlab.workloads.pi",
     "pct": "cloudlab.workloads.pct",
+    "classify": "cloudlab.workloads.classify",
 }

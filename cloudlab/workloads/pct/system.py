@@ -27,6 +27,7 @@ from .phantom import Grid
 #: spline of Collins-Fekete et al. 2015, or the straight chord between hull entry and exit.
 PATHS = ("mlp", "spline", "straight")
 MLP, SPLINE, STRAIGHT = range(3)
+BATCH = 1 << 16  # histories whose paths are walked at a time
 SAMPLES_PER_PIXEL = 2  # MLP samples per pixel of depth (the pCT code's MLP_U_STEP = voxel / 2)
 MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -78,16 +79,32 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     geometry = np.empty((h.shape[0], 6))  # u0, t0, u2, t2, L, samples (0: no row)
     step = grid.pixel / SAMPLES_PER_PIXEL
     kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
-    bound = np.concatenate([[0], np.cumsum(geometry[:, 5].astype(np.int64))])
-    indices = np.empty(bound[-1], dtype=np.int32)
-    chords = np.empty(bound[-1], dtype=np.float32)
+    samples = geometry[:, 5].astype(np.int64)
+    # Paths are walked a batch at a time into buffers sized for the batch's samples, then
+    # compacted (merged samples take about half the room) into arrays that grow as needed:
+    # memory stays near the rows' own size, not twice it.
+    capacity = int(0.6 * samples.sum()) + 1
+    indices = np.empty(capacity, dtype=np.int32)
+    chords = np.empty(capacity, dtype=np.float32)
     lengths = np.zeros(h.shape[0], dtype=np.int64)
-    kernel_fill(h, geometry, grid.n, grid.pixel, PATHS.index(path), table, length_step, bound,
-                indices, chords, lengths)
+    total = 0
+    for a in range(0, h.shape[0], BATCH):
+        b = min(a + BATCH, h.shape[0])
+        bound = np.concatenate([[0], np.cumsum(samples[a:b])])
+        batch_indices = np.empty(bound[-1], dtype=np.int32)
+        batch_chords = np.empty(bound[-1], dtype=np.float32)
+        kernel_fill(h[a:b], geometry[a:b], grid.n, grid.pixel, PATHS.index(path), table,
+                    length_step, bound, batch_indices, batch_chords, lengths[a:b])
+        k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords)
+        if total + k > capacity:
+            capacity = max(total + k, int(1.25 * capacity))
+            indices = _grown(indices, total, capacity)
+            chords = _grown(chords, total, capacity)
+        indices[total:total + k] = batch_indices[:k]
+        chords[total:total + k] = batch_chords[:k]
+        total += k
     del geometry
-    total = kernel_compact(bound, lengths, indices, chords)
-    # Keep only the compacted prefix: the bound held up to twice as many entries.
-    indices, chords = indices[:total].copy(), chords[:total].copy()
+    indices, chords = indices[:total], chords[:total]
     # Rows are in block order, so each block is a contiguous slice (views, no copies).
     has_row = lengths > 0
     ends = np.cumsum(lengths[has_row])
@@ -102,6 +119,12 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
         hi = ends[b - 1] if b > a else 0
         indptr = np.concatenate([[0], ends[a:b] - lo]).astype(np.int32)  # scipy keeps int32
         out.append(Block(indptr, indices[lo:hi], chords[lo:hi], wepl[a:b], squares[a:b]))
+    return out
+
+
+def _grown(a: np.ndarray, used: int, capacity: int) -> np.ndarray:
+    out = np.empty(capacity, dtype=a.dtype)
+    out[:used] = a[:used]
     return out
 
 

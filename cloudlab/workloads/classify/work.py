@@ -1,0 +1,109 @@
+"""The engines' side of classification: a model per engine, batches of documents in, rows
+of the results table out.
+
+A row is what the table holds per document: its key (the arXiv id), the worker (host and
+process) that classified it, the true and the predicted label, title and date. Rows are
+keyed by the document, so writing one twice (a document delivered again after its worker
+died) leaves one row.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import astuple, dataclass
+
+from .corpus import Document
+from .model import Model
+
+_MODELS: dict[str, Model] = {}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model saved where the engines can read it: engines load it on first use, so an
+    engine that replaced a dead one needs nothing sent to it."""
+
+    id: str
+    path: str
+
+    def get(self) -> Model:
+        if self.id not in _MODELS:
+            _MODELS[self.id] = Model.load(self.path)
+        return _MODELS[self.id]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    worker: str
+    truth: str
+    predicted: str
+    title: str
+    date: str
+
+    def values(self) -> tuple:
+        return astuple(self)
+
+
+COLUMNS = ("key", "worker", "truth", "predicted", "title", "date")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def forget_model(model_id: str) -> None:
+    _MODELS.pop(model_id, None)
+
+
+def classify(model: ModelRef, docs: list[Document]) -> list[Row]:
+    """Rows for ``docs``, predicted by this engine's copy of the model."""
+    predicted = model.get().predict([d.text for d in docs])
+    worker = worker_name()
+    return [Row(d.id, worker, d.label, p, d.title, d.date) for d, p in zip(docs, predicted)]
+
+
+def document_frequencies(docs: list[Document]):
+    from .model import document_frequencies as frequencies
+
+    return frequencies([d.text for d in docs])
+
+
+def features(docs: list[Document], idf):
+    from .model import counts, tfidf
+
+    return tfidf(counts([d.text for d in docs]), idf)
+
+
+def serve(model: ModelRef, queue_url: str, table_url: str, batch: int = 32,
+          lease: float = 30.0, patience: float = 1.0) -> dict:
+    """A worker: take documents from the queue, classify them, write their rows, then
+    acknowledge them; until nothing is left unacknowledged for ``patience`` seconds (the
+    documents other workers hold are waited for: their leases may run out, and then this
+    worker takes them). Returns what it did."""
+    import time
+
+    from .queues import decode, open_queue
+    from .tables import open_table
+
+    queue, table = open_queue(queue_url, lease), open_table(table_url)
+    done, idle_since = 0, None
+    try:
+        while True:
+            messages = queue.take(batch)
+            if not messages:
+                if queue.waiting() == 0:
+                    if idle_since is None:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > patience:
+                        break
+                time.sleep(0.05)
+                continue
+            idle_since = None
+            table.put(classify(model, [decode(m.body) for m in messages]))
+            queue.acknowledge(messages)
+            done += len(messages)
+    finally:
+        table.close()
+    return {"worker": worker_name(), "documents": done}

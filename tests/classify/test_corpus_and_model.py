@@ -1,0 +1,61 @@
+"""Reading and labelling arXiv records; the model's held-out accuracy."""
+
+import gzip
+import json
+
+import pytest
+
+import cloudlab
+from cloudlab.workloads.classify import corpus, model, split, train
+
+
+@pytest.mark.parametrize("categories, label", [
+    ("hep-th", "physics"), ("cond-mat.str-el math.MP", "physics"), ("astro-ph.GA", "physics"),
+    ("quant-ph cs.IT", "physics"), ("physics.atom-ph", "physics"), ("nucl-ex", "physics"),
+    ("math.RA", "math"), ("math-ph", "physics"), ("cs.LG stat.ML", "cs"), ("stat.ML cs.LG", "stat"),
+    ("q-bio.NC", "q-bio"), ("q-fin.GN econ.GN", "q-fin"), ("eess.SP", "eess"), ("econ.EM", "econ"),
+])
+def test_labels_follow_the_primary_category_through_the_taxonomy(categories, label):
+    assert corpus.label_of(categories) == label
+
+
+def test_an_unknown_category_is_named():
+    with pytest.raises(ValueError, match=r"Category 'bogus\.XY' is not in arXiv's taxonomy"):
+        corpus.label_of("bogus.XY math.RA")
+
+
+def test_the_shared_corpus_has_five_balanced_labels(corpus_path):
+    docs = corpus.load_arxiv(corpus_path)
+    assert len(docs) == 25_000 and len({d.id for d in docs}) == 25_000
+    counts = {label: sum(d.label == label for d in docs) for label in {d.label for d in docs}}
+    assert counts == {"physics": 5000, "math": 5000, "cs": 5000, "q-bio": 5000, "q-fin": 5000}
+    train_docs, test_docs = split(docs)
+    assert 0.18 < len(test_docs) / len(docs) < 0.22
+    assert split(list(reversed(docs)))[1] == list(reversed(test_docs))  # a function of the ids
+
+
+def test_bad_records_and_missing_files_get_one_clear_sentence(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write(json.dumps({"id": "1", "title": "t", "abstract": "a", "categories": "math.RA"}) + "\n")
+        f.write('{"id": "2", "title": "no abstract"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.gz, line 2: not an arXiv metadata record"):
+        corpus.load_arxiv(bad)
+    with pytest.raises(FileNotFoundError, match="No corpus at .*nothing.jsonl: give the path"):
+        corpus.load_arxiv(tmp_path / "nothing.jsonl")
+
+
+def test_model_trained_on_a_cluster_reaches_the_accuracy_bar(corpus, engine):
+    """Issue 7: >= 0.85 on the held-out split (a plain baseline reaches about 0.89)."""
+    training, test = split(corpus)
+    with cloudlab.Cluster(2, engine=engine) as c:
+        fitted = train(c, training)
+    predicted = fitted.predict([d.text for d in test])
+    accuracy = sum(p == d.label for p, d in zip(predicted, test)) / len(test)
+    assert accuracy >= 0.85, accuracy
+    # Trained in parallel, it is the model one process fits on the same documents.
+    texts = [d.text for d in training]
+    assert (fitted.idf == model.idf_from(model.document_frequencies(texts), len(texts))).all()
+    x = model.tfidf(model.counts(texts), fitted.idf)
+    alone = model.fit(x, [d.label for d in training], fitted.idf)
+    assert alone.predict([d.text for d in test[:500]]) == predicted[:500]

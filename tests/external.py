@@ -1,0 +1,73 @@
+"""Fixtures for parts outside the package: the arXiv corpus, a local Redis, a moto_server
+(registered by tests/conftest.py as a plugin)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudlab.workloads.classify import SHARED_CORPUS, load_arxiv
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    path = Path(os.environ.get("CLOUDLAB_ARXIV_CORPUS", SHARED_CORPUS))
+    if not path.exists():
+        pytest.skip(f"the arXiv corpus is not at {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(corpus_path):
+    return load_arxiv(corpus_path)
+
+
+@pytest.fixture
+def redis_url():
+    from cloudlab.workloads.classify import services
+
+    if not services.redis_available():
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    with services.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(monkeypatch_module):
+    """A real EC2/SQS/DynamoDB-compatible HTTP endpoint on loopback (moto_server)."""
+    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(binary).exists():
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch_module.setenv(name, value)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
