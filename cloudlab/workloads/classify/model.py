@@ -63,9 +63,15 @@ class Model:
         with np.load(path) as f:
             return cls(f["idf"], f["coef"], f["intercept"], tuple(str(c) for c in f["classes"]))
 
+    def predict_index(self, texts: list[str]) -> np.ndarray:
+        """Index into ``classes`` of each text's predicted label."""
+        if getattr(self, "_weights", None) is None:  # (FEATURES, classes), C order: no copy
+            self._weights = np.ascontiguousarray(self.coef.T)  # per product
+        scores = self.features(texts) @ self._weights + self.intercept
+        return np.argmax(scores, axis=1)
+
     def predict(self, texts: list[str]) -> list[str]:
-        scores = self.features(texts) @ self.coef.T + self.intercept
-        return [self.classes[k] for k in np.argmax(scores, axis=1)]
+        return [self.classes[k] for k in self.predict_index(texts)]
 
 
 def tfidf(x, idf: np.ndarray):

@@ -20,6 +20,9 @@ class SqliteTable:
         self.path = urlsplit(url).path
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writers
+        # A commit survives the death of the process that made it, which is the failure
+        # the queue form guards against; only a power cut could lose the last ones.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({COLUMNS[0]} TEXT PRIMARY KEY, "
                         + ", ".join(f"{c} TEXT" for c in COLUMNS[1:]) + ")")
 

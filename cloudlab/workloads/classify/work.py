@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from .corpus import Document
 from .model import Model
@@ -43,7 +43,7 @@ class Row:
     date: str
 
     def values(self) -> tuple:
-        return astuple(self)
+        return (self.key, self.worker, self.truth, self.predicted, self.title, self.date)
 
 
 COLUMNS = ("key", "worker", "truth", "predicted", "title", "date")
@@ -51,6 +51,37 @@ COLUMNS = ("key", "worker", "truth", "predicted", "title", "date")
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_CORPORA: dict[str, list[Document]] = {}
+
+
+@dataclass(frozen=True)
+class CorpusRef:
+    """Documents saved where the engines can read them, loaded once per engine: a task then
+    names a range of them instead of carrying them."""
+
+    id: str
+    path: str
+
+    def get(self) -> list[Document]:
+        if self.id not in _CORPORA:
+            import pickle
+
+            with open(self.path, "rb") as f:
+                _CORPORA[self.id] = pickle.load(f)
+        return _CORPORA[self.id]
+
+
+def predict_range(model: ModelRef, corpus: CorpusRef, start: int, stop: int) -> tuple:
+    """(worker, label indices) for documents ``start..stop-1`` of ``corpus``."""
+    docs = corpus.get()[start:stop]
+    return worker_name(), model.get().predict_index([d.text for d in docs]).astype("uint8")
+
+
+def forget(model_id: str, corpus_id: str) -> None:
+    _MODELS.pop(model_id, None)
+    _CORPORA.pop(corpus_id, None)
 
 
 def forget_model(model_id: str) -> None:
@@ -76,7 +107,7 @@ def features(docs: list[Document], idf):
     return tfidf(counts([d.text for d in docs]), idf)
 
 
-def serve(model: ModelRef, queue_url: str, table_url: str, batch: int = 32,
+def serve(model: ModelRef, queue_url: str, table_url: str, batch: int = 200,
           lease: float = 30.0, patience: float = 1.0) -> dict:
     """A worker: take documents from the queue, classify them, write their rows, then
     acknowledge them; until nothing is left unacknowledged for ``patience`` seconds (the
