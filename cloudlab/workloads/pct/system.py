@@ -87,6 +87,7 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     indices = np.empty(capacity, dtype=np.int32)
     chords = np.empty(capacity, dtype=np.float32)
     lengths = np.zeros(h.shape[0], dtype=np.int64)
+    norms = np.zeros(h.shape[0])
     total = 0
     for a in range(0, h.shape[0], BATCH):
         b = min(a + BATCH, h.shape[0])
@@ -95,7 +96,7 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
         batch_chords = np.empty(bound[-1], dtype=np.float32)
         kernel_fill(h[a:b], geometry[a:b], grid.n, grid.pixel, PATHS.index(path), table,
                     length_step, bound, batch_indices, batch_chords, lengths[a:b])
-        k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords)
+        k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords, norms[a:b])
         if total + k > capacity:
             capacity = max(total + k, int(1.25 * capacity))
             indices = _grown(indices, total, capacity)
@@ -110,7 +111,7 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     ends = np.cumsum(lengths[has_row])
     starts = ends - lengths[has_row]
     wepl = h[has_row, WEPL]
-    squares = np.add.reduceat(chords.astype(np.float64) ** 2, starts) if starts.size else starts
+    squares = norms[has_row]
     first = np.searchsorted(block[has_row], np.arange(blocks + 1))
     out = []
     for t in range(blocks):
@@ -220,14 +221,18 @@ def _fill(h, geometry, n, pixel, kind, table, length_step, bound, indices, chord
         lengths[r] = k - bound[r]
 
 
-def _compact(bound, lengths, indices, chords):
-    """Pass 3: close the gaps between rows in place (each row moves left); the total."""
+def _compact(bound, lengths, indices, chords, norms):
+    """Pass 3: close the gaps between rows in place (each row moves left), and take each
+    row's squared norm on the way; the total."""
     k = 0
     for r in range(lengths.size):
         start = bound[r]
+        square = 0.0
         for e in range(lengths[r]):
             indices[k + e] = indices[start + e]
             chords[k + e] = chords[start + e]
+            square += float(chords[start + e]) ** 2
+        norms[r] = square
         k += lengths[r]
     return k
 
