@@ -81,9 +81,10 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
     samples = geometry[:, 5].astype(np.int64)
     # Paths are walked a batch at a time into buffers sized for the batch's samples, then
-    # compacted (merged samples take about half the room) into arrays that grow as needed:
-    # memory stays near the rows' own size, not twice it.
-    capacity = int(0.6 * samples.sum()) + 1
+    # compacted (merged samples take about half the room) into arrays sized from the first
+    # batch's ratio, grown only if a later batch needs it: memory stays near the rows' own
+    # size, not twice it.
+    capacity = int(min(BATCH, h.shape[0]) and samples[:BATCH].sum()) + 1
     indices = np.empty(capacity, dtype=np.int32)
     chords = np.empty(capacity, dtype=np.float32)
     lengths = np.zeros(h.shape[0], dtype=np.int64)
@@ -97,6 +98,9 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
         kernel_fill(h[a:b], geometry[a:b], grid.n, grid.pixel, PATHS.index(path), table,
                     length_step, bound, batch_indices, batch_chords, lengths[a:b])
         k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords, norms[a:b])
+        if a == 0 and b < h.shape[0]:  # size the arrays on the first batch's merge ratio
+            capacity = int(1.05 * k / max(bound[-1], 1) * samples.sum()) + BATCH
+            indices, chords = _grown(indices, 0, capacity), _grown(chords, 0, capacity)
         if total + k > capacity:
             capacity = max(total + k, int(1.25 * capacity))
             indices = _grown(indices, total, capacity)
