@@ -80,56 +80,29 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     step = grid.pixel / SAMPLES_PER_PIXEL
     kernel_count(h, mask, grid.n, grid.pixel, tracker, step, geometry)
     samples = geometry[:, 5].astype(np.int64)
-    # Paths are walked a batch at a time into buffers sized for the batch's samples, then
-    # compacted (merged samples take about half the room) into arrays sized from the first
-    # batch's ratio, grown only if a later batch needs it: memory stays near the rows' own
-    # size, not twice it.
-    capacity = int(min(BATCH, h.shape[0]) and samples[:BATCH].sum()) + 1
-    indices = np.empty(capacity, dtype=np.int32)
-    chords = np.empty(capacity, dtype=np.float32)
     lengths = np.zeros(h.shape[0], dtype=np.int64)
     norms = np.zeros(h.shape[0])
-    total = 0
-    for a in range(0, h.shape[0], BATCH):
-        b = min(a + BATCH, h.shape[0])
-        bound = np.concatenate([[0], np.cumsum(samples[a:b])])
-        batch_indices = np.empty(bound[-1], dtype=np.int32)
-        batch_chords = np.empty(bound[-1], dtype=np.float32)
-        kernel_fill(h[a:b], geometry[a:b], grid.n, grid.pixel, PATHS.index(path), table,
-                    length_step, bound, batch_indices, batch_chords, lengths[a:b])
-        k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords, norms[a:b])
-        if a == 0 and b < h.shape[0]:  # size the arrays on the first batch's merge ratio
-            capacity = int(1.05 * k / max(bound[-1], 1) * samples.sum()) + BATCH
-            indices, chords = _grown(indices, 0, capacity), _grown(chords, 0, capacity)
-        if total + k > capacity:
-            capacity = max(total + k, int(1.25 * capacity))
-            indices = _grown(indices, total, capacity)
-            chords = _grown(chords, total, capacity)
-        indices[total:total + k] = batch_indices[:k]
-        chords[total:total + k] = batch_chords[:k]
-        total += k
-    del geometry
-    indices, chords = indices[:total], chords[:total]
-    # Rows are in block order, so each block is a contiguous slice (views, no copies).
-    has_row = lengths > 0
-    ends = np.cumsum(lengths[has_row])
-    starts = ends - lengths[has_row]
-    wepl = h[has_row, WEPL]
-    squares = norms[has_row]
-    first = np.searchsorted(block[has_row], np.arange(blocks + 1))
+    first = np.searchsorted(block, np.arange(blocks + 1))  # rows are in block order
     out = []
     for t in range(blocks):
-        a, b = first[t], first[t + 1]
-        lo = starts[a] if b > a else 0
-        hi = ends[b - 1] if b > a else 0
-        indptr = np.concatenate([[0], ends[a:b] - lo]).astype(np.int32)  # scipy keeps int32
-        out.append(Block(indptr, indices[lo:hi], chords[lo:hi], wepl[a:b], squares[a:b]))
-    return out
-
-
-def _grown(a: np.ndarray, used: int, capacity: int) -> np.ndarray:
-    out = np.empty(capacity, dtype=a.dtype)
-    out[:used] = a[:used]
+        # A block's paths are walked a batch at a time into buffers sized for the batch's
+        # samples, then compacted (merged samples take about half the room): memory stays
+        # near the rows' own size, not twice it.
+        pieces = []
+        for a in range(first[t], first[t + 1], BATCH):
+            b = min(a + BATCH, first[t + 1])
+            bound = np.concatenate([[0], np.cumsum(samples[a:b])])
+            batch_indices = np.empty(bound[-1], dtype=np.int32)
+            batch_chords = np.empty(bound[-1], dtype=np.float32)
+            kernel_fill(h[a:b], geometry[a:b], grid.n, grid.pixel, PATHS.index(path), table,
+                        length_step, bound, batch_indices, batch_chords, lengths[a:b])
+            k = kernel_compact(bound, lengths[a:b], batch_indices, batch_chords, norms[a:b])
+            pieces.append((batch_indices[:k].copy(), batch_chords[:k].copy()))
+        rows = np.arange(first[t], first[t + 1])[lengths[first[t]:first[t + 1]] > 0]
+        indptr = np.concatenate([[0], np.cumsum(lengths[rows])]).astype(np.int32)
+        indices = np.concatenate([p[0] for p in pieces] or [np.zeros(0, np.int32)])
+        chords = np.concatenate([p[1] for p in pieces] or [np.zeros(0, np.float32)])
+        out.append(Block(indptr, indices, chords, h[rows, WEPL].copy(), norms[rows]))
     return out
 
 
