@@ -104,26 +104,24 @@ def test_table_shape_build_time_and_identities(table):
     assert np.all(np.isfinite(table))
 
 
-def test_table_matches_the_direct_form(table):
-    rng = np.random.default_rng(7)
-    histories = _random_histories(rng, 100_000, 0.5, 20.0)
+@pytest.mark.parametrize("seed, shortest, longest, t_tolerance, theta_tolerance", [
+    (7, 0.5, 20.0, 0.0005, 0.0002),  # PCT.md: 0.0004 cm
+    (8, 0.0, 0.5, 1e-5, 0.001),  # short paths, down to zero length
+])
+def test_table_matches_the_direct_form(table, seed, shortest, longest, t_tolerance,
+                                       theta_tolerance):
+    rng = np.random.default_rng(seed)
+    histories = _random_histories(rng, 100_000, shortest, longest)
     length, s, t0, th0, t2, th2 = histories
     t, theta = _table_paths(table, STEP, *histories)
     direct_t, direct_theta = mlp.mlp((t0, th0), (t2, th2), length, s * length)
-    assert np.abs(t - direct_t).max() <= 0.0005  # PCT.md: 0.0004 cm
-    assert np.abs(theta - direct_theta).max() <= 0.0002
+    assert np.abs(t - direct_t).max() <= t_tolerance
+    assert np.abs(theta - direct_theta).max() <= theta_tolerance
+
+
+def test_table_coefficients_and_a_zero_length_path(table):
     coefficients = mlp.table_coefficients(table, STEP, 12.34, 0.567)
     assert np.allclose(coefficients, mlp.mlp_coefficients(12.34, 0.567), rtol=0, atol=1e-3)
-
-
-def test_table_on_short_paths_down_to_zero_length(table):
-    rng = np.random.default_rng(8)
-    histories = _random_histories(rng, 20_000, 0.0, 0.5)
-    length, s, t0, th0, t2, th2 = histories
-    t, theta = _table_paths(table, STEP, *histories)
-    direct_t, direct_theta = mlp.mlp((t0, th0), (t2, th2), length, s * length)
-    assert np.abs(t - direct_t).max() <= 1e-5
-    assert np.abs(theta - direct_theta).max() <= 0.001
     t, theta = mlp.table_mlp(table, STEP, 0.0, 0.5, 0.3, 0.02, 0.3, 0.05)
     assert t == pytest.approx(0.3) and math.isfinite(theta)
 
