@@ -107,3 +107,21 @@ def test_queue_form_over_the_whole_corpus_survives_a_killed_worker(corpus, engin
     # The dead worker's acknowledged rows stay; what it held was done again by others.
     assert any(w.endswith(f":{killed[0]}") for w in result.workers)
     assert len(result.workers) >= 2
+
+
+def test_queue_form_through_sqs_into_dynamodb(corpus, moto_endpoint):
+    """The AWS form end to end: engines take documents from SQS and write DynamoDB rows
+    (moto_server on loopback stands in for AWS; the engines get its dummy credentials)."""
+    docs = corpus[:500]
+    queue_url = queues.SqsQueue.create("abstracts", moto_endpoint)
+    table_url = tables.DynamoTable.create("classified", moto_endpoint)
+    with cloudlab.Cluster(2) as c:
+        result = run_corpus(c, docs, mode="queue", queue_url=queue_url, table_url=table_url,
+                            lease=5.0)
+    assert wait_until_gone(c.name, 5) == []
+    table = tables.open_table(table_url)
+    assert table.count() == 500 == result.rows
+    assert {r.key for r in table.rows()} == {d.id for d in docs}
+    assert len(result.workers) == 2 and result.accuracy > 0.8
+    table.put([table.rows()[0]] * 2)  # the same document twice in one batch: still one row
+    assert table.count() == 500

@@ -67,6 +67,9 @@ class DynamoTable:
         return f"dynamodb://{name}?region={region}" + (f"&endpoint={endpoint}" if endpoint else "")
 
     def put(self, rows: list[Row]) -> None:
+        # A batch may hold a document twice (SQS delivers at least once), which DynamoDB's
+        # BatchWriteItem refuses: keep the last row per key, as a replacing write would.
+        rows = list({r.key: r for r in rows}.values())
         for start in range(0, len(rows), 25):
             self.client.batch_write_item(RequestItems={self.name: [
                 {"PutRequest": {"Item": {c: {"S": v} for c, v in zip(COLUMNS, r.values())}}}
