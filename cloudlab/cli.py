@@ -169,6 +169,12 @@ def cmd_run(args) -> int:
     from .cluster import Cluster
 
     module = importlib.import_module(WORKLOADS[args.workload])
+    if hasattr(module, "prepare"):
+        try:
+            args.inputs = module.prepare(args)
+        except (ValueError, OSError) as e:  # bad input: say so before anything starts
+            print(f"cloudlab run {args.workload}: {e}", file=sys.stderr)
+            return 2
     cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend)
     t0 = time.perf_counter()
     with cluster:

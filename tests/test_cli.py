@@ -76,6 +76,9 @@ def test_ctrl_c_stops_the_foreground_cluster_cleanly():
     (["start", "lots"], "whole number like 4"),
     (["stop"], "name a cluster to stop, or use --all"),
     (["stop", "nope"], "no running cluster named 'nope'"),
+    (["run", "classify", "--corpus", "/nonexistent/corpus.jsonl"],
+     "No corpus at /nonexistent/corpus.jsonl: give the path of an arXiv metadata file"),
+    (["run", "classify", "--corpus", "/etc/hostname"], "line 1: not an arXiv metadata record"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message):
     result = cloudlab(*args)

@@ -1,7 +1,10 @@
 """Workloads: real computations to run on a cluster, each usable from Python and `cloudlab run`.
 
 A workload module offers ``add_arguments(parser)``, ``run(cluster, args) -> dict`` and
-``summary(figures) -> str`` for the CLI, beside its Python API (``pi.estimate(cluster, samples, seed=...)``).
+``summary(figures) -> str`` for the CLI, beside its Python API (``pi.estimate(cluster,
+samples, seed=...)``). It may also offer ``prepare(args)``, which reads the inputs before
+the cluster starts (into ``args.inputs``): a ValueError or OSError there is bad input, said
+in one line with nothing started.
 """
 
 WORKLOADS = {

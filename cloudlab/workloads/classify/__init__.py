@@ -68,7 +68,6 @@ def _shards(items: list, count: int) -> list[list]:
 
 def train(cluster, docs: list[Document]):
     """Fit the model on ``docs``: the engines count and vectorize their shares in parallel."""
-    import numpy as np
     import scipy.sparse
 
     from . import model as model_module
@@ -79,7 +78,6 @@ def train(cluster, docs: list[Document]):
     idf = model_module.idf_from(frequencies, len(docs))
     parts = cluster.map(_features, [(shard, idf) for shard in shards], chunksize=1)
     x = scipy.sparse.vstack(parts).tocsr()
-    del np
     return model_module.fit(x, [d.label for d in docs], idf)
 
 
@@ -117,10 +115,11 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
     with _saved(model) as ref:
         cluster.run(_warm_up, ref)  # every engine loads the model before the clock starts
         if mode == "cluster":
-            rows, seconds = _in_cluster(cluster, ref, docs, on_progress)
+            rows, seconds = _in_cluster(cluster, ref, model.classes, docs, on_progress)
         else:
             rows, seconds = _through_queue(cluster, ref, docs, queue_url, table_url, on_progress,
                                            lease)
+        cluster.run(work.forget, ref.id)  # the engines' copies of the model
     test = {d.id for d in docs if held_out(d)}
     scored = [r for r in rows if r.key in test]
     confusion: dict = {}
@@ -129,12 +128,11 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
         confusion[(r.truth, r.predicted)] = confusion.get((r.truth, r.predicted), 0) + 1
         workers[r.worker] = workers.get(r.worker, 0) + 1
     accuracy = sum(r.truth == r.predicted for r in scored) / max(len(scored), 1)
-    del work
     return Run(mode, len(docs), len(rows), accuracy, seconds, train_seconds,
                len(cluster.engine_ids), workers, confusion, sorted(rows, key=lambda r: r.key)[:10])
 
 
-def _in_cluster(cluster, ref, docs, on_progress):
+def _in_cluster(cluster, ref, classes, docs, on_progress):
     """The cluster form: the documents go to the engines once (a private file each engine
     reads on first use); each task names a range of them and returns label indices, so the
     client does almost nothing per document."""
@@ -158,8 +156,7 @@ def _in_cluster(cluster, ref, docs, on_progress):
         results = cluster.map(_predict_range, [(ref, corpus, a, b) for a, b in ranges],
                               chunksize=1, on_result=arrived)
         seconds = time.perf_counter() - t0
-        cluster.run(work.forget, ref.id, corpus.id)
-    classes = ref.get().classes
+        cluster.run(work.forget, corpus.id)
     rows = [work.Row(d.id, worker, d.label, classes[k], d.title, d.date)
             for (a, b), (worker, labels) in zip(ranges, results)
             for d, k in zip(docs[a:b], labels)]
@@ -180,19 +177,12 @@ def _warm_up(ref) -> None:
     ref.get().predict(["warm up"])
 
 
-def _classify_batch(item):
-    from . import work
-
-    ref, docs = item
-    return work.classify(ref, docs)
-
-
 def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease):
     import contextlib
     import tempfile
     import threading
 
-    from . import queues, services, tables, work
+    from . import queues, services, tables
 
     with contextlib.ExitStack() as stack:
         if queue_url is None:
@@ -222,9 +212,7 @@ def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease)
         seconds = time.perf_counter() - t0
         if on_progress is not None:
             on_progress(len(docs) - queue.waiting(), seconds)
-        rows = table.rows()
-        del work
-        return rows, seconds
+        return table.rows(), seconds
 
 
 def _serve(slot):
@@ -268,17 +256,25 @@ class _saved(_private_file):
 # ------------------------------------------------------------ `cloudlab run classify`
 def add_arguments(parser) -> None:
     parser.add_argument("--corpus", default=None,
-                        help="arXiv metadata file, JSON lines (default: the shared 25k corpus)")
+                        help="arXiv metadata file, JSON lines (default: the shared 25k "
+                             "corpus, or 20 Newsgroups where it is absent)")
     parser.add_argument("--mode", default="cluster", choices=["cluster", "queue"],
                         help="cluster: the cluster's scheduler is the queue; queue: a local "
                              "Redis queue and SQLite table (default cluster)")
     parser.add_argument("--limit", type=int, default=None, help="read only the first N documents")
 
 
+def prepare(args) -> tuple[list[Document], str]:
+    """The documents, read before any engine starts (so a bad path starts nothing)."""
+    if args.corpus is None:
+        docs, about = default_corpus()
+        return docs[:args.limit], about
+    return load_arxiv(args.corpus, limit=args.limit), str(args.corpus)
+
+
 def run(cluster, args) -> dict:
-    path = args.corpus or SHARED_CORPUS
-    docs = load_arxiv(path, limit=args.limit)
-    return {"corpus": str(path), **run_corpus(cluster, docs, mode=args.mode).to_dict()}
+    docs, corpus = args.inputs
+    return {"corpus": corpus, **run_corpus(cluster, docs, mode=args.mode).to_dict()}
 
 
 def summary(figures: dict) -> str:

@@ -79,13 +79,10 @@ def predict_range(model: ModelRef, corpus: CorpusRef, start: int, stop: int) -> 
     return worker_name(), model.get().predict_index([d.text for d in docs]).astype("uint8")
 
 
-def forget(model_id: str, corpus_id: str) -> None:
-    _MODELS.pop(model_id, None)
-    _CORPORA.pop(corpus_id, None)
-
-
-def forget_model(model_id: str) -> None:
-    _MODELS.pop(model_id, None)
+def forget(ref_id: str) -> None:
+    """Drop this engine's copy of a model or corpus (by its ref's id)."""
+    _MODELS.pop(ref_id, None)
+    _CORPORA.pop(ref_id, None)
 
 
 def classify(model: ModelRef, docs: list[Document]) -> list[Row]:

@@ -126,12 +126,6 @@ class Shares:
         return sum(values[1:], values[0])
 
 
-def _peak_memory() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class _Star:
     """``fn(run, *item)`` for ``map``: a picklable partial by module reference."""
 
@@ -225,8 +219,8 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         if tv and settings.tv_steps:
             image = solve.drop(x0, hull, crossings, block_sum, settings, seen("DROP + TV"))
             lap("solve_tv")
-        memory = _peak_memory() + (0 if cluster is None else shares.total(share.peak_memory,
-                                                                           len(counts)))
+        engines_memory = 0 if cluster is None else shares.total(share.peak_memory, len(counts))
+        memory = share.process_peak_memory() + engines_memory
         progress.finish(DONE)
     except BaseException as e:
         progress.finish(FAILED, str(e).split("\n")[0])

@@ -65,7 +65,7 @@ def simulate_chunk(run: str, phantom: Phantom, scan: simulate.Scan, seed: int, c
 def histogram(run: str, binning: cuts.Binning, level: cuts.Level) -> Reply:
     if run not in _RUNS:
         return NOTHING
-    h = np.concatenate(list(_RUNS[run].chunks.values()))
+    h, _ = _RUNS[run].all_histories()
     return _reply(run, cuts.histogram(h, binning, level))
 
 
@@ -124,13 +124,17 @@ def forget(run: str) -> None:
     _RUNS.pop(run, None)
 
 
-def peak_memory(run: str) -> Reply:
+def process_peak_memory() -> int:
     """This process's peak resident memory (bytes) so far."""
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(run: str) -> Reply:
     if run not in _RUNS:
         return NOTHING
-    return _reply(run, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return _reply(run, process_peak_memory())
 
 
 def warm_up() -> None:
@@ -143,6 +147,5 @@ def warm_up() -> None:
     h = simulate.simulate_chunk(phantom, scan, 0, 0, 16).astype(np.float64)
     hull = np.ones((grid.n, grid.n), bool)
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
-    for path in system.PATHS:
-        system.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP,
-                     path)
+    # One build compiles the kernels of every path model (the model is an argument).
+    system.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP)
