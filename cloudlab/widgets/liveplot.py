@@ -40,15 +40,8 @@ class LivePlot:
         self.draw(self.figure)
 
     def _png(self):
-        """The current frame as a PNG, whatever matplotlib backend the kernel uses."""
-        import io
-
-        from IPython.display import Image
-
         self._render()
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=100)
-        return Image(data=buffer.getvalue(), format="png")
+        return png(self.figure)
 
     def update(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -65,3 +58,15 @@ class LivePlot:
         elif self.save:
             self._render()
             self.figure.savefig(self.save)
+
+
+def png(figure):
+    """``figure`` as a PNG image that a notebook shows whatever matplotlib backend the
+    kernel uses (a bare ``Figure`` shows only as text unless pyplot set one up)."""
+    import io
+
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return Image(data=buffer.getvalue(), format="png")

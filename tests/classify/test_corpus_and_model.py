@@ -59,3 +59,13 @@ def test_model_trained_on_a_cluster_reaches_the_accuracy_bar(corpus, engine):
     x = model.tfidf(model.counts(texts), fitted.idf)
     alone = model.fit(x, [d.label for d in training], fitted.idf)
     assert alone.predict([d.text for d in test[:500]]) == predicted[:500]
+
+
+def test_the_confusion_matrix_is_a_png_a_notebook_shows_without_pyplot():
+    from cloudlab.workloads.classify import Run, view
+
+    run = Run("cluster", 3, 3, 2 / 3, 1.0, 1.0, 1,
+              confusion={("math", "math"): 2, ("cs", "math"): 1})
+    image = view.confusion(run)
+    assert image.format == "png" and image.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(image.data) > 5_000

@@ -40,15 +40,17 @@ class Throughput:
             ax.legend(loc="lower right")
 
 
-def confusion(run, fig=None):
+def confusion(run):
     """The confusion matrix of a run's rows (rows: true label, columns: predicted), as
-    fractions of each true label."""
+    fractions of each true label: a PNG image for the notebook."""
     from matplotlib.figure import Figure
+
+    from ...widgets.liveplot import png
 
     labels = sorted({t for t, _ in run.confusion} | {p for _, p in run.confusion})
     counts = np.array([[run.confusion.get((t, p), 0) for p in labels] for t in labels], float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig = fig or Figure(figsize=(5, 4.2), layout="constrained")
+    fig = Figure(figsize=(5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -60,7 +62,7 @@ def confusion(run, fig=None):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (each row sums to 1)")
-    return fig
+    return png(fig)
 
 
 def table_head(rows, limit: int = 8) -> str:

@@ -49,8 +49,11 @@ def show_phantom(ax, phantom: Phantom, grid: Grid) -> None:
 
 
 def compare(result, vmin: float = 0.8, vmax: float = 1.9):
-    """FBP, DROP and DROP + TV beside the truth, windowed on the body's contrast."""
+    """FBP, DROP and DROP + TV beside the truth, windowed on the body's contrast: a PNG
+    image for the notebook."""
     from matplotlib.figure import Figure
+
+    from ...widgets.liveplot import png
 
     images = [("truth", result.truth), ("FBP", result.fbp), ("DROP", result.plain),
               ("DROP + TV", result.image)]
@@ -62,7 +65,7 @@ def compare(result, vmin: float = 0.8, vmax: float = 1.9):
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
-    return fig
+    return png(fig)
 
 
 def insert_table(result) -> str:
