@@ -69,3 +69,15 @@ def test_the_confusion_matrix_is_a_png_a_notebook_shows_without_pyplot():
     image = view.confusion(run)
     assert image.format == "png" and image.data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(image.data) > 5_000
+
+
+def test_cluster_tasks_shrink_towards_the_end_so_the_engines_finish_together():
+    from cloudlab.workloads.classify import BATCH, SMALLEST_BATCH, _ranges
+
+    ranges = _ranges(25_000, 2)
+    assert ranges[0] == (0, BATCH) and ranges[-1][1] == 25_000
+    assert all(stop == start for (_, stop), (start, _) in zip(ranges, ranges[1:]))
+    sizes = [b - a for a, b in ranges]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-2] == SMALLEST_BATCH and sum(sizes[-6:]) < BATCH  # the tail is short
+    assert _ranges(120, 4) == [(0, 50), (50, 100), (100, 120)] and _ranges(0, 2) == []

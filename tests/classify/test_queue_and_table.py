@@ -1,6 +1,7 @@
 """At-least-once queues and idempotent tables: Redis and SQLite here, SQS and DynamoDB
 against moto_server; then the whole queue form with a worker killed mid-run."""
 
+import dataclasses
 import os
 import signal
 import threading
@@ -38,6 +39,25 @@ def test_redis_queue_hides_taken_messages_and_delivers_them_again_after_the_leas
     assert sorted(m.body for m in again) == sorted(f"doc-{k}" for k in range(10))
     queue.acknowledge(again)
     assert queue.waiting() == 0 and queue.take(5) == []
+
+
+def test_an_acknowledged_message_is_not_delivered_again_after_its_lease_ran_out(redis_url):
+    queue = queues.open_queue(redis_url + "?name=t2", lease=0.2)
+    queue.put(["slow"])
+    [slow] = queue.take(1)
+    time.sleep(0.3)
+    assert queue.take(0) == []  # a look at the queue returns the expired message...
+    queue.acknowledge([slow])  # ...and then its slow worker finishes it after all
+    assert queue.waiting() == 0 and queue.take(5) == []
+
+
+def test_a_message_carries_a_batch_of_documents_under_the_sqs_size_limit(corpus):
+    bodies = queues.pack(corpus[:1000])
+    assert len(bodies) == 1000 // queues.DOCS_PER_MESSAGE
+    assert [doc for body in bodies for doc in queues.unpack(body)] == corpus[:1000]
+    long = [dataclasses.replace(corpus[0], abstract="x" * 50_000)] * 10
+    assert [len(queues.unpack(body)) for body in queues.pack(long)] == [3, 3, 3, 1]
+    assert max(len(body) for body in queues.pack(long)) <= queues.MESSAGE_BYTES
 
 
 def test_sqlite_table_keeps_one_row_per_document(tmp_path):

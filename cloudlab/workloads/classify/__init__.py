@@ -32,7 +32,8 @@ from .corpus import SHARED_CORPUS, Document, default_corpus, load_arxiv, load_ne
 __all__ = ["Document", "load_arxiv", "load_newsgroups", "default_corpus", "split", "train",
            "run_corpus", "Run", "SHARED_CORPUS"]
 
-BATCH = 500  # documents per task in cluster mode: a task costs the engine ~8 ms besides its documents
+BATCH = 500  # documents per task in cluster mode, at most (see _ranges)
+SMALLEST_BATCH = 50  # a task costs the engine about a millisecond besides its documents
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _in_cluster(cluster, ref, classes, docs, on_progress):
         path.write_bytes(pickle.dumps(docs, protocol=pickle.HIGHEST_PROTOCOL))
         corpus = work.CorpusRef(path.stem, str(path))
         cluster.run(_load_corpus, corpus)
-        ranges = [(start, min(start + BATCH, len(docs))) for start in range(0, len(docs), BATCH)]
+        ranges = _ranges(len(docs), len(cluster.engine_ids))
         done, t0 = 0, time.perf_counter()
 
         def arrived(index, _result) -> None:
@@ -161,6 +162,19 @@ def _in_cluster(cluster, ref, classes, docs, on_progress):
             for (a, b), (worker, labels) in zip(ranges, results)
             for d, k in zip(docs[a:b], labels)]
     return rows, seconds
+
+
+def _ranges(total: int, engines: int) -> list[tuple[int, int]]:
+    """Guided self-scheduling: tasks of ``BATCH`` documents while there is plenty left,
+    then each a share of what remains (down to ``SMALLEST_BATCH``), so the engines finish
+    together instead of one waiting out the other's last large task."""
+    ranges, start = [], 0
+    while start < total:
+        share = -(-(total - start) // (2 * max(engines, 1)))
+        size = min(BATCH, max(SMALLEST_BATCH, share))
+        ranges.append((start, min(start + size, total)))
+        start += size
+    return ranges
 
 
 def _load_corpus(corpus) -> None:
@@ -192,14 +206,20 @@ def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease)
             table_url = f"sqlite:///{folder}/results.db"
         queue, table = queues.open_queue(queue_url, lease), tables.open_table(table_url)
         stack.callback(table.close)
-        queue.put([queues.encode(d) for d in docs])
+        bodies = queues.pack(docs)
+        queue.put(bodies)
+        per_message = -(-len(docs) // max(len(bodies), 1))
         t0 = time.perf_counter()
         finished = threading.Event()
 
+        def report() -> None:  # documents done, to within a message
+            if on_progress is not None:
+                done = max(0, len(docs) - queue.waiting() * per_message)
+                on_progress(done, time.perf_counter() - t0)
+
         def watch() -> None:
             while not finished.wait(0.5):
-                if on_progress is not None:
-                    on_progress(len(docs) - queue.waiting(), time.perf_counter() - t0)
+                report()
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -210,8 +230,7 @@ def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease)
             finished.set()
             watcher.join()
         seconds = time.perf_counter() - t0
-        if on_progress is not None:
-            on_progress(len(docs) - queue.waiting(), seconds)
+        report()
         return table.rows(), seconds
 
 

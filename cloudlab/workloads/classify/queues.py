@@ -5,6 +5,10 @@ seconds; it *acknowledges* the message once the row is written; a message whose 
 out (its worker died or hung) is delivered again. With a results table keyed by document,
 that is exactly one row per document in the end.
 
+A message carries a batch of documents (up to ``DOCS_PER_MESSAGE``, under SQS's size
+limit): one round trip to the queue and one lease per hundred documents, instead of per
+document, which is what keeps the queue form near the cluster form's speed.
+
 A queue is described by a URL, so a worker on any engine can open it:
 ``redis://127.0.0.1:6379/0?name=docs`` or ``sqs://QUEUE-URL`` (``endpoint`` for a
 non-AWS endpoint such as moto_server).
@@ -12,12 +16,18 @@ non-AWS endpoint such as moto_server).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from .corpus import Document
+
 LEASE = 30.0  # seconds a taken message stays hidden
+DOCS_PER_MESSAGE = 100
+MESSAGE_BYTES = 200_000  # SQS takes messages of up to 256 KiB
+_FIELDS = tuple(f.name for f in dataclasses.fields(Document))  # a message's order
 
 
 @dataclass(frozen=True)
@@ -27,24 +37,30 @@ class Message:
 
 
 class RedisQueue:
-    """Messages in a list (``NAME:pending``); taken ones in a sorted set (``NAME:leased``)
-    scored by lease expiry. Lua scripts make taking, returning and acknowledging atomic."""
+    """Message ids in a list (``NAME:pending``), bodies in a hash (``NAME:bodies``), taken
+    ids in a sorted set (``NAME:leased``) scored by lease expiry. Lua scripts make taking
+    and returning atomic; an acknowledged message's body is deleted, so a copy of it still
+    pending (its lease ran out just before) is skipped when taken."""
 
     TAKE = """
     local taken = {}
-    for i = 1, tonumber(ARGV[2]) do
-        local body = redis.call('LPOP', KEYS[1])
-        if not body then break end
-        redis.call('ZADD', KEYS[2], ARGV[1], body)
-        taken[#taken + 1] = body
+    while #taken < 2 * tonumber(ARGV[2]) do
+        local id = redis.call('LPOP', KEYS[1])
+        if not id then break end
+        local body = redis.call('HGET', KEYS[3], id)
+        if body then
+            redis.call('ZADD', KEYS[2], ARGV[1], id)
+            taken[#taken + 1] = id
+            taken[#taken + 1] = body
+        end
     end
     return taken
     """
     RETURN_EXPIRED = """
     local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-    for _, body in ipairs(expired) do
-        redis.call('ZREM', KEYS[2], body)
-        redis.call('RPUSH', KEYS[1], body)
+    for _, id in ipairs(expired) do
+        redis.call('ZREM', KEYS[2], id)
+        redis.call('RPUSH', KEYS[1], id)
     end
     return #expired
     """
@@ -55,31 +71,42 @@ class RedisQueue:
         parts = urlsplit(url)
         self.url, self.lease = url, lease
         self.name = parse_qs(parts.query).get("name", ["cloudlab"])[0]
-        self.pending, self.leased = f"{self.name}:pending", f"{self.name}:leased"
+        self.keys = [f"{self.name}:pending", f"{self.name}:leased", f"{self.name}:bodies"]
         self.redis = redis.Redis.from_url(url.split("?")[0], socket_timeout=10)
         self._take = self.redis.register_script(self.TAKE)
         self._return = self.redis.register_script(self.RETURN_EXPIRED)
 
     def put(self, bodies: list[str]) -> None:
-        for start in range(0, len(bodies), 1000):
-            self.redis.rpush(self.pending, *bodies[start:start + 1000])
+        import uuid
+
+        pending, _, stored = self.keys
+        for start in range(0, len(bodies), 100):
+            batch = {uuid.uuid4().hex: body for body in bodies[start:start + 100]}
+            with self.redis.pipeline() as pipe:  # one transaction: no id without its body
+                pipe.hset(stored, mapping=batch)
+                pipe.rpush(pending, *batch)
+                pipe.execute()
 
     def take(self, count: int) -> list[Message]:
-        self._return(keys=[self.pending, self.leased], args=[time.time()])
-        bodies = self._take(keys=[self.pending, self.leased],
-                            args=[time.time() + self.lease, count])
-        return [Message(b.decode(), b.decode()) for b in bodies]
+        self._return(keys=self.keys, args=[time.time()])
+        taken = self._take(keys=self.keys, args=[time.time() + self.lease, count])
+        return [Message(body.decode(), id.decode()) for id, body in zip(taken[::2], taken[1::2])]
 
     def acknowledge(self, messages: list[Message]) -> None:
         if messages:
-            self.redis.zrem(self.leased, *[m.receipt for m in messages])
+            _, leased, stored = self.keys
+            ids = [m.receipt for m in messages]
+            with self.redis.pipeline() as pipe:
+                pipe.zrem(leased, *ids)
+                pipe.hdel(stored, *ids)
+                pipe.execute()
 
     def waiting(self) -> int:
         """Messages not yet acknowledged (pending or leased)."""
-        return self.redis.llen(self.pending) + self.redis.zcard(self.leased)
+        return self.redis.hlen(self.keys[2])
 
     def clear(self) -> None:
-        self.redis.delete(self.pending, self.leased)
+        self.redis.delete(*self.keys)
 
 
 class SqsQueue:
@@ -151,13 +178,24 @@ def open_queue(url: str, lease: float = LEASE):
                      f"sqs:// URL from SqsQueue.create.")
 
 
-def encode(doc) -> str:
-    from dataclasses import asdict
+def pack(docs: list) -> list[str]:
+    """Message bodies for ``docs``: batches of at most ``DOCS_PER_MESSAGE`` documents and
+    ``MESSAGE_BYTES``, each a compact JSON list of the documents' fields."""
+    bodies, batch, size = [], [], 0
+    for doc in docs:
+        fields = json.dumps([getattr(doc, name) for name in _FIELDS], separators=(",", ":"))
+        if batch and (len(batch) == DOCS_PER_MESSAGE or size + len(fields) > MESSAGE_BYTES):
+            bodies.append("[" + ",".join(batch) + "]")
+            batch, size = [], 0
+        batch.append(fields)
+        size += len(fields) + 1
+    if batch:
+        bodies.append("[" + ",".join(batch) + "]")
+    return bodies
 
-    return json.dumps(asdict(doc))
+
+def unpack(body: str) -> list:
+    """The documents of one message body."""
+    return [Document(*fields) for fields in json.loads(body)]
 
 
-def decode(body: str):
-    from .corpus import Document
-
-    return Document(**json.loads(body))

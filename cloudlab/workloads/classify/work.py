@@ -104,23 +104,23 @@ def features(docs: list[Document], idf):
     return tfidf(counts([d.text for d in docs]), idf)
 
 
-def serve(model: ModelRef, queue_url: str, table_url: str, batch: int = 200,
+def serve(model: ModelRef, queue_url: str, table_url: str, messages: int = 2,
           lease: float = 30.0, patience: float = 1.0) -> dict:
-    """A worker: take documents from the queue, classify them, write their rows, then
-    acknowledge them; until nothing is left unacknowledged for ``patience`` seconds (the
-    documents other workers hold are waited for: their leases may run out, and then this
-    worker takes them). Returns what it did."""
+    """A worker: take ``messages`` batches of documents from the queue, classify them,
+    write their rows, then acknowledge them; until nothing is left unacknowledged for
+    ``patience`` seconds (the batches other workers hold are waited for: their leases may
+    run out, and then this worker takes them). Returns what it did."""
     import time
 
-    from .queues import decode, open_queue
+    from .queues import open_queue, unpack
     from .tables import open_table
 
     queue, table = open_queue(queue_url, lease), open_table(table_url)
     done, idle_since = 0, None
     try:
         while True:
-            messages = queue.take(batch)
-            if not messages:
+            taken = queue.take(messages)
+            if not taken:
                 if queue.waiting() == 0:
                     if idle_since is None:
                         idle_since = time.monotonic()
@@ -129,9 +129,10 @@ def serve(model: ModelRef, queue_url: str, table_url: str, batch: int = 200,
                 time.sleep(0.05)
                 continue
             idle_since = None
-            table.put(classify(model, [decode(m.body) for m in messages]))
-            queue.acknowledge(messages)
-            done += len(messages)
+            docs = [doc for message in taken for doc in unpack(message.body)]
+            table.put(classify(model, docs))
+            queue.acknowledge(taken)
+            done += len(docs)
     finally:
         table.close()
     return {"worker": worker_name(), "documents": done}
