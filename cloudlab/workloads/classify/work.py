@@ -105,11 +105,12 @@ def features(docs: list[Document], idf):
 
 
 def serve(model: ModelRef, queue_url: str, table_url: str, messages: int = 2,
-          lease: float = 30.0, patience: float = 1.0) -> dict:
+          lease: float = 30.0, patience: float = 0.0) -> dict:
     """A worker: take ``messages`` batches of documents from the queue, classify them,
-    write their rows, then acknowledge them; until nothing is left unacknowledged for
-    ``patience`` seconds (the batches other workers hold are waited for: their leases may
-    run out, and then this worker takes them). Returns what it did."""
+    write their rows, then acknowledge them; until nothing is left unacknowledged, for
+    ``patience`` seconds more (for a queue still being filled). The batches other workers
+    hold count as unacknowledged: their leases may run out, and then this worker takes
+    them. Returns what it did."""
     import time
 
     from .queues import open_queue, unpack
@@ -124,7 +125,7 @@ def serve(model: ModelRef, queue_url: str, table_url: str, messages: int = 2,
                 if queue.waiting() == 0:
                     if idle_since is None:
                         idle_since = time.monotonic()
-                    elif time.monotonic() - idle_since > patience:
+                    if time.monotonic() - idle_since >= patience:
                         break
                 time.sleep(0.05)
                 continue
