@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         _agent.set_title(ns.title)
     for module in ns.preload:
         importlib.import_module(module)
+    # The preloaded modules' objects move to a generation the collector never scans: a
+    # child's collections would otherwise walk them all, writing to each object's header
+    # and so copying every page it shares with this server (CPython's advice for forks).
+    gc.freeze()
     if threads_now() != 1:
         print(f"cloudlab fork server: {threads_now()} threads after preloading; children "
               f"forked now could inherit a held lock.", file=sys.stderr, flush=True)
