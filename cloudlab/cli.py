@@ -25,6 +25,7 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", help="ipyparallel (default) or dask")
     parser.add_argument("--profile", help="profile name (default: local)")
     parser.add_argument("--backend", help="backend name (default: the profile's)")
+    parser.add_argument("--gpus", help="all, or a count: one engine per GPU (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,7 @@ def cmd_start(args) -> int:
     from .cluster import Cluster
 
     cluster = Cluster(args.n, engine=args.engine, profile=args.profile, backend=args.backend,
-                      name=args.name)
+                      name=args.name, gpus=args.gpus)
     # SIGTERM (kill, systemd, a job scheduler) stops as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.perf_counter()
@@ -175,7 +176,8 @@ def cmd_run(args) -> int:
         except (ValueError, OSError) as e:  # bad input: say so before anything starts
             print(f"cloudlab run {args.workload}: {e}", file=sys.stderr)
             return 2
-    cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend)
+    cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend,
+                      gpus=args.gpus)
     t0 = time.perf_counter()
     with cluster:
         if not args.json:

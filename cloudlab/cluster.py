@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _aio, _remote, policy
+from . import _aio, _remote, gpus, policy
 from ._agent import MEMORY_LIMIT
 from .backends.base import Launched
 from .deaths import Death
@@ -76,6 +76,9 @@ class EngineStatus:
     cpu_percent: float | None = None
     memory_mb: float | None = None
     tasks_done: int = 0
+    gpu: str | None = None  # "0: NVIDIA H100 80GB HBM3", the engine's GPU
+    gpu_percent: float | None = None
+    gpu_memory_mb: float | None = None
 
 
 class Cluster(EngineNamespaces):
@@ -100,6 +103,14 @@ class Cluster(EngineNamespaces):
         self.name = name or f"{self._engine_cls.short_name}-{secrets.token_hex(3)}"
         self._backend = backend_class(self.backend_kind)(self.profile.backend_options, self.name)
         limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)
+        #: The GPUs of a GPU cluster, one per engine (empty: engines on CPU cores).
+        self.gpus: list[gpus.Gpu] = []
+        wanted = gpus.request(opts.gpus)
+        if wanted is not None:
+            found, why_none = gpus.detect()
+            asked = None if n is None else policy.engine_count(n, limit, reason)
+            self.gpus = gpus.choose(wanted, found, why_none, asked)
+            n = len(self.gpus)
         self.n = policy.engine_count(opts.engines if n is None else n, limit, reason)
         self.state = "new"
         self.started_at: float | None = None
@@ -124,6 +135,7 @@ class Cluster(EngineNamespaces):
         self._supervisor: Supervisor | None = None
         self._jobs: set[Job] = set()
         self._memory_limit: int | None = None  # bytes per engine
+        self._gpu_of: dict[int, gpus.Gpu] = {}  # engine id -> its GPU
         #: Why the cluster died (its controller ended), once it has.
         self.end_cause: str | None = None
 
@@ -321,6 +333,8 @@ class Cluster(EngineNamespaces):
         self.engines_changed.notify()
         await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
         await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
+        for eid in ids:
+            self._gpu_of.pop(eid, None)
         for eid in leaving:
             self._identity.pop(eid, None)
         self._save_record()
@@ -352,10 +366,22 @@ class Cluster(EngineNamespaces):
 
     def _engine_command(self, eid: int):
         command = self._engine.engine_command(eid)
-        if self._memory_limit is None:
-            return command
-        return dataclasses.replace(command, env={
-            **command.env, MEMORY_LIMIT: f"{self._memory_limit / 1e6:.0f}"})
+        env = dict(command.env)
+        if self._memory_limit is not None:
+            env[MEMORY_LIMIT] = f"{self._memory_limit / 1e6:.0f}"
+        if self.gpus:
+            gpu = self._gpu_of[eid] = self._free_gpu()  # given back when the engine leaves
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
+        return dataclasses.replace(command, env=env)
+
+    def _free_gpu(self) -> gpus.Gpu:
+        """A GPU no engine holds (a dead engine's goes to its replacement)."""
+        held = {g.index for g in self._gpu_of.values()}
+        free = [g for g in self.gpus if g.index not in held]
+        if not free:
+            raise ConfigError(f"Cluster {self.name} runs one engine per GPU and all "
+                              f"{len(self.gpus)} GPUs have one.")
+        return free[0]
 
     async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
                           enough: int | None = None) -> None:
@@ -390,6 +416,10 @@ class Cluster(EngineNamespaces):
         async with self._lock:
             limit, reason = self._backend.max_engines(self._engine.mb_per_engine)
             n = policy.engine_count(n, limit + len(self._processes), reason)
+            if self.gpus and n > len(self.gpus):
+                raise ConfigError(f"Cluster {self.name} runs one engine per GPU on "
+                                  f"{len(self.gpus)} GPUs: scale it to {len(self.gpus)} "
+                                  f"engines at most.")
             current = sorted(self._processes)
             if n > len(current):
                 await self._add_engines(n - len(current),
@@ -548,6 +578,7 @@ class Cluster(EngineNamespaces):
         ready = await self._engine.ready_ids()
         busy = await self._engine.busy_ids()
         rows = []
+        gpu_usage = gpus.usage([g.index for g in self._gpu_of.values()])
         for eid, proc in sorted(self._processes.items()):
             host, pid = self._identity.get(eid, (proc.host, proc.pid))
             if not proc.alive():
@@ -557,7 +588,14 @@ class Cluster(EngineNamespaces):
             else:
                 state = "busy" if eid in busy else "idle"
             cpu, memory = proc.usage() if state != "dead" else (None, None)
-            rows.append(EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid]))
+            row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid])
+            if eid in self._gpu_of:
+                gpu = self._gpu_of[eid]
+                used = gpu_usage.get(gpu.index)
+                row = dataclasses.replace(
+                    row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
+                    gpu_memory_mb=used and used.memory_used_mb)
+            rows.append(row)
         return rows
 
     # -------------------------------------------------------------------- work

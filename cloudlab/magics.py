@@ -25,9 +25,11 @@ from .widgets import widgets_available
 CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
 
     %cluster start [N] [--engine ipyparallel|dask] [--profile NAME] [--backend NAME] [--name NAME]
+                   [--gpus all|N]
         Start N engines (default: the profile's `engines`) and make this cluster
         the active one; it is also bound to the name `cluster` in the notebook.
         Profiles are profiles/*.toml and ~/.cloudlab/profiles/*.toml (default: local).
+        --gpus: one engine per GPU (all of them, or the first N), each seeing only its own.
     %cluster status [NAME]        Each engine: id, host, pid, state (starting/idle/busy/dead).
     %cluster scale N [NAME]       Grow or shrink the active (or named) cluster to N engines.
     %cluster stop [NAME] [--all]  Stop the active (or named) cluster; --all stops every one.
@@ -59,6 +61,7 @@ def _parser() -> _Parser:
     start.add_argument("--profile")
     start.add_argument("--backend")
     start.add_argument("--name")
+    start.add_argument("--gpus")
     for name in ("status", "list"):
         p = sub.add_parser(name, add_help=False)
         if name == "status":
@@ -110,7 +113,7 @@ class ClusterMagics(Magics):
     def _cluster_start(self, args):
         t0 = time.perf_counter()
         c = Cluster(args.n, engine=args.engine, backend=args.backend, profile=args.profile,
-                    name=args.name)
+                    name=args.name, gpus=args.gpus)
         print(f"Starting {c.n} {c.engine_kind} engines on {c.backend_kind}...", flush=True)
         c.start()
         self._activate(c)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UnknownNameError
+from .gpus import request as gpu_request
 
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "local"
@@ -45,6 +46,8 @@ class ClusterOptions:
     memory_limit: str = option("auto", "Memory one engine may hold before it is ended (and "
                                "replaced): like \"2GB\", \"auto\" (the machine's memory "
                                "shared among its engines) or \"none\".")
+    gpus: str = option("none", "GPUs to use, one engine on each: \"all\", a count like "
+                       "\"2\", or \"none\" (engines on CPU cores).")
     description: str = option("", "One line shown by `cloudlab profiles` and `%cluster list`.")
 
 
@@ -126,7 +129,13 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
                 f"Unknown option {key!r}: use one of "
                 f"{', '.join(sorted(cluster_keys | backend_keys))}."
             )
+    if isinstance(cluster_data.get("gpus"), int) and not isinstance(cluster_data["gpus"], bool):
+        cluster_data["gpus"] = str(cluster_data["gpus"])  # gpus = 2 in TOML, --gpus 2
     cluster = coerce(ClusterOptions, cluster_data, source)
+    try:
+        gpu_request(cluster.gpus)
+    except ValueError as e:
+        raise ConfigError(f"{source}: key 'gpus' {e}") from None
     if cluster.task_retries < 0:
         raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
                           f"got {cluster.task_retries}.")

@@ -99,6 +99,7 @@ class Supervisor:
         if cluster._processes.get(eid) is not proc:
             return  # already handled
         del cluster._processes[eid]
+        cluster._gpu_of.pop(eid, None)
         cluster._ready.discard(eid)
         cluster._identity.pop(eid, None)
         self.deaths[eid] = death

@@ -1,6 +1,9 @@
 import math
+import shutil
+import subprocess
 
 import numpy as np
+import pytest
 
 from cloudlab.workloads import pi
 
@@ -68,3 +71,50 @@ def test_convergence_history_shrinks_its_error():
     fig = Figure()
     history.draw(fig)
     assert "after 1e+06 samples" in fig.axes[0].get_title()
+
+
+# The CUDA kernel cannot run here (no GPU; tests/test_gpus.py runs it where there is one),
+# but its arithmetic compiles for the CPU too: a C++ compiler checks it sample for sample
+# against the NumPy reference, and nvcc checks that the kernel compiles for a GPU.
+HARNESS = """
+#define CLOUDLAB_HOST_TEST
+#define __host__
+#define __device__
+#include "pi.cu"
+#include <cstdio>
+#include <cstdlib>
+int main(int argc, char **argv) {
+    for (int k = 1; k + 2 < argc; k += 3)
+        printf("%u\\n", count_range(strtoull(argv[k], 0, 10), strtoull(argv[k + 1], 0, 10),
+                                   strtoull(argv[k + 2], 0, 10)));
+}
+"""
+
+
+def _tool(name):
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def test_the_cuda_kernels_arithmetic_counts_the_same_points_as_numpy(tmp_path):
+    (tmp_path / "harness.cpp").write_text(HARNESS)
+    binary = tmp_path / "harness"
+    subprocess.run([_tool("g++"), "-O2", "-I", str(pi.KERNEL_SOURCE.parent), "-o", str(binary),
+                    str(tmp_path / "harness.cpp")], check=True)
+    key = pi.seed_key(7)
+    ranges = [(0, 1), (0, 300_000), (pi.BLOCK - 5, pi.BLOCK + 5), (pi.BLOCK - 1000, 3 * pi.BLOCK + 7),
+              (2**40 + 3, 2**40 + 200_003)]
+    args = [str(v) for start, stop in ranges for v in (key, start, stop)]
+    counts = [int(line) for line in subprocess.run([str(binary), *args], check=True,
+                                                   capture_output=True, text=True).stdout.split()]
+    assert counts == [pi.count_inside_numpy(key, a, b) for a, b in ranges]
+
+
+def test_the_cuda_kernel_compiles_for_a_gpu(tmp_path):
+    ptx = tmp_path / "pi.ptx"
+    subprocess.run([_tool("nvcc"), "--ptx", "-arch=sm_90", "-o", str(ptx),
+                    str(pi.KERNEL_SOURCE)], check=True)
+    text = ptx.read_text()
+    assert ".entry count_inside" in text and "shfl.sync.down" in text and "atom.global.add.u64" in text

@@ -393,7 +393,7 @@ def _bare_count(pool, samples: float, processes: int) -> tuple[int, float]:
     key = pi.seed_key(0)
     bounds = [samples * k // processes for k in range(processes + 1)]
     t0 = time.perf_counter()
-    inside = sum(pool.map(pi._count_task, [(key, a, b) for a, b in zip(bounds, bounds[1:])]))
+    inside = sum(pool.map(pi._count_task, [(key, a, b, "cpu") for a, b in zip(bounds, bounds[1:])]))
     return inside, time.perf_counter() - t0
 
 

@@ -80,38 +80,54 @@ def summary_line(s: Snapshot) -> str:
 
 
 COLUMNS = ("id", "host", "pid", "state", "CPU %", "memory MB", "tasks done")
+GPU_COLUMNS = ("GPU", "GPU %", "GPU memory MB")  # shown when engines have GPUs
 
 
-def _cells(r: EngineStatus) -> tuple[str, ...]:
-    return (str(r.id), r.host, str(r.pid or "-"), r.state, _cpu(r.cpu_percent),
-            _fmt(r.memory_mb), str(r.tasks_done))
+def columns(s: Snapshot) -> tuple[str, ...]:
+    return COLUMNS + (GPU_COLUMNS if any(r.gpu for r in s.rows) else ())
+
+
+def _cells(r: EngineStatus, gpu: bool) -> tuple[str, ...]:
+    cells = (str(r.id), r.host, str(r.pid or "-"), r.state, _cpu(r.cpu_percent),
+             _fmt(r.memory_mb), str(r.tasks_done))
+    if gpu:
+        cells += (r.gpu or "-", _cpu(r.gpu_percent), _fmt(r.gpu_memory_mb))
+    return cells
 
 
 def render_text(s: Snapshot) -> str:
     lines = [summary_line(s)]
+    names = columns(s)
     if s.rows:
-        table = [COLUMNS, *(_cells(r) for r in s.rows)]
-        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        table = [names, *(_cells(r, len(names) > len(COLUMNS)) for r in s.rows)]
+        widths = [max(len(row[i]) for row in table) for i in range(len(names))]
         for row in table:
-            lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w)
+            lines.append("  ".join(c.rjust(w) if names[i] not in ("host", "GPU") else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
+
+
+def _css(column: str) -> str:
+    """A column's class: cl-cpu, cl-memory, cl-gpu, cl-gpu-percent, cl-gpu-memory..."""
+    words = column.replace("%", "percent").lower().split()
+    return "-".join(words[:2]) if words[0] == "gpu" and len(words) > 1 else words[0]
 
 
 STATE_COLOURS = {"idle": "#2e7d32", "busy": "#ef6c00", "starting": "#1565c0", "dead": "#c62828"}
 
 
 def render_html(s: Snapshot) -> str:
-    head = "".join(f"<th style='text-align:right;padding:0 8px'>{c}</th>" for c in COLUMNS)
+    names = columns(s)
+    head = "".join(f"<th style='text-align:right;padding:0 8px'>{c}</th>" for c in names)
     body = []
     for r in s.rows:
-        cells = _cells(r)
+        cells = _cells(r, len(names) > len(COLUMNS))
         tds = []
         for i, c in enumerate(cells):
             style = "text-align:right;padding:0 8px"
-            if COLUMNS[i] == "state":
+            if names[i] == "state":
                 style += f";color:{STATE_COLOURS.get(c, 'inherit')};font-weight:bold"
-            tds.append(f"<td class='cl-{COLUMNS[i].split()[0].lower()}' style='{style}'>"
+            tds.append(f"<td class='cl-{_css(names[i])}' style='{style}'>"
                        f"{html.escape(c)}</td>")
         body.append(f"<tr class='cl-engine' data-engine='{r.id}'>{''.join(tds)}</tr>")
     return (f"<div class='cloudlab-cluster' data-cluster='{html.escape(s.name)}'>"

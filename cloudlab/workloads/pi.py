@@ -15,6 +15,10 @@ no 64-bit multiply, so this counts ~4.3 G samples/s per core where SplitMix64 pe
 lanes) counted 1.2. Numba widens integer operators to 64 bits, so the arithmetic is spelt with
 NumPy ufuncs, which keep uint32 (and wrap) both in Numba and on arrays: the Numba kernel and
 the NumPy reference share ``_block_key`` and ``_inside`` and so count exactly the same points.
+
+On GPUs (``device="gpu"``, the default on a cluster started with ``--gpus``), one fused CUDA
+kernel (``kernels/pi.cu``, through CuPy) spells the same arithmetic in C and counts the same
+points again: same estimate, same statistics, a hundred times the rate.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +48,7 @@ class PiResult:
     samples_per_s: float
     engines: int
     seed: int
+    device: str = "cpu"  # where the points were counted: cpu or gpu
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,34 +133,82 @@ def count_inside(key: int, start: int, stop: int) -> int:
     return int(_kernel(np.uint64(key), start, stop))
 
 
-def warm_up() -> None:
+def warm_up(device: str = "cpu") -> None:
     """Compile (or load the cached) kernel before timing starts."""
-    count_inside(1, 0, 16)
+    if device == "gpu":
+        count_inside_gpu(1, 0, 16)
+    else:
+        count_inside(1, 0, 16)
 
 
-def _count_task(task: tuple[int, int, int]) -> int:
-    return count_inside(*task)
+# ------------------------------------------------------------------------------ GPU
+KERNEL_SOURCE = Path(__file__).parent / "kernels" / "pi.cu"
+PER_THREAD = 4096  # samples a GPU thread counts: enough to hide the block key's cost
+THREADS_PER_BLOCK = 256
+LAUNCH = 1 << 36  # samples per kernel launch (a fraction of a second on one GPU)
+_gpu_kernel = None
+
+
+def count_inside_gpu(key: int, start: int, stop: int) -> int:
+    """Points inside for samples ``start..stop-1``, counted on this process's GPU."""
+    global _gpu_kernel
+    try:
+        import cupy
+    except ImportError:
+        raise RuntimeError("Counting on a GPU needs CuPy on the engines: "
+                           "pip install 'cloudlab[gpu]'.") from None
+    if _gpu_kernel is None:
+        _gpu_kernel = cupy.RawKernel(KERNEL_SOURCE.read_text(), "count_inside")
+    total = cupy.zeros(1, dtype=cupy.uint64)
+    for first in range(start, stop, LAUNCH):
+        last = min(first + LAUNCH, stop)
+        threads = -(-(last - first) // PER_THREAD)
+        blocks = -(-threads // THREADS_PER_BLOCK)
+        _gpu_kernel((blocks,), (THREADS_PER_BLOCK,),
+                    (np.uint64(key), np.uint64(first), np.uint64(last), np.uint32(PER_THREAD),
+                     total))
+    return int(total.get()[0])
+
+
+def _count_task(task: tuple[int, int, int, str]) -> int:
+    key, start, stop, device = task
+    return (count_inside_gpu if device == "gpu" else count_inside)(key, start, stop)
+
+
+def _device(cluster, device: str) -> str:
+    """``auto`` -> gpu on a GPU cluster, cpu otherwise; a sentence for what cannot be."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be auto, cpu or gpu, not {device!r}.")
+    has_gpus = bool(getattr(cluster, "gpus", None))
+    if device == "gpu" and not has_gpus:
+        raise ValueError("device='gpu' needs engines with GPUs: start the cluster with "
+                         "--gpus all (Cluster(gpus='all')).")
+    return device if device != "auto" else ("gpu" if has_gpus else "cpu")
 
 
 def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
-             plot: bool = False) -> PiResult:
+             plot: bool = False, device: str = "auto") -> PiResult:
     """Estimate pi from ``samples`` points on ``cluster``; reproducible for ``seed``.
 
     Work is cut into ``tasks`` contiguous counter ranges (default: one per
     engine, or eight per engine with ``plot``). With ``plot=True`` a figure of
     the estimate converging, with its error band, updates as tasks finish. The
     time reported covers the parallel count only; the kernel is compiled once
-    here, so engines load it from Numba's cache.
+    here, so engines load it from Numba's cache. ``device``: ``cpu``, ``gpu``
+    (one GPU per engine: a cluster started with ``--gpus``) or ``auto`` (gpu
+    where the cluster has GPUs); both count exactly the same points.
     """
     samples = int(samples)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, not {samples}.")
-    warm_up()
-    cluster.run(warm_up)
+    device = _device(cluster, device)
+    if device == "cpu":
+        warm_up()
+    cluster.run(warm_up, device)
     n_tasks = tasks or len(cluster.engine_ids) * (8 if plot else 1)
     key = seed_key(seed)
     bounds = [samples * k // n_tasks for k in range(n_tasks + 1)]
-    work = [(key, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    work = [(key, a, b, device) for a, b in zip(bounds, bounds[1:]) if b > a]
     history = Convergence()
     live = None
     if plot:
@@ -163,7 +217,7 @@ def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
         live = LivePlot(history.draw)
 
     def on_result(index: int, inside: int) -> None:
-        _, a, b = work[index]
+        _, a, b, _ = work[index]
         history.add(b - a, inside)
         if live is not None:
             live.update()
@@ -183,6 +237,7 @@ def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
         samples_per_s=samples / seconds,
         engines=len(cluster.engine_ids),
         seed=seed,
+        device=device,
     )
 
 
@@ -229,14 +284,17 @@ class Convergence:
 def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=float, default=1e9, help="points to draw (default 1e9)")
     parser.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="where to count: auto (gpu on a --gpus cluster), cpu or gpu")
 
 
 def run(cluster, args) -> dict:
-    return estimate(cluster, args.samples, seed=args.seed).to_dict()
+    return estimate(cluster, args.samples, seed=args.seed, device=args.device).to_dict()
 
 
 def summary(figures: dict) -> str:
     return (f"pi ~ {figures['estimate']:.6f} +/- {figures['stderr']:.6f} from "
             f"{figures['samples']:.3g} samples in {figures['seconds']:.2f} s "
-            f"({figures['samples_per_s'] / 1e9:.2f} G samples/s on {figures['engines']} engines); "
+            f"({figures['samples_per_s'] / 1e9:.2f} G samples/s on {figures['engines']} engines"
+            f"{', GPUs' if figures.get('device') == 'gpu' else ''}); "
             f"error {abs(figures['estimate'] - math.pi) / figures['stderr']:.1f} standard errors.")
