@@ -63,3 +63,16 @@ def test_public_api_is_curated():
     assert set(cloudlab.__all__) >= {"Cluster", "load_ipython_extension", "CloudlabError"}
     for name in cloudlab.__all__:
         assert getattr(cloudlab, name).__doc__, name
+
+
+def test_the_wheel_carries_the_cuda_sources(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    [wheel] = tmp_path.glob("cloudlab-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cloudlab/workloads/kernels/pi.cu" in names
+    assert "cloudlab/workloads/pct/system.py" in names
