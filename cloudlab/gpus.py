@@ -124,3 +124,15 @@ def usage(indices: list[int]) -> dict[int, GpuUsage]:
         return {}
     finally:
         nvml.nvmlShutdown()
+
+
+def device_for(cluster, device: str) -> str:
+    """Where a workload computes: ``auto`` -> gpu on a cluster started with ``--gpus``, cpu
+    otherwise; ``gpu`` on a cluster without GPUs is refused in a sentence naming the fix."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be auto, cpu or gpu, not {device!r}.")
+    has_gpus = bool(getattr(cluster, "gpus", None))
+    if device == "gpu" and not has_gpus:
+        raise ValueError("device='gpu' needs engines with GPUs: start the cluster with "
+                         "--gpus all (Cluster(gpus='all')).")
+    return device if device != "auto" else ("gpu" if has_gpus else "cpu")

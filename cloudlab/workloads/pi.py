@@ -175,17 +175,6 @@ def _count_task(task: tuple[int, int, int, str]) -> int:
     return (count_inside_gpu if device == "gpu" else count_inside)(key, start, stop)
 
 
-def _device(cluster, device: str) -> str:
-    """``auto`` -> gpu on a GPU cluster, cpu otherwise; a sentence for what cannot be."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"device must be auto, cpu or gpu, not {device!r}.")
-    has_gpus = bool(getattr(cluster, "gpus", None))
-    if device == "gpu" and not has_gpus:
-        raise ValueError("device='gpu' needs engines with GPUs: start the cluster with "
-                         "--gpus all (Cluster(gpus='all')).")
-    return device if device != "auto" else ("gpu" if has_gpus else "cpu")
-
-
 def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
              plot: bool = False, device: str = "auto") -> PiResult:
     """Estimate pi from ``samples`` points on ``cluster``; reproducible for ``seed``.
@@ -201,7 +190,9 @@ def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
     samples = int(samples)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, not {samples}.")
-    device = _device(cluster, device)
+    from ..gpus import device_for
+
+    device = device_for(cluster, device)
     if device == "cpu":
         warm_up()
     cluster.run(warm_up, device)

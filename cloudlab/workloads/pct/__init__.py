@@ -139,7 +139,7 @@ class _Star:
 
 def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: bool = True,
                 drop=None, path: str = "mlp", on_image: Callable[[str, np.ndarray], None] | None = None,
-                histories: int | None = None) -> Reconstruction:
+                histories: int | None = None, device: str = "auto") -> Reconstruction:
     """Simulate, cut, FBP, build the paths' rows and solve with DROP, on ``cluster``'s
     engines (or here, with None); score the images against the phantom.
 
@@ -148,6 +148,10 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
     sets blocks, relaxation and cycles; ``path`` what the rows follow inside the hull: "mlp"
     (the most likely path), "spline" (its cubic approximation) or "straight". ``on_image(label, image)`` sees the FBP and the
     image after each DROP cycle (for a live view); ``histories`` overrides the size's count.
+    ``device``: where the rows are built and kept and DROP's products run: ``gpu`` (engines
+    with a GPU each, a cluster started with ``--gpus``; or this process's GPU without a
+    cluster), ``cpu``, or ``auto`` (gpu on a GPU cluster). Simulation, cuts and FBP run on
+    the engines' CPUs either way.
     """
     from ...progress import DONE, FAILED, open_progress
     from . import cuts, fbp, metrics, share, simulate, solve
@@ -160,6 +164,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         if size not in SIZES:
             raise ValueError(f"Unknown pCT size {size!r}: choose one of {', '.join(SIZES)}.")
         size = SIZES[size]
+    device = _device(cluster, device)
     settings = drop or Drop()
     plain_settings = dataclasses.replace(settings, tv_steps=0)
     phantom = PHANTOMS[size.phantom]()
@@ -179,9 +184,9 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
     solves = 2 if tv and settings.tv_steps else 1
     progress = open_progress("pCT DROP blocks", solves * settings.cycles * settings.blocks)
     try:
-        share.warm_up()
+        share.warm_up(device if cluster is None else "cpu")
         if cluster is not None:
-            cluster.run(share.warm_up)
+            cluster.run(share.warm_up, device)
         lap("compile")
         shares.map(share.simulate_chunk, [(phantom, scan, seed, k, n)
                                           for k, n in enumerate(counts)])
@@ -200,7 +205,7 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
             on_image("FBP", x0)
         lap("fbp")
         crossings, rows, nonzeros = shares.total(share.build_rows, len(counts), hull, grid,
-                                                 scan.tracker, settings.blocks, path)
+                                                 scan.tracker, settings.blocks, path, device)
         lap("system")
 
         def block_sum(t: int, x: np.ndarray) -> np.ndarray:
@@ -242,6 +247,22 @@ def reconstruct(cluster=None, size: str | Size = "small", seed: int = 0, tv: boo
         inserts=metrics.insert_table(image, grid, phantom))
 
 
+def _device(cluster, device: str) -> str:
+    """The cluster's device (see gpus.device_for); without a cluster, this process's GPU."""
+    from ...gpus import device_for
+    from . import gpu
+
+    if cluster is not None:
+        return device_for(cluster, device)
+
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be auto, cpu or gpu, not {device!r}.")
+    if device == "gpu" and not gpu.available():
+        raise ValueError("device='gpu' needs a GPU and CuPy in this process: "
+                         "pip install 'cloudlab[gpu]' on a machine with an NVIDIA GPU.")
+    return "gpu" if device == "gpu" else "cpu"
+
+
 # ----------------------------------------------------------------- `cloudlab run pct`
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="small", choices=list(SIZES),
@@ -250,11 +271,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-tv", action="store_true", help="plain DROP, no TV superiorization")
     parser.add_argument("--path", default="mlp", choices=["mlp", "spline", "straight"],
                         help="what each proton's row follows inside the hull (default mlp)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="where rows and DROP run: auto (gpu on a --gpus cluster), cpu, gpu")
 
 
 def run(cluster, args) -> dict:
     return reconstruct(cluster, args.size, seed=args.seed, tv=not args.no_tv,
-                       path=args.path).to_dict()
+                       path=args.path, device=args.device).to_dict()
 
 
 def summary(figures: dict) -> str:

@@ -25,8 +25,8 @@ class Share:
     chunks: dict[int, np.ndarray] = field(default_factory=dict)  # chunk -> histories
     histories: np.ndarray | None = None  # those that passed the cuts, in global-id order
     gid: np.ndarray | None = None
-    blocks: list[system.Block] = field(default_factory=list)
-    matrices: dict[int, object] = field(default_factory=dict)
+    blocks: list = field(default_factory=list)  # system.Block, or gpu.GpuBlock on a GPU
+    matrices: dict[int, object] = field(default_factory=dict)  # the CPU blocks' CSR
 
     def all_histories(self) -> tuple[np.ndarray, np.ndarray]:
         keys = sorted(self.chunks)
@@ -92,19 +92,25 @@ def mlp_table(length_step: float, max_length: float) -> np.ndarray:
 
 
 def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: int,
-               path: str = "mlp") -> Reply:
-    """This share's rows, by block; returns per block how many rows cross each pixel, and
-    the rows and nonzeros kept."""
+               path: str = "mlp", device: str = "cpu") -> Reply:
+    """This share's rows, by block (in GPU memory with ``device="gpu"``); returns per block
+    how many rows cross each pixel, and the rows and nonzeros kept."""
     if run not in _RUNS:
         return NOTHING
     share = _RUNS[run]
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
-    share.blocks = system.build(share.histories, share.gid, hull, grid, tracker, blocks,
-                                table, mlp.TABLE_STEP, path)
-    share.matrices = {t: b.matrix(grid.n * grid.n) for t, b in enumerate(share.blocks)}
+    build = system.build
+    if device == "gpu":
+        from . import gpu
+
+        build = gpu.build
+    share.blocks = build(share.histories, share.gid, hull, grid, tracker, blocks, table,
+                         mlp.TABLE_STEP, path)
+    if device != "gpu":
+        share.matrices = {t: b.matrix(grid.n * grid.n) for t, b in enumerate(share.blocks)}
     crossings = np.stack([b.crossings(grid.n * grid.n) for b in share.blocks]).astype(np.int32)
     rows = sum(b.rows for b in share.blocks)
-    nonzeros = sum(b.indices.size for b in share.blocks)
+    nonzeros = sum(b.nonzeros for b in share.blocks)
     return _reply(run, (crossings, rows, nonzeros))
 
 
@@ -113,6 +119,8 @@ def block_sum(run: str, t: int, x: np.ndarray) -> Reply:
     if run not in _RUNS:
         return NOTHING
     share = _RUNS[run]
+    if t not in share.matrices:  # a GPU block: the products run where its matrix is
+        return _reply(run, share.blocks[t].block_sum(x))
     a, block = share.matrices[t], share.blocks[t]
     # In float32, like the chords: a float64 vector would make SciPy copy the block to
     # float64 on every product (1.8x slower). The sum over engines is in float64.
@@ -137,8 +145,9 @@ def peak_memory(run: str) -> Reply:
     return _reply(run, process_peak_memory())
 
 
-def warm_up() -> None:
-    """Compile (or load from Numba's cache) every kernel on a tiny input."""
+def warm_up(device: str = "cpu") -> None:
+    """Compile (or load from Numba's cache) every kernel on a tiny input; on a GPU, its
+    CUDA kernels too."""
     from .phantom import ctp404
 
     phantom = ctp404()
@@ -149,3 +158,7 @@ def warm_up() -> None:
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
     # One build compiles the kernels of every path model (the model is an argument).
     system.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP)
+    if device == "gpu":
+        from . import gpu
+
+        gpu.build(h, np.arange(len(h)), hull, grid, scan.tracker, 2, table, mlp.TABLE_STEP)

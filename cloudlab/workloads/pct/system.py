@@ -46,6 +46,10 @@ class Block:
     def rows(self) -> int:
         return self.wepl.size
 
+    @property
+    def nonzeros(self) -> int:
+        return self.indices.size
+
     def matrix(self, pixels: int):
         from scipy.sparse import csr_matrix
 
