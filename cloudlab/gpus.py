@@ -64,7 +64,7 @@ def detect() -> tuple[list[Gpu], str]:
             import pynvml  # noqa: F401
         except ImportError:
             return [], "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
-        return [], "no NVIDIA driver answered (NVML found no GPU)"
+        return [], "no NVIDIA driver answered through NVML"
     try:
         found = []
         for index in range(nvml.nvmlDeviceGetCount()):

@@ -140,3 +140,17 @@ def test_a_gpu_cluster_estimates_pi_on_every_gpu(engine_kind):
         small = pi.estimate(c, 1e8, seed=3, device="gpu")
     assert on_gpus.device == "gpu" and abs(on_gpus.estimate - 3.141592653589793) < 5 * on_gpus.stderr
     assert small.inside == on_cpus.inside  # the same points, counted twice
+
+
+def test_the_gpu_benchmark_says_when_there_is_nothing_to_measure():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if HAS_GPU:
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_figures.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("No GPU here (") and "nothing to measure" in done.stderr
