@@ -23,7 +23,7 @@ from .cuts import WEPL
 from .phantom import Grid
 
 KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "pct_paths.cu"
-BATCH = 1 << 20  # histories walked at a time: buffers of ~1 GB at 0.5 mm pixels
+BATCH = 1 << 18  # histories walked at a time: buffers of about 1.5 GB at 0.5 mm pixels
 THREADS = 128
 _kernels = None
 
