@@ -179,11 +179,15 @@ def cmd_run(args) -> int:
     cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend,
                       gpus=args.gpus)
     t0 = time.perf_counter()
-    with cluster:
-        if not args.json:
-            print(f"Started {len(cluster.engine_ids)} {cluster.engine_kind} engines on "
-                  f"{cluster.backend_kind} in {time.perf_counter() - t0:.1f} s.", flush=True)
-        result = module.run(cluster, args)
+    try:
+        with cluster:
+            if not args.json:
+                print(f"Started {len(cluster.engine_ids)} {cluster.engine_kind} engines on "
+                      f"{cluster.backend_kind} in {time.perf_counter() - t0:.1f} s.", flush=True)
+            result = module.run(cluster, args)
+    except ValueError as e:  # an option the workload refuses (the cluster has stopped)
+        print(f"cloudlab run {args.workload}: {e}", file=sys.stderr)
+        return 2
     result = {"workload": args.workload, "engine": cluster.engine_kind,
               "backend": cluster.backend_kind, **result}
     if args.json:

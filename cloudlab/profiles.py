@@ -135,7 +135,8 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
     try:
         gpu_request(cluster.gpus)
     except ValueError as e:
-        raise ConfigError(f"{source}: key 'gpus' {e}") from None
+        where = "gpus" if "gpus" in overrides else f"{source}: key 'gpus'"
+        raise ConfigError(f"{where} {e}") from None
     if cluster.task_retries < 0:
         raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
                           f"got {cluster.task_retries}.")
