@@ -129,14 +129,14 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
                 f"Unknown option {key!r}: use one of "
                 f"{', '.join(sorted(cluster_keys | backend_keys))}."
             )
-    if isinstance(cluster_data.get("gpus"), int) and not isinstance(cluster_data["gpus"], bool):
-        cluster_data["gpus"] = str(cluster_data["gpus"])  # gpus = 2 in TOML, --gpus 2
+    if "gpus" in cluster_data:  # "all", 2 (TOML) or "2" (--gpus 2), "none"
+        try:
+            wanted = gpu_request(cluster_data["gpus"])
+        except ValueError as e:
+            where = "gpus" if "gpus" in overrides else f"{source}: key 'gpus'"
+            raise ConfigError(f"{where} {e}") from None
+        cluster_data["gpus"] = "none" if wanted is None else str(wanted)
     cluster = coerce(ClusterOptions, cluster_data, source)
-    try:
-        gpu_request(cluster.gpus)
-    except ValueError as e:
-        where = "gpus" if "gpus" in overrides else f"{source}: key 'gpus'"
-        raise ConfigError(f"{where} {e}") from None
     if cluster.task_retries < 0:
         raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
                           f"got {cluster.task_retries}.")
