@@ -71,3 +71,16 @@ def moto_endpoint(monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@pytest.fixture(scope="module")
+def test_hosts(tmp_path_factory):
+    """Two network-namespace hosts with sshd (tests/hosts.py), removed afterwards."""
+    from hosts import HostNetwork, missing
+
+    why = missing()
+    if why:
+        pytest.skip(f"test hosts cannot be built here: {why}")
+    with HostNetwork(2, tmp_path_factory.mktemp("hosts")) as network:
+        yield network
+    assert not network.exists(), "the test hosts were not torn down"

@@ -1,0 +1,179 @@
+"""Test hosts: network namespaces on a bridge, each running a real sshd.
+
+Several machines on one: each host is a network namespace joined to a bridge on the client
+by a veth pair, with an address of its own in a private /24 (the client is .1 on the
+bridge), and Debian's sshd listening on that address. The hosts share the filesystem, so
+the client's Python and cloudlab are theirs too; only the network differs, which is what
+the SSH backend has to cross. Names carry this process's id, so parallel runs cannot collide.
+Everything is torn down on exit, also when a test fails (TESTING.md, "Several hosts").
+
+    with HostNetwork(2) as net:
+        net.hosts[0].ssh("python3 -V")
+        net.cut(net.hosts[1])       # the link down, as a pulled cable
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSH_PORT = 2222
+
+
+def missing() -> str | None:
+    """Why test hosts cannot be built here (None: they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux"),
+                          ("/usr/sbin/sshd", "openssh-server"), ("ssh", "openssh-client"),
+                          ("ssh-keygen", "openssh-client")):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (Debian package {package})"
+    return None
+
+
+@dataclass
+class TestHost:
+    name: str  # the network namespace
+    address: str
+    veth: str  # the client's end of its link
+    folder: Path
+    network: HostNetwork
+
+    def ssh_command(self, *command: str) -> list[str]:
+        return ["ssh", "-i", str(self.network.user_key), "-p", str(SSH_PORT),
+                "-o", f"UserKnownHostsFile={self.network.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                "-o", "ConnectTimeout=5", f"root@{self.address}", *command]
+
+    def ssh(self, command: str, timeout: float = 20) -> subprocess.CompletedProcess:
+        return subprocess.run(self.ssh_command(command), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def inside(self, *command: str) -> list[str]:
+        """``command`` run in this host's network (nsenter, which keeps /sys as it is)."""
+        return ["nsenter", f"--net=/run/netns/{self.name}", *command]
+
+
+class HostNetwork:
+    """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
+
+    def __init__(self, count: int, folder: Path):
+        tag = os.getpid() % 100_000
+        self.bridge = f"clbr{tag}"
+        self.subnet = f"10.77.{20 + tag % 200}"
+        self.client_address = f"{self.subnet}.1"
+        self.folder = folder
+        self.user_key = folder / "user_key"
+        self.known_hosts = folder / "known_hosts"
+        self.hosts = [TestHost(f"cl{tag}n{i}", f"{self.subnet}.{11 + i}", f"clv{tag}n{i}",
+                               folder / f"host{i}", self) for i in range(count)]
+
+    def __enter__(self) -> HostNetwork:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.client_address}/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.user_key))
+        Path("/run/sshd").mkdir(exist_ok=True)
+        known = []
+        for host in self.hosts:
+            _run("ip", "netns", "add", host.name)
+            _run("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0",
+                 "netns", host.name)
+            _run("ip", "link", "set", host.veth, "master", self.bridge, "up")
+            _run("ip", "-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
+            _run("ip", "-n", host.name, "link", "set", "eth0", "up")
+            _run("ip", "-n", host.name, "link", "set", "lo", "up")
+            known.append(self._start_sshd(host))
+        self.known_hosts.write_text("".join(known))
+        for host in self.hosts:
+            self._wait_for_ssh(host)
+
+    def _start_sshd(self, host: TestHost) -> str:
+        d = host.folder
+        d.mkdir(parents=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
+        authorized = d / "authorized_keys"
+        authorized.write_text(Path(f"{self.user_key}.pub").read_text())
+        authorized.chmod(0o600)
+        config = d / "sshd_config"
+        config.write_text("\n".join([
+            f"ListenAddress {host.address}:{SSH_PORT}", f"HostKey {d / 'host_key'}",
+            f"AuthorizedKeysFile {authorized}", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+            "StrictModes no", "UsePAM no", f"PidFile {d / 'sshd.pid'}",
+            "AcceptEnv CLOUDLAB_*", ""]))
+        # An absolute config path: sshd re-executes itself from / for each connection.
+        _run(*host.inside("/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")))
+        public = (d / "host_key.pub").read_text().split()
+        return f"[{host.address}]:{SSH_PORT} {public[0]} {public[1]}\n"
+
+    def _wait_for_ssh(self, host: TestHost, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = host.ssh("true", timeout=10)
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                log = (host.folder / "log").read_text() if (host.folder / "log").exists() else ""
+                raise RuntimeError(f"sshd on {host.name} ({host.address}) did not answer: "
+                                   f"{done.stderr.strip()} {log[-500:]}")
+            time.sleep(0.1)
+
+    def cut(self, host: TestHost) -> None:
+        """Take the host's link down: packets to and from it are dropped, as with a pulled cable."""
+        _run("ip", "link", "set", host.veth, "down")
+
+    def restore(self, host: TestHost) -> None:
+        _run("ip", "link", "set", host.veth, "up")
+
+    def close(self) -> None:
+        """Stop every sshd (and whatever else runs in the hosts), remove hosts and bridge."""
+        for host in self.hosts:
+            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
+            subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def exists(self) -> bool:
+        """Whether anything of this network is left (the tests check teardown)."""
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                    text=True).stdout.split()
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        return any(h.name in namespaces for h in self.hosts) or f" {self.bridge}:" in links
+
+
+def _run(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+
+
+def reachable(address: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
