@@ -3,6 +3,7 @@
 Every process a backend starts (controller, scheduler, engine, worker) is::
 
     python -m cloudlab._agent --owner-pid PID [--cleanup PATH ...] [--title T] -- module:function ARGS...
+    python -m cloudlab._agent --lease SECONDS ...        (an owner on another machine)
 
 The agent starts a watchdog thread, then calls ``module:function`` in the same
 process with ``sys.argv`` set to ``ARGS``: no extra process per engine. (The
@@ -11,7 +12,11 @@ forks, so both ways of starting a process end in the same code.) When the
 owner (the kernel or script that started the cluster) exits for any reason,
 kill -9 included, the watchdog removes the ``--cleanup`` paths and kills its
 whole process group (the backend starts each process as a group leader), so
-nothing outlives its owner. Remote backends will add other lease kinds here.
+nothing outlives its owner. An owner on another machine cannot be watched by its pid: there
+the lease is ``--lease SECONDS`` on standard input, which the owner keeps open (through
+ssh, say) and writes a heartbeat to every fraction of a lease. When the heartbeats stop for
+a whole lease (the link is cut) or the input closes (the owner, or its ssh, is gone), the
+agent ends everything as above.
 
 Where the environment sets a memory limit (``CLOUDLAB_MEMORY_LIMIT_MB``), a
 second thread checks the process's private resident memory every 50 ms and,
@@ -76,9 +81,25 @@ def _unlink(path: str) -> None:
         pass
 
 
-def start_watchdog(owner_pid: int, cleanup: list[str]) -> None:
+def heartbeats_stop(fd: int, lease: float) -> None:
+    """Block until nothing has arrived on ``fd`` for ``lease`` seconds, or it is closed."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        if not poller.poll(lease * 1000):
+            return  # silent for a whole lease: the link is cut, or the owner hangs
+        if not os.read(fd, 4096):
+            return  # closed: the owner (or the connection it held) is gone
+
+
+def start_watchdog(owner_pid: int | None, cleanup: list[str], lease: float | None = None) -> None:
+    """End everything when the owner ``owner_pid`` exits, or, with ``lease``, when the
+    heartbeats on standard input stop."""
     def watch() -> None:
-        owner_gone(owner_pid)
+        if lease is None:
+            owner_gone(owner_pid)
+        else:
+            heartbeats_stop(0, lease)
         end_everything(cleanup)
 
     threading.Thread(target=watch, name="cloudlab-lease", daemon=True).start()
@@ -139,22 +160,26 @@ def resolve(entry: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cloudlab._agent")
-    parser.add_argument("--owner-pid", type=int, required=True)
+    owner = parser.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--owner-pid", type=int, help="the owner, a process on this machine")
+    owner.add_argument("--lease", type=float,
+                       help="seconds without a heartbeat on standard input before ending")
     parser.add_argument("--cleanup", action="append", default=[])
     parser.add_argument("--title", help="process title, as ps shows it")
     parser.add_argument("entry", help="module:function to run in this process")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    sys.exit(run(ns.owner_pid, ns.cleanup, ns.entry, args, ns.title))
+    sys.exit(run(ns.owner_pid, ns.cleanup, ns.entry, args, ns.title, ns.lease))
 
 
-def run(owner_pid: int, cleanup: list[str], entry: str, args: list[str],
-        title: str | None = None) -> int:
-    """Call ``entry`` with ``sys.argv`` set to ``args``, under a lease on ``owner_pid``."""
-    if not _alive(owner_pid):
+def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
+        title: str | None = None, lease: float | None = None) -> int:
+    """Call ``entry`` with ``sys.argv`` set to ``args``, under a lease on ``owner_pid`` (or,
+    with ``lease``, on the heartbeats arriving on standard input)."""
+    if lease is None and not _alive(owner_pid):
         end_everything(cleanup)
-    start_watchdog(owner_pid, cleanup)
+    start_watchdog(owner_pid, cleanup, lease)
     os.umask(0o077)  # connection files, keys and logs: the owner's only
     if os.environ.get(MEMORY_LIMIT):
         start_memory_guard(float(os.environ[MEMORY_LIMIT]))
