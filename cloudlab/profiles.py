@@ -111,6 +111,9 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
     if not isinstance(backend_table, dict):
         raise ConfigError(f"{source}: [{backend_cls.name}] must be a table of options.")
     backend_keys = {f.name for f in dataclasses.fields(options_cls)}
+    if "backend" in overrides:  # the profile's table for its own backend does not apply
+        data = {k: v for k, v in data.items() if not (isinstance(v, dict) and k == data.get(
+            "backend", ClusterOptions.backend))}
 
     cluster_data = {k: v for k, v in data.items() if k in cluster_keys}
     stray = sorted(set(data) - cluster_keys)

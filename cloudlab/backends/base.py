@@ -27,6 +27,13 @@ class Command:
     #: One process (a controller): start it fresh rather than wait for a fork server that is
     #: still importing, so that both happen at once.
     spawn_if_cold: bool = False
+    #: Files of the client's that the command reads (connection files, certificates), some
+    #: written by the controller while it starts: a backend on other machines waits for
+    #: them and copies them to the same paths there.
+    files: tuple[Path, ...] = ()
+    #: The cluster's controller (ipcontroller, Dask scheduler), which remote backends still
+    #: run on the client, rather than an engine.
+    controller: bool = False
 
 
 class Launched(abc.ABC):

@@ -76,6 +76,7 @@ class DaskEngine(Engine):
             {**_quiet(), "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(self.task_retries)},
             self.preload,
             spawn_if_cold=True,
+            controller=True,
         )
 
     def engine_command(self, engine_id: int) -> Command:
@@ -83,11 +84,16 @@ class DaskEngine(Engine):
             f"engine-{engine_id}",
             "cloudlab.engines.dask:worker_main",
             ("--scheduler-file", str(self.scheduler_file), "--name", str(engine_id),
-             "--host", self.ip, *self._tls_args(), "--no-nanny", "--nthreads", "1",
+             # On another host the worker listens on that host's own addresses (mutual TLS
+             # admits only this cluster's certificate), and tells the scheduler the one
+             # that routes to it.
+             *(() if self.remote else ("--host", self.ip)), *self._tls_args(), "--no-nanny", "--nthreads", "1",
              *LOOPBACK_HTTP,
              "--local-directory", str(self.workdir / "dask"), "--death-timeout", "60"),
             {**_quiet(), "CLOUDLAB_ENGINE_ID": str(engine_id)},
             self.preload,
+            files=(self.scheduler_file,
+                   *((self.tls.ca, self.tls.cert, self.tls.key) if self.tls else ())),
         )
 
     def _tls_args(self) -> tuple[str, ...]:

@@ -71,6 +71,7 @@ class IPyParallelEngine(Engine):
             self._common_env(),
             self.preload,
             spawn_if_cold=True,
+            controller=True,
         )
 
     def engine_command(self, engine_id: int) -> Command:
@@ -84,6 +85,7 @@ class IPyParallelEngine(Engine):
              "--log-level=ERROR"),
             {**self._common_env(), "CLOUDLAB_ENGINE_ID": str(engine_id)},
             self.preload,
+            files=(self._connection_file("engine"),),
         )
 
     async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:

@@ -1,0 +1,229 @@
+"""SSH backend: the controller here, engines on other machines reached over SSH.
+
+The controller (ipcontroller or the Dask scheduler) runs on the client, as with the local
+backend, but listens on the address the hosts reach this machine at; traffic to and from the
+engines is authenticated and encrypted (CurveZMQ for ipyparallel, TLS for Dask: the engines
+know they are remote). Engines are placed on the profile's hosts in turn. Each starts as::
+
+    ssh HOST 'env ... PYTHON -m cloudlab._agent --lease L ENTRY -- ARGS'
+
+after the files it reads (connection file, certificates) are copied to the same paths there.
+Every host is probed first (:mod:`.ssh_hosts`): a host that cannot be reached, refuses the
+key, has an unknown host key or lacks Python or cloudlab is named before anything starts.
+
+Engines hold a lease on this client: ``ssh`` keeps each engine's standard input open, and
+the backend writes a heartbeat to it every quarter of ``lease``. When this client dies, ssh
+closes the input and the engine ends at once; when the link stays cut longer than the lease,
+the heartbeats stop arriving and the engine ends itself (:mod:`cloudlab._agent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError, StartError
+from ..profiles import option
+from .base import Backend, Command, Launched
+from .local import SINGLE_THREADED, LocalBackend, LocalOptions, process_title
+from .ssh_hosts import SshHost, probe_all, ssh_command
+
+#: How long an engine waits for the files it reads (the controller writes them as it starts).
+FILE_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    hosts: tuple[str, ...] = option((), "Hosts to start engines on, in turn: "
+                                    "[user@]address[:port].")
+    python: str = option("", "Python on the hosts (default: the path of this client's).")
+    client_address: str = option("", "Address the hosts reach this machine at (default: the "
+                                 "one this machine uses towards the first host).")
+    identity_file: str = option("", "SSH private key (default: your agent's or ~/.ssh's).")
+    known_hosts: str = option("", "known_hosts file (default: ssh's own).")
+    lease: float = option(10.0, "Seconds an engine lives on without hearing from this "
+                          "client (a cut link) before it ends itself.")
+
+
+class SshProcess(Launched):
+    """An engine on another host, held by the ssh process that started it."""
+
+    def __init__(self, name: str, host: SshHost, popen: subprocess.Popen, log: Path):
+        self.name, self.host, self.pid = name, host.address, None
+        self.popen, self.log = popen, log
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class SshBackend(Backend):
+    name = "ssh"
+    Options = SshOptions
+
+    def __init__(self, options: SshOptions, cluster_name: str):
+        super().__init__(options, cluster_name)
+        if not options.hosts:
+            raise ConfigError("The ssh backend needs hosts: hosts = [\"alice@lab-pc-1\", ...] "
+                              "in the profile's [ssh] table, or hosts=[...] as a keyword.")
+        try:
+            self.hosts = [SshHost.parse(h) for h in options.hosts]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if options.lease <= 0:
+            raise ConfigError(f"lease must be a number of seconds above 0, not {options.lease}.")
+        self._address = options.client_address or _address_towards(self.hosts[0])
+        self._local = LocalBackend(LocalOptions(ip=self._address), cluster_name)
+        self._engines: list[SshProcess] = []
+        self._next_host = 0
+        self._heartbeat: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._probed = None  # what each host offers, once probed
+        self._controller: Launched | None = None
+
+    @property
+    def controller_ip(self) -> str:
+        return self._address
+
+    @property
+    def python(self) -> str:
+        return self.options.python or sys.executable
+
+    def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
+        return 64 * len(self.hosts), f"64 engines per host on {len(self.hosts)} hosts"
+
+    async def prepare(self, preload: tuple[str, ...]) -> None:
+        from .. import __version__
+
+        self._local.workdir = self.workdir
+        await self._local.prepare(preload)
+        if self._probed is None:
+            self._probed = await asyncio.to_thread(
+                probe_all, self.hosts, self.python, __version__, self.options.identity_file,
+                self.options.known_hosts)
+
+    async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
+        if command.controller:
+            self._local.workdir = self.workdir
+            self._controller = await self._local.launch(command, cleanup)
+            return self._controller
+        host = self.hosts[self._next_host % len(self.hosts)]
+        self._next_host += 1
+        await self._copy_files(host, command.files)
+        log = self.workdir / f"{command.name}.log"
+        env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": self.cluster_name,
+               **command.env}
+        remote = shlex.join([
+            "env", *(f"{k}={v}" for k, v in env.items()), self.python, "-m", "cloudlab._agent",
+            "--lease", str(self.options.lease),
+            "--title", process_title(self.cluster_name, command.name),
+            command.entry, "--", *command.args])
+        argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        process = SshProcess(command.name, host, popen, log)
+        self._engines.append(process)
+        self._start_heartbeat()
+        return process
+
+    async def _copy_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
+        """Wait for ``files`` here, then write them at the same paths on ``host`` (0600, in
+        folders only its user can enter)."""
+        deadline = time.monotonic() + FILE_WAIT
+        while not all(Path(f).exists() for f in files):
+            if self._controller is not None and not self._controller.alive():
+                raise StartError(f"The controller exited before it was ready (exit code "
+                                 f"{self._controller.exit_code()}; last output: "
+                                 f"{self._controller.log_tail(5).strip()[-400:]}).")
+            if time.monotonic() > deadline:
+                missing = [str(f) for f in files if not Path(f).exists()]
+                raise StartError(f"{', '.join(missing)} did not appear within {FILE_WAIT:g} s: "
+                                 f"the controller did not start.")
+            await asyncio.sleep(0.05)
+        if files:
+            await asyncio.to_thread(self._send_files, host, files)
+
+    def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in files:
+                tar.add(str(path), arcname=str(Path(path).resolve()).lstrip("/"))
+        folders = sorted({str(Path(p).resolve().parent) for p in files})
+        remote = (f"umask 077 && mkdir -p {' '.join(map(shlex.quote, folders))} && "
+                  f"tar -x -C / -f -")
+        done = subprocess.run(
+            ssh_command(host, remote, self.options.identity_file, self.options.known_hosts),
+            input=buffer.getvalue(), capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise StartError(f"Could not copy the connection files to {host}: "
+                             f"{done.stderr.decode(errors='replace').strip()[-300:]}")
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, name="cloudlab-ssh-lease",
+                                               daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """A newline to every engine's ssh every quarter lease: the engines' lease on us."""
+        while not self._closing.wait(self.options.lease / 4):
+            for process in list(self._engines):
+                if process.popen.poll() is None:
+                    try:
+                        process.popen.stdin.write(b"\n")
+                        process.popen.stdin.flush()
+                    except (BrokenPipeError, ValueError, OSError):
+                        pass
+
+    async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
+        local = [p for p in launched if not isinstance(p, SshProcess)]
+        remote = [p for p in launched if isinstance(p, SshProcess)]
+        for process in remote:  # a closed input ends the engine's whole group there at once
+            try:
+                process.popen.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + max(grace, 5.0)
+        while any(p.popen.poll() is None for p in remote) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for process in remote:
+            if process.popen.poll() is None:
+                process.popen.kill()
+                process.popen.wait()
+            if process in self._engines:
+                self._engines.remove(process)
+        if local:
+            await self._local.terminate(local, grace)
+
+    async def close(self) -> None:
+        self._closing.set()
+
+
+def _address_towards(host: SshHost) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent)."""
+    try:
+        address = socket.getaddrinfo(host.address, host.port, type=socket.SOCK_DGRAM)[0][4][0]
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                           socket.SOCK_DGRAM) as s:
+            s.connect((address, host.port))
+            return s.getsockname()[0]
+    except OSError as e:
+        raise ConfigError(f"Host {host} cannot be found ({e}): check its address, or give "
+                          f"client_address in the profile's [ssh] table.") from None

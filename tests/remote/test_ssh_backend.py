@@ -1,0 +1,91 @@
+"""The SSH backend on real sshd, engines in network-namespace hosts: both engine kinds start,
+work and stop there, leave nothing behind, and end themselves when their link stays cut
+longer than the lease."""
+
+import os
+import time
+
+import pytest
+
+import cloudlab
+from cloudlab.backends.ssh_hosts import HostError
+from conftest import wait_until_gone
+from hosts import SSH_PORT
+
+LEASE = 2.0
+
+
+def _options(test_hosts, **overrides):
+    return {"backend": "ssh", "hosts": [f"root@{h.address}:{SSH_PORT}" for h in test_hosts.hosts],
+            "identity_file": str(test_hosts.user_key),
+            "known_hosts": str(test_hosts.known_hosts), "lease": LEASE, **overrides}
+
+
+def _namespace_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def _in_hosts(test_hosts) -> dict[str, list[int]]:
+    """cloudlab's processes running in each host's network (not sshd and its sessions)."""
+    import subprocess
+
+    import psutil
+
+    found = {}
+    for host in test_hosts.hosts:
+        pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
+                              text=True).stdout.split()
+        found[host.name] = [int(p) for p in pids if _is_cloudlab(psutil, int(p))]
+    return found
+
+
+def _is_cloudlab(psutil, pid: int) -> bool:
+    try:
+        words = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return bool(words) and (words[0].startswith("cloudlab:") or "cloudlab._agent" in words)
+
+
+def test_engines_start_work_and_stop_on_the_hosts(test_hosts, engine):
+    with cloudlab.Cluster(4, engine=engine, **_options(test_hosts)) as c:
+        rows = c.status()
+        assert [r.state for r in rows] == ["idle"] * 4
+        ours = _namespace_of(os.getpid())
+        host_namespaces = {_namespace_of(r.pid) for r in rows}
+        assert len(host_namespaces) == 2 and ours not in host_namespaces  # two per host
+        assert c.map(lambda x: x * x, range(20)) == [x * x for x in range(20)]
+        c.push(scale=3)
+        assert set(c.run(lambda: scale * 2).values()) == {6}  # noqa: F821
+    assert wait_until_gone(c.name, 10) == []
+    deadline = time.monotonic() + 10
+    while any(_in_hosts(test_hosts).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+
+
+def test_a_link_cut_longer_than_the_lease_ends_that_hosts_engines(test_hosts, engine):
+    cut = test_hosts.hosts[1]
+    with cloudlab.Cluster(2, engine=engine, replace_dead_engines=False,
+                          **_options(test_hosts)) as c:
+        assert len(_in_hosts(test_hosts)[cut.name]) >= 1
+        test_hosts.cut(cut)
+        try:
+            t0 = time.monotonic()
+            while _in_hosts(test_hosts)[cut.name] and time.monotonic() - t0 < 4 * LEASE:
+                time.sleep(0.1)
+            seconds = time.monotonic() - t0
+        finally:
+            test_hosts.restore(cut)
+        assert _in_hosts(test_hosts)[cut.name] == [], "engines outlived their lease"
+        assert LEASE * 0.75 <= seconds <= LEASE * 2 + 1
+        assert _in_hosts(test_hosts)[test_hosts.hosts[0].name]  # the other host's keeps on
+    assert wait_until_gone(c.name, 10) == []
+
+
+def test_a_bad_host_is_named_before_anything_starts(test_hosts, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostError, match="its host key is not the one"):
+        cloudlab.Cluster(2, **_options(test_hosts, known_hosts=str(empty))).start()
+    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
