@@ -89,3 +89,33 @@ def test_a_bad_host_is_named_before_anything_starts(test_hosts, tmp_path):
     with pytest.raises(HostError, match="its host key is not the one"):
         cloudlab.Cluster(2, **_options(test_hosts, known_hosts=str(empty))).start()
     assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+
+
+def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, time, cloudlab\n"
+        f"c = cloudlab.Cluster(2, **json.loads({json.dumps(json.dumps(_options(test_hosts)))}))\n"
+        "c.start()\n"
+        "print(c.name, flush=True)\n"
+        "time.sleep(600)\n")
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        name = client.stdout.readline().strip()
+        assert name and all(_in_hosts(test_hosts).values())
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+        t0 = time.monotonic()
+        while any(_in_hosts(test_hosts).values()) and time.monotonic() - t0 < 2 * LEASE:
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+    finally:
+        client.kill()
+    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+    print(f"remote engines gone {seconds:.2f} s after the kill")
+    assert seconds < LEASE  # at once: ssh closed their input, no need to wait out the lease
+    assert wait_until_gone(name, 10) == []
