@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched
-from .local import SINGLE_THREADED, LocalBackend, LocalOptions, process_title
+from .local import SINGLE_THREADED, LocalBackend, LocalOptions, client_python_path, process_title
 from .ssh_hosts import SshHost, probe_all, ssh_command
 
 #: How long an engine waits for the files it reads (the controller writes them as it starts).
@@ -125,8 +125,11 @@ class SshBackend(Backend):
         self._next_host += 1
         await self._copy_files(host, command.files)
         log = self.workdir / f"{command.name}.log"
+        # The client's own import directories too, as on the local backend: where the hosts
+        # share the filesystem (home directories over NFS), engines import the modules
+        # beside the notebook; elsewhere the paths are absent there, and harmless.
         env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": self.cluster_name,
-               **command.env}
+               "PYTHONPATH": client_python_path(), **command.env}
         remote = shlex.join([
             "env", *(f"{k}={v}" for k, v in env.items()), self.python, "-m", "cloudlab._agent",
             "--lease", str(self.options.lease),
