@@ -4,6 +4,8 @@ Every process a backend starts (controller, scheduler, engine, worker) is::
 
     python -m cloudlab._agent --owner-pid PID [--cleanup PATH ...] [--title T] -- module:function ARGS...
     python -m cloudlab._agent --lease SECONDS ...        (an owner on another machine)
+    python -m cloudlab._agent --lease SECONDS --lease-from HOST:PORT ...   (one it is not
+                                                        started by: a batch scheduler's job)
 
 The agent starts a watchdog thread, then calls ``module:function`` in the same
 process with ``sys.argv`` set to ``ARGS``: no extra process per engine. (The
@@ -16,7 +18,10 @@ nothing outlives its owner. An owner on another machine cannot be watched by its
 the lease is ``--lease SECONDS`` on standard input, which the owner keeps open (through
 ssh, say) and writes a heartbeat to every fraction of a lease. When the heartbeats stop for
 a whole lease (the link is cut) or the input closes (the owner, or its ssh, is gone), the
-agent ends everything as above.
+agent ends everything as above. A process started by someone else for the owner (a Slurm
+job) takes its lease over a TCP connection it opens to the owner (``--lease-from``), which
+the owner writes heartbeats to in the same way; a refused connection means the owner has
+gone already.
 
 Where the environment sets a memory limit (``CLOUDLAB_MEMORY_LIMIT_MB``), a
 second thread checks the process's private resident memory every 50 ms and,
@@ -33,6 +38,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -92,14 +98,31 @@ def heartbeats_stop(fd: int, lease: float) -> None:
             return  # closed: the owner (or the connection it held) is gone
 
 
-def start_watchdog(owner_pid: int | None, cleanup: list[str], lease: float | None = None) -> None:
+def lease_connection(address: str, timeout: float = 10.0) -> socket.socket | None:
+    """A connection to the owner's lease server at ``host:port`` (None: it refused, or did
+    not answer within ``timeout``: the owner is gone)."""
+    host, _, port = address.rpartition(":")
+    try:
+        return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+
+
+def start_watchdog(owner_pid: int | None, cleanup: list[str], lease: float | None = None,
+                   lease_from: str | None = None) -> None:
     """End everything when the owner ``owner_pid`` exits, or, with ``lease``, when the
-    heartbeats on standard input stop."""
-    def watch() -> None:
+    heartbeats stop: on standard input, or on a connection to ``lease_from``."""
+    connection = None
+    if lease_from is not None:
+        connection = lease_connection(lease_from)
+        if connection is None:
+            end_everything(cleanup)
+
+    def watch() -> None:  # (it holds ``connection`` open)
         if lease is None:
             owner_gone(owner_pid)
         else:
-            heartbeats_stop(0, lease)
+            heartbeats_stop(0 if connection is None else connection.fileno(), lease)
         end_everything(cleanup)
 
     threading.Thread(target=watch, name="cloudlab-lease", daemon=True).start()
@@ -164,22 +187,27 @@ def main(argv: list[str] | None = None) -> None:
     owner.add_argument("--owner-pid", type=int, help="the owner, a process on this machine")
     owner.add_argument("--lease", type=float,
                        help="seconds without a heartbeat on standard input before ending")
+    parser.add_argument("--lease-from", metavar="HOST:PORT",
+                        help="with --lease: the heartbeats come on a connection to this address")
     parser.add_argument("--cleanup", action="append", default=[])
     parser.add_argument("--title", help="process title, as ps shows it")
     parser.add_argument("entry", help="module:function to run in this process")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    sys.exit(run(ns.owner_pid, ns.cleanup, ns.entry, args, ns.title, ns.lease))
+    if ns.lease_from and ns.lease is None:
+        parser.error("--lease-from needs --lease SECONDS")
+    sys.exit(run(ns.owner_pid, ns.cleanup, ns.entry, args, ns.title, ns.lease, ns.lease_from))
 
 
 def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
-        title: str | None = None, lease: float | None = None) -> int:
+        title: str | None = None, lease: float | None = None,
+        lease_from: str | None = None) -> int:
     """Call ``entry`` with ``sys.argv`` set to ``args``, under a lease on ``owner_pid`` (or,
-    with ``lease``, on the heartbeats arriving on standard input)."""
+    with ``lease``, on the heartbeats arriving on standard input or from ``lease_from``)."""
     if lease is None and not _alive(owner_pid):
         end_everything(cleanup)
-    start_watchdog(owner_pid, cleanup, lease)
+    start_watchdog(owner_pid, cleanup, lease, lease_from)
     os.umask(0o077)  # connection files, keys and logs: the owner's only
     if os.environ.get(MEMORY_LIMIT):
         start_memory_guard(float(os.environ[MEMORY_LIMIT]))

@@ -34,7 +34,8 @@ def namespace() -> dict[str, Any]:
 
 
 def identity() -> tuple[str, int]:
-    return socket.gethostname(), os.getpid()
+    """Where the engine runs: its host (a Slurm job's node name) and pid."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname(), os.getpid()
 
 
 def store(values: dict[str, Any]) -> None:

@@ -72,13 +72,15 @@ class EngineStatus:
     id: int
     host: str
     pid: int | None
-    state: str  # starting | idle | busy | dead
+    state: str  # queued | starting | idle | busy | dead
     cpu_percent: float | None = None
     memory_mb: float | None = None
     tasks_done: int = 0
     gpu: str | None = None  # "0: NVIDIA H100 80GB HBM3", the engine's GPU
     gpu_percent: float | None = None
     gpu_memory_mb: float | None = None
+    #: Why a queued engine waits (a batch queue's reason).
+    note: str | None = None
 
 
 class Cluster(EngineNamespaces):
@@ -243,7 +245,8 @@ class Cluster(EngineNamespaces):
         except BaseException as error:
             self.state = "failed"
             await self._teardown()
-            if isinstance(error, StartError | asyncio.CancelledError | KeyboardInterrupt):
+            if isinstance(error, StartError | ConfigError | asyncio.CancelledError |
+                          KeyboardInterrupt):
                 raise
             raise StartError(f"Cluster {self.name} failed to start ({type(error).__name__}: "
                              f"{error}); nothing is left running.") from error
@@ -406,8 +409,13 @@ class Cluster(EngineNamespaces):
                     f"{proc.name} of cluster {self.name} exited during start (exit code "
                     f"{proc.exit_code()}, last output: {last.strip()}); {outcome}.")
             if time.monotonic() > deadline:
+                queued = [why for eid in sorted(wanted - ready)
+                          if (why := self._processes[eid].waiting())]
+                hint = (f"{len(queued)} still wait: {'; '.join(queued[:3])}. Ask for fewer or "
+                        f"smaller engines, or raise start_timeout in the profile."
+                        if queued else "")
                 raise ProvisionTimeout(len(ready), enough, self.profile.cluster.start_timeout,
-                                       outcome)
+                                       outcome, hint)
             await asyncio.sleep(0.05)
 
     async def _scale(self, n: int) -> None:
@@ -584,11 +592,12 @@ class Cluster(EngineNamespaces):
             if not proc.alive():
                 state = "dead"
             elif eid not in ready:
-                state = "starting"
+                state = "queued" if proc.waiting() else "starting"
             else:
                 state = "busy" if eid in busy else "idle"
             cpu, memory = proc.usage() if state != "dead" else (None, None)
-            row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid])
+            row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid],
+                               note=proc.waiting())
             if eid in self._gpu_of:
                 gpu = self._gpu_of[eid]
                 used = gpu_usage.get(gpu.index)

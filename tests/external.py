@@ -84,3 +84,24 @@ def test_hosts(tmp_path_factory):
     with HostNetwork(2, tmp_path_factory.mktemp("hosts")) as network:
         yield network
     assert not network.exists(), "the test hosts were not torn down"
+
+
+@pytest.fixture(scope="module")
+def test_slurm(tmp_path_factory, monkeypatch_module):
+    """A Slurm cluster of two network-namespace nodes (tests/slurm.py), SLURM_CONF pointing
+    at it; everything stopped and removed afterwards."""
+    from slurm import SlurmCluster
+    from slurm import missing as slurm_missing
+
+    from hosts import HostNetwork
+    from hosts import missing as hosts_missing
+
+    why = hosts_missing() or slurm_missing()
+    if why:
+        pytest.skip(f"a Slurm test cluster cannot be built here: {why}")
+    folder = tmp_path_factory.mktemp("slurm")
+    with HostNetwork(2, folder / "hosts") as network, \
+            SlurmCluster(network, folder / "slurm") as slurm:
+        monkeypatch_module.setenv("SLURM_CONF", str(slurm.conf))
+        yield slurm
+    assert not network.exists(), "the Slurm test nodes were not torn down"

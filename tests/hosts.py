@@ -14,6 +14,7 @@ Everything is torn down on exit, also when a test fails (TESTING.md, "Several ho
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SSH_PORT = 2222
+_networks = itertools.count()
 
 
 def missing() -> str | None:
@@ -64,7 +66,8 @@ class HostNetwork:
     """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
 
     def __init__(self, count: int, folder: Path):
-        tag = os.getpid() % 100_000
+        # Unique per process and per network in it (interface names: 15 characters at most).
+        tag = (os.getpid() % 10_000) * 10 + next(_networks) % 10
         self.bridge = f"clbr{tag}"
         self.subnet = f"10.77.{20 + tag % 200}"
         self.client_address = f"{self.subnet}.1"
@@ -86,6 +89,7 @@ class HostNetwork:
         self.close()
 
     def _start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "addr", "add", f"{self.client_address}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
@@ -157,12 +161,36 @@ class HostNetwork:
             subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
+    def cloudlab_processes(self) -> dict[str, list[int]]:
+        """cloudlab's processes running in each host's network (not sshd or slurmd)."""
+        import psutil
+
+        found = {}
+        for host in self.hosts:
+            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
+                                  text=True).stdout.split()
+            found[host.name] = [int(p) for p in pids if _is_cloudlab(psutil, int(p))]
+        return found
+
     def exists(self) -> bool:
         """Whether anything of this network is left (the tests check teardown)."""
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True,
                                     text=True).stdout.split()
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
         return any(h.name in namespaces for h in self.hosts) or f" {self.bridge}:" in links
+
+
+def network_of(pid: int) -> str:
+    """The network namespace process ``pid`` runs in (which host it is on)."""
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def _is_cloudlab(psutil, pid: int) -> bool:
+    try:
+        words = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return bool(words) and (words[0].startswith("cloudlab:") or "cloudlab._agent" in words)
 
 
 def _run(*command: str) -> None:

@@ -54,6 +54,11 @@ class Launched(abc.ABC):
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote, for error messages."""
 
+    def waiting(self) -> str | None:
+        """Why the process has not started yet, where it waits its turn (a batch queue's
+        reason); None once it runs."""
+        return None
+
     def last_words(self) -> str | None:
         """Why the process ended itself, if it said (the memory guard does)."""
         return None

@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,10 +33,8 @@ from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched
 from .local import SINGLE_THREADED, LocalBackend, LocalOptions, client_python_path, process_title
+from .remote import address_towards, files_archive, parent_folders, wait_for_files
 from .ssh_hosts import SshHost, probe_all, ssh_command
-
-#: How long an engine waits for the files it reads (the controller writes them as it starts).
-FILE_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,9 @@ class SshBackend(Backend):
             raise ConfigError(str(e)) from None
         if options.lease <= 0:
             raise ConfigError(f"lease must be a number of seconds above 0, not {options.lease}.")
-        self._address = options.client_address or _address_towards(self.hosts[0])
+        self._address = options.client_address or address_towards(
+            self.hosts[0].address, self.hosts[0].port, f"Host {self.hosts[0]}",
+            "check its address, or give client_address in the profile's [ssh] table.")
         self._local = LocalBackend(LocalOptions(ip=self._address), cluster_name)
         self._engines: list[SshProcess] = []
         self._next_host = 0
@@ -147,33 +145,16 @@ class SshBackend(Backend):
     async def _copy_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
         """Wait for ``files`` here, then write them at the same paths on ``host`` (0600, in
         folders only its user can enter)."""
-        deadline = time.monotonic() + FILE_WAIT
-        while not all(Path(f).exists() for f in files):
-            if self._controller is not None and not self._controller.alive():
-                raise StartError(f"The controller exited before it was ready (exit code "
-                                 f"{self._controller.exit_code()}; last output: "
-                                 f"{self._controller.log_tail(5).strip()[-400:]}).")
-            if time.monotonic() > deadline:
-                missing = [str(f) for f in files if not Path(f).exists()]
-                raise StartError(f"{', '.join(missing)} did not appear within {FILE_WAIT:g} s: "
-                                 f"the controller did not start.")
-            await asyncio.sleep(0.05)
+        await wait_for_files(files, self._controller)
         if files:
             await asyncio.to_thread(self._send_files, host, files)
 
     def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for path in files:
-                tar.add(str(path), arcname=str(Path(path).resolve()).lstrip("/"))
-        folders = sorted({str(Path(p).resolve().parent) for p in files})
-        remote = (f"umask 077 && mkdir -p {' '.join(map(shlex.quote, folders))} && "
-                  f"tar -x -C / -f -")
+        folders = " ".join(map(shlex.quote, parent_folders(files)))
+        remote = f"umask 077 && mkdir -p {folders} && tar -x -C / -f -"
         done = subprocess.run(
             ssh_command(host, remote, self.options.identity_file, self.options.known_hosts),
-            input=buffer.getvalue(), capture_output=True, timeout=60)
+            input=files_archive(files), capture_output=True, timeout=60)
         if done.returncode != 0:
             raise StartError(f"Could not copy the connection files to {host}: "
                              f"{done.stderr.decode(errors='replace').strip()[-300:]}")
@@ -217,16 +198,3 @@ class SshBackend(Backend):
 
     async def close(self) -> None:
         self._closing.set()
-
-
-def _address_towards(host: SshHost) -> str:
-    """This machine's address on the route to ``host`` (no packet is sent)."""
-    try:
-        address = socket.getaddrinfo(host.address, host.port, type=socket.SOCK_DGRAM)[0][4][0]
-        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                           socket.SOCK_DGRAM) as s:
-            s.connect((address, host.port))
-            return s.getsockname()[0]
-    except OSError as e:
-        raise ConfigError(f"Host {host} cannot be found ({e}): check its address, or give "
-                          f"client_address in the profile's [ssh] table.") from None

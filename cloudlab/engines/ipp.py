@@ -9,6 +9,7 @@ cloudlab's agent already ties each engine's life to its owner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +95,9 @@ class IPyParallelEngine(Engine):
         path = self._connection_file("client")
         await wait_for_file(path, controller_alive, timeout, "ipyparallel controller")
         try:
-            self._client = await _aio.to_thread(ipyparallel.Client, str(path), timeout=timeout)
+            with _curve_signs_instead(self.remote):
+                self._client = await _aio.to_thread(ipyparallel.Client, str(path),
+                                                    timeout=timeout)
         except Exception as e:
             raise StartError(f"Could not connect to the ipyparallel controller: {e}") from e
 
@@ -282,3 +285,26 @@ class _TimeWithoutSleep:
     @staticmethod
     def sleep(seconds: float) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _curve_signs_instead(remote: bool):
+    """Silence jupyter_client's "Message signing is disabled. This is insecure" while a
+    client connects over CurveZMQ: ipyparallel turns HMAC signing off there because every
+    connection is already authenticated and encrypted by Curve, so the warning is false."""
+    import logging
+
+    def not_that(record: logging.LogRecord) -> bool:
+        return "Message signing is disabled" not in record.getMessage()
+
+    from traitlets.log import get_logger  # (the kernel's own logger, inside a notebook)
+
+    logger = get_logger()
+    logger = getattr(logger, "logger", logger)  # a LoggerAdapter's logger
+    if remote:
+        logger.addFilter(not_that)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_that)
+

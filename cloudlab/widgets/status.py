@@ -49,7 +49,8 @@ def snapshot(cluster: Cluster) -> Snapshot:
         except CloudlabError:
             pass
     uptime = time.time() - cluster.started_at if cluster.started_at and rows else 0.0
-    counts = {s: sum(r.state == s for r in rows) for s in ("idle", "busy", "starting", "dead")}
+    counts = {s: sum(r.state == s for r in rows) for s in ("idle", "busy", "queued", "starting",
+                                                              "dead")}
     return Snapshot(cluster.name, cluster.engine_kind, cluster.backend_kind,
                     cluster.state if cluster.state != "running" or rows else "stopped",
                     uptime, rows, counts=counts)
@@ -88,7 +89,8 @@ def columns(s: Snapshot) -> tuple[str, ...]:
 
 
 def _cells(r: EngineStatus, gpu: bool) -> tuple[str, ...]:
-    cells = (str(r.id), r.host, str(r.pid or "-"), r.state, _cpu(r.cpu_percent),
+    state = r.note if r.state == "queued" and r.note else r.state  # and why it waits
+    cells = (str(r.id), r.host, str(r.pid or "-"), state, _cpu(r.cpu_percent),
              _fmt(r.memory_mb), str(r.tasks_done))
     if gpu:
         cells += (r.gpu or "-", _cpu(r.gpu_percent), _fmt(r.gpu_memory_mb))
@@ -113,7 +115,8 @@ def _css(column: str) -> str:
     return "-".join(words[:2]) if words[0] == "gpu" and len(words) > 1 else words[0]
 
 
-STATE_COLOURS = {"idle": "#2e7d32", "busy": "#ef6c00", "starting": "#1565c0", "dead": "#c62828"}
+STATE_COLOURS = {"idle": "#2e7d32", "busy": "#ef6c00", "queued": "#6a1b9a", "starting": "#1565c0",
+                 "dead": "#c62828"}
 
 
 def render_html(s: Snapshot) -> str:
@@ -126,7 +129,7 @@ def render_html(s: Snapshot) -> str:
         for i, c in enumerate(cells):
             style = "text-align:right;padding:0 8px"
             if names[i] == "state":
-                style += f";color:{STATE_COLOURS.get(c, 'inherit')};font-weight:bold"
+                style += f";color:{STATE_COLOURS.get(r.state, 'inherit')};font-weight:bold"
             tds.append(f"<td class='cl-{_css(names[i])}' style='{style}'>"
                        f"{html.escape(c)}</td>")
         body.append(f"<tr class='cl-engine' data-engine='{r.id}'>{''.join(tds)}</tr>")

@@ -10,7 +10,7 @@ import pytest
 import cloudlab
 from cloudlab.backends.ssh_hosts import HostError
 from conftest import wait_until_gone
-from hosts import SSH_PORT
+from hosts import SSH_PORT, network_of
 
 LEASE = 2.0
 
@@ -21,65 +21,39 @@ def _options(test_hosts, **overrides):
             "known_hosts": str(test_hosts.known_hosts), "lease": LEASE, **overrides}
 
 
-def _namespace_of(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/net")
-
-
-def _in_hosts(test_hosts) -> dict[str, list[int]]:
-    """cloudlab's processes running in each host's network (not sshd and its sessions)."""
-    import subprocess
-
-    import psutil
-
-    found = {}
-    for host in test_hosts.hosts:
-        pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                              text=True).stdout.split()
-        found[host.name] = [int(p) for p in pids if _is_cloudlab(psutil, int(p))]
-    return found
-
-
-def _is_cloudlab(psutil, pid: int) -> bool:
-    try:
-        words = psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return False
-    return bool(words) and (words[0].startswith("cloudlab:") or "cloudlab._agent" in words)
-
-
 def test_engines_start_work_and_stop_on_the_hosts(test_hosts, engine):
     with cloudlab.Cluster(4, engine=engine, **_options(test_hosts)) as c:
         rows = c.status()
         assert [r.state for r in rows] == ["idle"] * 4
-        ours = _namespace_of(os.getpid())
-        host_namespaces = {_namespace_of(r.pid) for r in rows}
+        ours = network_of(os.getpid())
+        host_namespaces = {network_of(r.pid) for r in rows}
         assert len(host_namespaces) == 2 and ours not in host_namespaces  # two per host
         assert c.map(lambda x: x * x, range(20)) == [x * x for x in range(20)]
         c.push(scale=3)
         assert set(c.run(lambda: scale * 2).values()) == {6}  # noqa: F821
     assert wait_until_gone(c.name, 10) == []
     deadline = time.monotonic() + 10
-    while any(_in_hosts(test_hosts).values()) and time.monotonic() < deadline:
+    while any(test_hosts.cloudlab_processes().values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+    assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
 
 
 def test_a_link_cut_longer_than_the_lease_ends_that_hosts_engines(test_hosts, engine):
     cut = test_hosts.hosts[1]
     with cloudlab.Cluster(2, engine=engine, replace_dead_engines=False,
                           **_options(test_hosts)) as c:
-        assert len(_in_hosts(test_hosts)[cut.name]) >= 1
+        assert len(test_hosts.cloudlab_processes()[cut.name]) >= 1
         test_hosts.cut(cut)
         try:
             t0 = time.monotonic()
-            while _in_hosts(test_hosts)[cut.name] and time.monotonic() - t0 < 4 * LEASE:
+            while test_hosts.cloudlab_processes()[cut.name] and time.monotonic() - t0 < 4 * LEASE:
                 time.sleep(0.1)
             seconds = time.monotonic() - t0
         finally:
             test_hosts.restore(cut)
-        assert _in_hosts(test_hosts)[cut.name] == [], "engines outlived their lease"
+        assert test_hosts.cloudlab_processes()[cut.name] == [], "engines outlived their lease"
         assert LEASE * 0.75 <= seconds <= LEASE * 2 + 1
-        assert _in_hosts(test_hosts)[test_hosts.hosts[0].name]  # the other host's keeps on
+        assert test_hosts.cloudlab_processes()[test_hosts.hosts[0].name]  # the other host's keeps on
     assert wait_until_gone(c.name, 10) == []
 
 
@@ -88,7 +62,7 @@ def test_a_bad_host_is_named_before_anything_starts(test_hosts, tmp_path):
     empty.write_text("")
     with pytest.raises(HostError, match="its host key is not the one"):
         cloudlab.Cluster(2, **_options(test_hosts, known_hosts=str(empty))).start()
-    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+    assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
 
 
 def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
@@ -106,16 +80,16 @@ def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         name = client.stdout.readline().strip()
-        assert name and all(_in_hosts(test_hosts).values())
+        assert name and all(test_hosts.cloudlab_processes().values())
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         t0 = time.monotonic()
-        while any(_in_hosts(test_hosts).values()) and time.monotonic() - t0 < 2 * LEASE:
+        while any(test_hosts.cloudlab_processes().values()) and time.monotonic() - t0 < 2 * LEASE:
             time.sleep(0.05)
         seconds = time.monotonic() - t0
     finally:
         client.kill()
-    assert _in_hosts(test_hosts) == {h.name: [] for h in test_hosts.hosts}
+    assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
     print(f"remote engines gone {seconds:.2f} s after the kill")
     assert seconds < LEASE  # at once: ssh closed their input, no need to wait out the lease
     assert wait_until_gone(name, 10) == []

@@ -1,0 +1,115 @@
+"""What backends with engines on other machines share: the client's address as those
+machines reach it, and the files an engine reads, which the controller writes as it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, StartError
+from .base import Launched
+
+#: How long an engine's launch waits for the files it reads (the controller writes them).
+FILE_WAIT = 60.0
+
+
+def address_towards(address: str, port: int, what: str, fix: str) -> str:
+    """This machine's address on the route to ``address`` (no packet is sent); ``what``
+    and ``fix`` name the peer and the remedy if it cannot be found."""
+    try:
+        found = socket.getaddrinfo(address, port, type=socket.SOCK_DGRAM)[0][4][0]
+        with socket.socket(socket.AF_INET6 if ":" in found else socket.AF_INET,
+                           socket.SOCK_DGRAM) as s:
+            s.connect((found, port))
+            return s.getsockname()[0]
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be found ({e}): {fix}") from None
+
+
+async def wait_for_files(files: tuple[Path, ...], controller: Launched | None) -> None:
+    """Until ``files`` exist here; a controller that exits first, or FILE_WAIT, ends the wait
+    with a StartError saying so."""
+    deadline = time.monotonic() + FILE_WAIT
+    while not all(Path(f).exists() for f in files):
+        if controller is not None and not controller.alive():
+            raise StartError(f"The controller exited before it was ready (exit code "
+                             f"{controller.exit_code()}; last output: "
+                             f"{controller.log_tail(5).strip()[-400:]}).")
+        if time.monotonic() > deadline:
+            missing = [str(f) for f in files if not Path(f).exists()]
+            raise StartError(f"{', '.join(missing)} did not appear within {FILE_WAIT:g} s: "
+                             f"the controller did not start.")
+        await asyncio.sleep(0.05)
+
+
+def files_archive(files: tuple[Path, ...]) -> bytes:
+    """``files`` as a tar archive that extracts with ``tar -x -C /`` to the same paths."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in files:
+            tar.add(str(path), arcname=str(Path(path).resolve()).lstrip("/"))
+    return buffer.getvalue()
+
+
+def parent_folders(files: tuple[Path, ...]) -> list[str]:
+    return sorted({str(Path(p).resolve().parent) for p in files})
+
+
+class LeaseServer:
+    """Heartbeats for engines that connect to the client (``_agent --lease-from``).
+
+    A thread accepts connections on ``address`` and writes a newline to each every
+    ``period`` seconds. Engines end themselves when the heartbeats stop for a lease (a
+    cut link) or the connection closes: when :meth:`close` is called, or when this process
+    dies, kill -9 included, since the kernel then closes its sockets.
+    """
+
+    def __init__(self, address: str, period: float):
+        import threading
+
+        self.period = period
+        self._listener = socket.create_server((address, 0), backlog=128)
+        self._listener.settimeout(0)
+        self.address = f"{address}:{self._listener.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="cloudlab-lease-server",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import select
+
+        next_beat = time.monotonic()
+        while not self._closing.is_set():
+            ready, _, _ = select.select([self._listener], [], [],
+                                        max(0.0, next_beat - time.monotonic()))
+            if ready:
+                try:
+                    connection, _ = self._listener.accept()
+                    connection.setblocking(False)
+                    self._connections.append(connection)
+                except OSError:
+                    pass
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.period
+                for connection in list(self._connections):
+                    try:
+                        connection.send(b"\n")
+                    except BlockingIOError:
+                        pass  # its buffer is full of heartbeats already: it is alive
+                    except OSError:
+                        self._connections.remove(connection)
+                        connection.close()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        for connection in self._connections:
+            connection.close()
+        self._listener.close()

@@ -1,0 +1,19 @@
+"""The local backend's contract suite, unchanged, over the Slurm backend: the very tests of
+tests/test_cluster_contract.py, with a 3-engine cluster whose engines are Slurm jobs on the
+two namespace nodes of the test Slurm cluster."""
+
+import pytest
+
+import cloudlab
+from conftest import ENGINES, wait_until_gone
+from test_cluster_contract import *  # noqa: F403 (the contract tests, collected here too)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def cluster(request, test_slurm, tmp_path_factory):
+    """The contract suite's cluster, as Slurm jobs."""
+    with cloudlab.Cluster(3, engine=request.param, backend="slurm",
+                          client_address=test_slurm.network.client_address,
+                          log_dir=str(tmp_path_factory.mktemp("slurm-logs"))) as c:
+        yield c
+    assert wait_until_gone(c.name, 5) == []
