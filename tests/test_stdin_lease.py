@@ -1,6 +1,8 @@
 """The lease a remote owner holds: heartbeats on an engine's standard input (cloudlab._agent
 --lease). Here the owner is this test, writing to a pipe; over SSH it is the client,
-writing through the ssh connection."""
+writing through the ssh connection. And the same lease over a TCP connection the engine
+opens to its owner (--lease-from), as a Slurm job's engine does: here the owner is a
+LeaseServer in this test."""
 
 import os
 import subprocess
@@ -12,14 +14,15 @@ import psutil
 LEASE = 1.0
 
 
-def _start(lease: float = LEASE) -> subprocess.Popen:
+def _start(lease: float = LEASE, lease_from: str | None = None) -> subprocess.Popen:
     """An agent whose entry (timeit's command line, running one statement) starts a child
     in its process group and sleeps a minute, under a lease on its stdin."""
     code = ("import subprocess, sys, time; "
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
             "time.sleep(60)")
     return subprocess.Popen(
-        [sys.executable, "-m", "cloudlab._agent", "--lease", str(lease), "--title",
+        [sys.executable, "-m", "cloudlab._agent", "--lease", str(lease),
+         *(["--lease-from", lease_from] if lease_from else []), "--title",
          "cloudlab: lease-test engine-0", "timeit:main", "--", "-n", "1", "-r", "1", code],
         stdin=subprocess.PIPE, start_new_session=True)
 
@@ -90,3 +93,35 @@ def test_an_agent_needs_exactly_one_kind_of_owner():
                              capture_output=True, text=True)
     assert neither.returncode == 2 and "one of the arguments --owner-pid --lease is required" \
         in neither.stderr
+
+
+def test_a_lease_server_keeps_engines_that_connect_and_closing_it_ends_them():
+    from cloudlab.backends.remote import LeaseServer
+
+    server = LeaseServer("127.0.0.1", LEASE / 4)
+    agent = _start(lease_from=server.address)
+    try:
+        time.sleep(3 * LEASE)  # three leases: alive only thanks to the server's heartbeats
+        assert agent.poll() is None and len(_group(agent.pid)) == 2
+        server.close()  # as when the client dies: the kernel closes its sockets
+        closed = time.monotonic()
+        seconds = _wait_gone(agent, 5) - closed
+    finally:
+        agent.kill()
+        server.close()
+    assert seconds < LEASE / 2
+
+
+def test_an_owner_that_is_gone_already_ends_the_engine_at_once():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the client has gone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = _start(lease=30, lease_from=f"127.0.0.1:{port}")
+    try:
+        started = time.monotonic()
+        seconds = _wait_gone(agent, 10) - started
+    finally:
+        agent.kill()
+    assert agent.returncode == -9 and seconds < 5
