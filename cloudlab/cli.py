@@ -26,6 +26,8 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="profile name (default: local)")
     parser.add_argument("--backend", help="backend name (default: the profile's)")
     parser.add_argument("--gpus", help="all, or a count: one engine per GPU (default: none)")
+    parser.add_argument("--mpi", action="store_true", default=None,
+                        help="the engines are the ranks of one MPI job (local backend)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,7 @@ def cmd_start(args) -> int:
     from .cluster import Cluster
 
     cluster = Cluster(args.n, engine=args.engine, profile=args.profile, backend=args.backend,
-                      name=args.name, gpus=args.gpus)
+                      name=args.name, gpus=args.gpus, mpi=args.mpi)
     # SIGTERM (kill, systemd, a job scheduler) stops as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.perf_counter()
@@ -176,8 +178,11 @@ def cmd_run(args) -> int:
         except (ValueError, OSError) as e:  # bad input: say so before anything starts
             print(f"cloudlab run {args.workload}: {e}", file=sys.stderr)
             return 2
-    cluster = Cluster(args.engines, engine=args.engine, profile=args.profile, backend=args.backend,
-                      gpus=args.gpus)
+    # A workload may need a cluster of its own kind (the MPI ring: one MPI job of --ranks).
+    extra = {"mpi": args.mpi}
+    extra.update(module.cluster_options(args) if hasattr(module, "cluster_options") else {})
+    cluster = Cluster(extra.pop("n", args.engines), engine=args.engine, profile=args.profile,
+                      backend=args.backend, gpus=args.gpus, **extra)
     t0 = time.perf_counter()
     try:
         with cluster:

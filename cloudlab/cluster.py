@@ -104,6 +104,8 @@ class Cluster(EngineNamespaces):
                               f"like run-1), not {name!r}.")
         self.name = name or f"{self._engine_cls.short_name}-{secrets.token_hex(3)}"
         self._backend = backend_class(self.backend_kind)(self.profile.backend_options, self.name)
+        if opts.mpi:
+            self._backend.check_mpi()
         limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)
         #: The GPUs of a GPU cluster, one per engine (empty: engines on CPU cores).
         self.gpus: list[gpus.Gpu] = []
@@ -270,7 +272,8 @@ class Cluster(EngineNamespaces):
         # them): sixteen initialising together on two cores would each be usable only as
         # late as the last.
         head = max(enough, os.cpu_count() or 1)
-        first = new_ids[:head] if head < count and self._backend.same_machine else new_ids
+        first = (new_ids[:head] if head < count and self._backend.same_machine
+                 and not self.profile.cluster.mpi else new_ids)  # an MPI world starts whole
         try:
             await self._launch_engines(first)
             if connecting is not None:
@@ -350,10 +353,15 @@ class Cluster(EngineNamespaces):
     async def _launch_engines(self, ids: list[int]) -> None:
         """Launch engines ``ids`` together and record each process started, also when
         this is cancelled (a process asked for starts anyway), so a teardown stops it."""
+        if not ids:
+            return
+        if self.profile.cluster.mpi:
+            world = await self._backend.launch_world([self._engine_command(e) for e in ids])
+            self._processes.update(zip(ids, world))
+            self._save_record()
+            return
         launches = {eid: asyncio.ensure_future(self._backend.launch(self._engine_command(eid)))
                     for eid in ids}
-        if not launches:
-            return
         all_done = asyncio.ensure_future(asyncio.wait(launches.values()))
         try:
             await asyncio.shield(all_done)
@@ -424,6 +432,10 @@ class Cluster(EngineNamespaces):
         async with self._lock:
             limit, reason = self._backend.max_engines(self._engine.mb_per_engine)
             n = policy.engine_count(n, limit + len(self._processes), reason)
+            if self.profile.cluster.mpi and n != len(self._processes):
+                raise ConfigError(f"Cluster {self.name} is one MPI job of "
+                                  f"{len(self._processes)} ranks, whose size is fixed: stop "
+                                  f"it and start one of {n} engines.")
             if self.gpus and n > len(self.gpus):
                 raise ConfigError(f"Cluster {self.name} runs one engine per GPU on "
                                   f"{len(self.gpus)} GPUs: scale it to {len(self.gpus)} "

@@ -25,12 +25,15 @@ from .widgets import widgets_available
 CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
 
     %cluster start [N] [--engine ipyparallel|dask] [--profile NAME] [--backend NAME] [--name NAME]
-                   [--gpus all|N]
+                   [--gpus all|N] [--mpi]
         Start N engines (default: the profile's `engines`) and make this cluster
         the active one; it is also bound to the name `cluster` in the notebook.
         Profiles are profiles/*.toml and ~/.cloudlab/profiles/*.toml (default: local).
         --gpus: one engine per GPU (all of them, or the first N), each seeing only its own.
-    %cluster status [NAME]        Each engine: id, host, pid, state (starting/idle/busy/dead).
+        --mpi: the engines are the ranks of one MPI job (mpirun; mpi4py's COMM_WORLD),
+        of fixed size (local backend).
+    %cluster status [NAME]        Each engine: id, host, pid, state (queued/starting/idle/busy/
+                                  dead); a queued engine says why it waits (a Slurm reason).
     %cluster scale N [NAME]       Grow or shrink the active (or named) cluster to N engines.
     %cluster stop [NAME] [--all]  Stop the active (or named) cluster; --all stops every one.
     %cluster list                 Clusters started in this kernel; * marks the active one.
@@ -62,6 +65,7 @@ def _parser() -> _Parser:
     start.add_argument("--backend")
     start.add_argument("--name")
     start.add_argument("--gpus")
+    start.add_argument("--mpi", action="store_true")
     for name in ("status", "list"):
         p = sub.add_parser(name, add_help=False)
         if name == "status":
@@ -113,7 +117,7 @@ class ClusterMagics(Magics):
     def _cluster_start(self, args):
         t0 = time.perf_counter()
         c = Cluster(args.n, engine=args.engine, backend=args.backend, profile=args.profile,
-                    name=args.name, gpus=args.gpus)
+                    name=args.name, gpus=args.gpus, mpi=True if args.mpi else None)
         print(f"Starting {c.n} {c.engine_kind} engines on {c.backend_kind}...", flush=True)
         c.start()
         self._activate(c)

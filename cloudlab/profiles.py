@@ -48,6 +48,9 @@ class ClusterOptions:
                                "shared among its engines) or \"none\".")
     gpus: str = option("none", "GPUs to use, one engine on each: \"all\", a count like "
                        "\"2\", or \"none\" (engines on CPU cores).")
+    mpi: bool = option(False, "Start the engines together as the ranks of one MPI job "
+                       "(mpirun), so code on them shares mpi4py's COMM_WORLD; its size is "
+                       "fixed, and a dead rank ends them all. Local backend.")
     description: str = option("", "One line shown by `cloudlab profiles` and `%cluster list`.")
 
 

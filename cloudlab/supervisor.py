@@ -111,6 +111,9 @@ class Supervisor:
         if len(recent) > max(STORM_DEATHS, 2 * cluster.n):
             self.not_replaced = (f"{len(recent)} engines died within {STORM_SECONDS} s, the "
                                  f"last one {death.cause}; cloudlab stopped replacing them")
+        elif cluster.profile.cluster.mpi:
+            self.not_replaced = ("a rank of an MPI job cannot be replaced (its COMM_WORLD has "
+                                 "a fixed size): stop the cluster and start a new one")
         elif cluster.profile.cluster.replace_dead_engines and cluster.state == "running":
             task = asyncio.ensure_future(self._replace())
             self.replacing.add(task)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -104,6 +106,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         """Start ``command``; ``cleanup`` paths are removed if the owner dies."""
+
+    def check_mpi(self) -> None:
+        """Raise ConfigError, in one sentence, where engines cannot start as an MPI job."""
+        raise ConfigError(f"MPI engines start on the local backend only; the {self.name} "
+                          f"backend starts each engine on its own: drop mpi, or use "
+                          f"backend=\"local\".")
+
+    async def launch_world(self, commands: list[Command]) -> list[Launched]:
+        """Start ``commands`` together as the ranks of one MPI job, in order."""
+        self.check_mpi()
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from .._agent import LAST_WORDS
+from ..errors import ConfigError
 from ..profiles import option
 from ..security import runtime_dir
 from . import forkserver
@@ -108,6 +110,33 @@ class ForkedProcess(LocalProcess):
         return code
 
 
+class MpiRank(LocalProcess):
+    """An engine that is one rank of an MPI job: it lives and ends with ``world`` (mpirun).
+    Its own pid is found by its process title, once the rank has started."""
+
+    def __init__(self, name: str, world: SpawnedProcess, title: str):
+        super().__init__(name, world.pid, world.log)
+        self.world, self.title, self._pid = world, title, None
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            try:
+                for child in psutil.Process(self.world.pid).children(recursive=True):
+                    if " ".join(child.cmdline()).strip() == self.title:
+                        self._pid = child.pid
+            except psutil.Error:
+                pass
+        return self._pid or self.world.pid
+
+    @pid.setter
+    def pid(self, value: int) -> None:
+        pass  # (LocalProcess sets it; a rank's is found above)
+
+    def exit_code(self) -> int | None:
+        return self.world.exit_code()
+
+
 class LocalBackend(Backend):
     name = "local"
     Options = LocalOptions
@@ -177,7 +206,43 @@ class LocalBackend(Backend):
             )
         return SpawnedProcess(command.name, popen, log)
 
+    def check_mpi(self) -> None:
+        if shutil.which("mpirun") is None:
+            raise ConfigError("MPI engines need mpirun, which is not installed: install Open "
+                              "MPI (Debian: apt-get install openmpi-bin libopenmpi-dev) and "
+                              "mpi4py (pip install mpi4py).")
+
+    async def launch_world(self, commands: list[Command]) -> list[Launched]:
+        """One ``mpirun`` whose ranks are ``commands``, in order (one app context each: each
+        rank has its own arguments and environment); fresh interpreters, not forks."""
+        self.check_mpi()
+        log = self.workdir / "mpi-world.log"
+        argv = ["mpirun", "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            argv.append("--allow-run-as-root")
+        titles = []
+        for rank, command in enumerate(commands):
+            title = process_title(self.cluster_name, command.name)
+            env = {"CLOUDLAB_CLUSTER": self.cluster_name,
+                   LAST_WORDS: str(last_words_file(self.workdir / f"{command.name}.log")),
+                   **command.env}
+            argv += [":"] if rank else []  # the next app context
+            argv += ["-n", "1", "env", *(f"{k}={v}" for k, v in env.items()), self.python,
+                     "-m", "cloudlab._agent", "--owner-pid", str(os.getpid()), "--title",
+                     title, command.entry, "--", *command.args]
+            titles.append(title)
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=base_environment(), cwd=os.getcwd(), start_new_session=True,
+                close_fds=True)
+        world = SpawnedProcess("mpirun", popen, log)
+        return [MpiRank(c.name, world, t) for c, t in zip(commands, titles)]
+
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
+        # A rank ends with its world: mpirun's group holds them all.
+        launched = list({id(w): w for w in (p.world if isinstance(p, MpiRank) else p
+                                            for p in launched)}.values())
         procs = [p for p in launched if isinstance(p, LocalProcess)]
         signal_groups([p.pid for p in procs], signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace

@@ -4,11 +4,13 @@ A workload module offers ``add_arguments(parser)``, ``run(cluster, args) -> dict
 ``summary(figures) -> str`` for the CLI, beside its Python API (``pi.estimate(cluster,
 samples, seed=...)``). It may also offer ``prepare(args)``, which reads the inputs before
 the cluster starts (into ``args.inputs``): a ValueError or OSError there is bad input, said
-in one line with nothing started.
+in one line with nothing started; and ``cluster_options(args)``, the keywords of the
+cluster it needs (``n``, ``mpi=True``...).
 """
 
 WORKLOADS = {
     "pi": "cloudlab.workloads.pi",
     "pct": "cloudlab.workloads.pct",
     "classify": "cloudlab.workloads.classify",
+    "ring": "cloudlab.workloads.ring",
 }
