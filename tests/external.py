@@ -75,13 +75,16 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def test_hosts(tmp_path_factory):
-    """Two network-namespace hosts with sshd (tests/hosts.py), removed afterwards."""
+    """Two network-namespace hosts with sshd (tests/hosts.py), removed afterwards. The
+    first shares the client's filesystem (home directories over NFS, say); the second has
+    its own cloudlab runtime folder, where the files engines read must be copied to."""
+    from cloudlab.security import runtime_dir
     from hosts import HostNetwork, missing
 
     why = missing()
     if why:
         pytest.skip(f"test hosts cannot be built here: {why}")
-    with HostNetwork(2, tmp_path_factory.mktemp("hosts")) as network:
+    with HostNetwork(2, tmp_path_factory.mktemp("hosts"), private={1: runtime_dir()}) as network:
         yield network
     assert not network.exists(), "the test hosts were not torn down"
 

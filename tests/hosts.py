@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,8 @@ class TestHost:
     veth: str  # the client's end of its link
     folder: Path
     network: HostNetwork
+    #: A folder this host does not share with the client (None: it shares everything).
+    private: Path | None = None
 
     def ssh_command(self, *command: str) -> list[str]:
         return ["ssh", "-i", str(self.network.user_key), "-p", str(SSH_PORT),
@@ -65,7 +68,8 @@ class TestHost:
 class HostNetwork:
     """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
 
-    def __init__(self, count: int, folder: Path):
+    def __init__(self, count: int, folder: Path, private: dict[int, Path] | None = None):
+        """``private``: host index -> a folder that host has its own empty copy of."""
         # Unique per process and per network in it (interface names: 15 characters at most).
         tag = (os.getpid() % 10_000) * 10 + next(_networks) % 10
         self.bridge = f"clbr{tag}"
@@ -75,7 +79,8 @@ class HostNetwork:
         self.user_key = folder / "user_key"
         self.known_hosts = folder / "known_hosts"
         self.hosts = [TestHost(f"cl{tag}n{i}", f"{self.subnet}.{11 + i}", f"clv{tag}n{i}",
-                               folder / f"host{i}", self) for i in range(count)]
+                               folder / f"host{i}", self, (private or {}).get(i))
+                      for i in range(count)]
 
     def __enter__(self) -> HostNetwork:
         try:
@@ -124,7 +129,16 @@ class HostNetwork:
             "StrictModes no", "UsePAM no", f"PidFile {d / 'sshd.pid'}",
             "AcceptEnv CLOUDLAB_*", ""]))
         # An absolute config path: sshd re-executes itself from / for each connection.
-        _run(*host.inside("/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")))
+        sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
+        if host.private is not None:
+            # Its own mount namespace, with an empty tmpfs over ``private``: what sshd's
+            # sessions write there stays on this host, as on a machine without a shared
+            # filesystem.
+            host.private.mkdir(parents=True, exist_ok=True)
+            script = (f"mount -t tmpfs -o mode=700 cloudlab-test {shlex.quote(str(host.private))}"
+                      f" && exec {shlex.join(sshd)}")
+            sshd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+        _run(*host.inside(*sshd))
         public = (d / "host_key.pub").read_text().split()
         return f"[{host.address}]:{SSH_PORT} {public[0]} {public[1]}\n"
 

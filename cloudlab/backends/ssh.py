@@ -91,6 +91,7 @@ class SshBackend(Backend):
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self._probed = None  # what each host offers, once probed
+        self._copied_to: set[SshHost] = set()  # hosts holding a copy of the cluster's files
         self._controller: Launched | None = None
 
     @property
@@ -147,6 +148,7 @@ class SshBackend(Backend):
         folders only its user can enter)."""
         await wait_for_files(files, self._controller)
         if files:
+            self._copied_to.add(host)
             await asyncio.to_thread(self._send_files, host, files)
 
     def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
@@ -198,3 +200,18 @@ class SshBackend(Backend):
 
     async def close(self) -> None:
         self._closing.set()
+        if self._copied_to and self.workdir is not None:
+            # The copies of the cluster's files (keys among them) go with it: its folder is
+            # its own, so removing it is safe where the host shares the client's filesystem.
+            await asyncio.gather(*(asyncio.to_thread(self._remove_copies, h)
+                                   for h in self._copied_to))
+            self._copied_to.clear()
+
+    def _remove_copies(self, host: SshHost) -> None:
+        remote = f"rm -rf -- {shlex.quote(str(self.workdir.resolve()))}"
+        try:
+            subprocess.run(ssh_command(host, remote, self.options.identity_file,
+                                       self.options.known_hosts),
+                           capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            pass  # an unreachable host keeps its copy, in its user's 0700 runtime folder

@@ -31,6 +31,16 @@ def test_engines_start_work_and_stop_on_the_hosts(test_hosts, engine):
         assert c.map(lambda x: x * x, range(20)) == [x * x for x in range(20)]
         c.push(scale=3)
         assert set(c.run(lambda: scale * 2).values()) == {6}  # noqa: F821
+        # The second host has its own runtime folder: the engines' files were copied there.
+        private = test_hosts.hosts[1]
+        assert private.ssh(f"test -d {c._workdir}").returncode == 0
+        marker = private.private / f"not-shared-{os.getpid()}"
+        marker.touch()
+        try:  # (a file here is not there: the folder is not shared)
+            assert private.ssh(f"test -e {marker}").returncode == 1
+        finally:
+            marker.unlink()
+    assert private.ssh(f"test -e {c._workdir}").returncode == 1  # and removed at stop
     assert wait_until_gone(c.name, 10) == []
     deadline = time.monotonic() + 10
     while any(test_hosts.cloudlab_processes().values()) and time.monotonic() < deadline:
