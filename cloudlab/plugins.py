@@ -31,7 +31,7 @@ def backend_names() -> list[str]:
 
 def _load(group: str, kind: str, name: str, source: str | None):
     eps = _entry_points(group)
-    if name not in eps:
+    if not isinstance(name, str) or name not in eps:  # (a profile may hold any TOML value)
         error = UnknownNameError(kind, name, eps)
         if source:
             raise ConfigError(f"{source}: {error}") from None
