@@ -87,15 +87,26 @@ def _unlink(path: str) -> None:
         pass
 
 
+#: Environment: a file the agent touches at each heartbeat (a cloud VM powers itself off
+#: once no engine on it has touched it for a while: backends/_vm.py).
+LEASE_FILE = "CLOUDLAB_LEASE_FILE"
+
+
 def heartbeats_stop(fd: int, lease: float) -> None:
     """Block until nothing has arrived on ``fd`` for ``lease`` seconds, or it is closed."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    lease_file = os.environ.get(LEASE_FILE)
     while True:
         if not poller.poll(lease * 1000):
             return  # silent for a whole lease: the link is cut, or the owner hangs
         if not os.read(fd, 4096):
             return  # closed: the owner (or the connection it held) is gone
+        if lease_file:
+            try:
+                os.utime(lease_file)
+            except OSError:
+                pass
 
 
 def lease_connection(address: str, timeout: float = 10.0) -> socket.socket | None:

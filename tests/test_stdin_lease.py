@@ -14,7 +14,8 @@ import psutil
 LEASE = 1.0
 
 
-def _start(lease: float = LEASE, lease_from: str | None = None) -> subprocess.Popen:
+def _start(lease: float = LEASE, lease_from: str | None = None,
+           env: dict | None = None) -> subprocess.Popen:
     """An agent whose entry (timeit's command line, running one statement) starts a child
     in its process group and sleeps a minute, under a lease on its stdin."""
     code = ("import subprocess, sys, time; "
@@ -24,7 +25,7 @@ def _start(lease: float = LEASE, lease_from: str | None = None) -> subprocess.Po
         [sys.executable, "-m", "cloudlab._agent", "--lease", str(lease),
          *(["--lease-from", lease_from] if lease_from else []), "--title",
          "cloudlab: lease-test engine-0", "timeit:main", "--", "-n", "1", "-r", "1", code],
-        stdin=subprocess.PIPE, start_new_session=True)
+        stdin=subprocess.PIPE, start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def _group(pgid: int) -> list[psutil.Process]:
@@ -71,6 +72,19 @@ def test_heartbeats_keep_the_engine_and_silence_ends_it_within_a_lease():
         agent.kill()
     assert agent.returncode == -9
     assert LEASE * 0.9 <= seconds <= LEASE + 1.0
+
+
+def test_each_heartbeat_touches_the_lease_file_a_vm_watches(tmp_path):
+    lease_file = tmp_path / "lease"
+    lease_file.touch()
+    os.utime(lease_file, (0, 0))
+    agent = _start(lease=30, env={"CLOUDLAB_LEASE_FILE": str(lease_file)})
+    try:
+        last = _beat(agent, 0.5)
+        time.sleep(0.2)
+        assert abs(lease_file.stat().st_mtime - (time.time() - (time.monotonic() - last))) < 1
+    finally:
+        agent.kill()
 
 
 def test_a_closed_input_ends_the_engine_at_once():
