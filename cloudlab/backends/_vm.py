@@ -156,3 +156,21 @@ def cost(started: dict[str, float], ended: dict[str, float], price_per_hour: flo
         return Cost(len(running), None, None)
     hours = sum((ended.get(i, now) - t0) / 3600 for i, t0 in started.items())
     return Cost(len(running), price_per_hour * len(running), price_per_hour * hours)
+
+
+def why_garbage(resource_tags: dict[str, str], live_clusters: set[str],
+                now: dt.datetime | None = None) -> str | None:
+    """Why ``cloudlab gc`` deletes a resource with these tags (None: it stays).
+
+    Expired resources go, whoever made them; so do this machine's own resources whose
+    cluster no longer runs here (a killed kernel, a crash). Another machine's resources stay
+    until they expire: their cluster may well be running there.
+    """
+    cluster = resource_tags.get(TAG_CLUSTER)
+    if cluster is None:
+        return None  # not cloudlab's
+    if expired(resource_tags.get(TAG_EXPIRES), now):
+        return f"expired at {resource_tags.get(TAG_EXPIRES) or '(no expiry tag)'}"
+    if resource_tags.get(TAG_OWNER) == owner() and cluster not in live_clusters:
+        return f"its cluster {cluster} no longer runs on this machine"
+    return None

@@ -1,0 +1,281 @@
+"""EC2: the SDK calls that create, find and delete a cluster's AWS resources (boto3).
+
+A cluster's resources on AWS, each tagged with its cluster, owner and expiry
+(:mod:`._vm`): one key pair (the public half of a key made on the client for this cluster
+only), one security group (SSH from the client's own address only, and any traffic between
+the cluster's own instances), and its instances, started so that a shutdown from inside
+terminates them. :meth:`Ec2.create` deletes whatever it created if any step fails;
+:meth:`Ec2.delete` terminates (never merely stops) and removes the rest. What the VMs run
+and how engines reach them is the cloud-independent part (:mod:`._vm`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, StartError
+from ..profiles import option
+from . import _vm
+
+#: Ubuntu 24.04 LTS for x86-64, as Canonical publishes it through SSM (EC2 resolves it).
+UBUNTU = "resolve:ssm:/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+#: Installs Python and cloudlab on a fresh Ubuntu VM into /opt/cloudlab.
+DEFAULT_INSTALL = ("apt-get update -q && apt-get install -y -q python3-venv && "
+                   "python3 -m venv /opt/cloudlab && /opt/cloudlab/bin/pip install -q cloudlab")
+LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
+
+
+@dataclass(frozen=True)
+class Ec2Options:
+    region: str = option("us-east-1", "AWS region.")
+    instance_type: str = option("c7i.large", "EC2 instance type.")
+    image: str = option(UBUNTU, "AMI id, or resolve:ssm:PARAMETER naming one (default: "
+                        "Ubuntu 24.04).")
+    engines_per_instance: int = option(0, "Engines on each instance (0: one per vCPU).")
+    spot: bool = option(False, "Spot instances: cheaper, and AWS may take them back (the "
+                        "engine is then replaced).")
+    max_price: float = option(0.0, "Spot only: the most $/h to pay per instance (0: up to "
+                              "the on-demand price).")
+    idle_timeout: float = option(900.0, "Seconds an instance lives on once no engine on it "
+                                 "hears from this client; then it deletes itself.")
+    max_hours: float = option(8.0, "Hours after which an instance deletes itself, whatever "
+                              "happens.")
+    subnet_id: str = option("", "Subnet to start instances in (default: the default VPC's).")
+    client_cidr: str = option("", "Addresses allowed to SSH in (default: this machine's "
+                              "public address, /32).")
+    endpoint_url: str = option("", "An EC2-compatible endpoint instead of AWS's.")
+    ssh_user: str = option("ubuntu", "User to log in as on the instances.")
+    install: str = option(DEFAULT_INSTALL, "Shell commands installing Python and cloudlab on "
+                          "a new instance.")
+    python: str = option("/opt/cloudlab/bin/python", "Python on the instances, once installed.")
+    price_per_hour: float = option(0.0, "$/h of one instance, for the cost shown (0: the "
+                                   "spot price where spot, else not shown).")
+
+
+@dataclass
+class Vm:
+    id: str
+    state: str
+    private_ip: str | None
+    public_ip: str | None
+    launched: float  # epoch seconds
+    reason: str = ""  # why it is in that state ("Server.SpotInstanceTermination: ...")
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Created:
+    """What :meth:`Ec2.create` made, for :meth:`Ec2.delete` to remove."""
+
+    cluster: str
+    key_name: str | None = None
+    group_id: str | None = None
+    instances: list[str] = field(default_factory=list)
+
+
+class Ec2:
+    """A region's EC2 API, with cloudlab's resources in it."""
+
+    def __init__(self, options: Ec2Options):
+        import boto3
+
+        self.options = options
+        self.client = boto3.client("ec2", region_name=options.region,
+                                   endpoint_url=options.endpoint_url or None)
+
+    # ------------------------------------------------------------------ create
+    def create(self, cluster: str, count: int, public_key: str, user_data: str,
+               client_cidr: str) -> Created:
+        """Key pair, security group and ``count`` instances; on any failure, none of them."""
+        created = Created(cluster)
+        tags = _vm.tags(cluster, self.options.max_hours)
+        try:
+            created.key_name = f"cloudlab-{cluster}"
+            self.client.import_key_pair(
+                KeyName=created.key_name, PublicKeyMaterial=public_key.encode(),
+                TagSpecifications=[_tag_spec("key-pair", tags)])
+            created.group_id = self._security_group(cluster, client_cidr, tags)
+            created.instances = self.add_instances(cluster, count, user_data, created)
+        except BaseException:
+            self.delete(created)
+            raise
+        return created
+
+    def _security_group(self, cluster: str, client_cidr: str, tags: dict) -> str:
+        arguments = {}
+        if self.options.subnet_id:
+            subnet = self.client.describe_subnets(SubnetIds=[self.options.subnet_id])
+            arguments["VpcId"] = subnet["Subnets"][0]["VpcId"]
+        group = self.client.create_security_group(
+            GroupName=f"cloudlab-{cluster}", TagSpecifications=[_tag_spec("security-group", tags)],
+            Description=f"cloudlab cluster {cluster}: SSH from its client, all between its "
+                        f"instances", **arguments)["GroupId"]
+        self.client.authorize_security_group_ingress(GroupId=group, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+             "IpRanges": [{"CidrIp": client_cidr, "Description": "cloudlab client"}]},
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}])
+        return group
+
+    def add_instances(self, cluster: str, count: int, user_data: str,
+                      created: Created) -> list[str]:
+        o = self.options
+        arguments = {
+            "ImageId": o.image, "InstanceType": o.instance_type, "MinCount": count,
+            "MaxCount": count, "KeyName": created.key_name,
+            "SecurityGroupIds": [created.group_id], "UserData": user_data,
+            # A shutdown from inside (the VM's own expiry) deletes the instance.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [
+                _tag_spec("instance", _vm.tags(cluster, o.max_hours, f"cloudlab-{cluster}")),
+                _tag_spec("volume", _vm.tags(cluster, o.max_hours))],
+        }
+        if o.subnet_id:
+            arguments["SubnetId"] = o.subnet_id
+        if o.spot:
+            spot = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+            if o.max_price:
+                spot["MaxPrice"] = f"{o.max_price:.4f}"
+            arguments["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        try:
+            reply = self.client.run_instances(**arguments)
+        except Exception as e:
+            raise self.explain(e, count) from None
+        ids = [i["InstanceId"] for i in reply["Instances"]]
+        created.instances.extend(ids)
+        return ids
+
+    # ------------------------------------------------------------------ look
+    def describe(self, ids: list[str] | None = None, filters: list | None = None) -> list[Vm]:
+        if ids == []:
+            return []
+        arguments = {"InstanceIds": ids} if ids else {"Filters": filters or []}
+        vms = []
+        for page in self.client.get_paginator("describe_instances").paginate(**arguments):
+            for reservation in page["Reservations"]:
+                for i in reservation["Instances"]:
+                    reason = i.get("StateReason", {})
+                    vms.append(Vm(i["InstanceId"], i["State"]["Name"],
+                                  i.get("PrivateIpAddress"), i.get("PublicIpAddress"),
+                                  i["LaunchTime"].timestamp(),
+                                  f"{reason.get('Code', '')}: {reason.get('Message', '')}"
+                                  if reason else "",
+                                  {t["Key"]: t["Value"] for t in i.get("Tags", [])}))
+        return vms
+
+    def cloudlab_instances(self) -> list[Vm]:
+        """Every instance of any cloudlab cluster in this region that is not terminated."""
+        return self.describe(filters=[{"Name": "tag-key", "Values": [_vm.TAG_CLUSTER]},
+                                      {"Name": "instance-state-name", "Values": LIVE}])
+
+    def cloudlab_groups(self) -> list[dict]:
+        return self.client.describe_security_groups(
+            Filters=[{"Name": "tag-key", "Values": [_vm.TAG_CLUSTER]}])["SecurityGroups"]
+
+    def cloudlab_key_pairs(self) -> list[dict]:
+        return self.client.describe_key_pairs(
+            Filters=[{"Name": "tag-key", "Values": [_vm.TAG_CLUSTER]}])["KeyPairs"]
+
+    # ------------------------------------------------------------------ delete
+    def terminate(self, ids: list[str], wait: float = 300.0) -> None:
+        """Terminate ``ids`` and wait until AWS says so (a security group in use cannot go)."""
+        if not ids:
+            return
+        self.client.terminate_instances(InstanceIds=ids)
+        deadline = time.monotonic() + wait
+        while any(vm.state != "terminated" for vm in self.describe(ids)):
+            if time.monotonic() > deadline:
+                raise StartError(f"Instances {', '.join(ids)} were not terminated after "
+                                 f"{wait:g} s; check the EC2 console, then run cloudlab gc.")
+            time.sleep(2)
+
+    def explain(self, error: Exception, count: int) -> Exception:
+        """AWS's refusal to start instances, as one sentence with the fix."""
+        code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+        o = self.options
+        what = f"{count} x {o.instance_type} in {o.region}"
+        fixes = {
+            "InsufficientInstanceCapacity": f"AWS has no capacity for {what} right now: try "
+                "another instance_type, another region, or a subnet_id in another "
+                "availability zone.",
+            "VcpuLimitExceeded": f"Your vCPU quota in {o.region} is too small for {what}: ask "
+                "for more in the Service Quotas console, or start fewer engines.",
+            "MaxSpotInstanceCountExceeded": f"Your spot instance quota in {o.region} is too "
+                f"small for {what}: ask for more, or set spot = false.",
+            "SpotMaxPriceTooLow": f"The spot price of {o.instance_type} in {o.region} is above "
+                f"max_price ({o.max_price:g} $/h): raise max_price, or set it to 0.",
+            "UnauthorizedOperation": "Your AWS credentials may not start instances "
+                "(ec2:RunInstances): ask your administrator, or use another profile.",
+            "InvalidAMIID.NotFound": f"Image {o.image} does not exist in {o.region}: set image "
+                "in the profile's [ec2] table to an AMI of that region.",
+            "InvalidAMIID.Malformed": f"Image {o.image!r} is not an AMI id (ami-...) or "
+                "resolve:ssm:PARAMETER: fix image in the profile's [ec2] table.",
+        }
+        if code in fixes:
+            return StartError(fixes[code])
+        return StartError(f"AWS refused to start {what}: {error}")
+
+    def delete(self, created: Created) -> None:
+        """Terminate the instances, then delete the security group and the key pair. Also
+        instances started but never reported (a start interrupted while AWS answered),
+        found by their cluster tag."""
+        tagged = self.describe(filters=[
+            {"Name": f"tag:{_vm.TAG_CLUSTER}", "Values": [created.cluster]},
+            {"Name": f"tag:{_vm.TAG_OWNER}", "Values": [_vm.owner()]},
+            {"Name": "instance-state-name", "Values": LIVE}])
+        self.terminate(sorted(set(created.instances) | {vm.id for vm in tagged}))
+        created.instances = []
+        if created.group_id:
+            self.client.delete_security_group(GroupId=created.group_id)
+            created.group_id = None
+        if created.key_name:
+            self.client.delete_key_pair(KeyName=created.key_name)
+            created.key_name = None
+
+
+def _tag_spec(kind: str, tags: dict[str, str]) -> dict:
+    return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+
+
+def check_options(options: Ec2Options) -> None:
+    """Bad options in one sentence each, before any call to AWS."""
+    if options.max_hours <= 0 or options.idle_timeout <= 0:
+        raise ConfigError("max_hours and idle_timeout must be above 0: they are what deletes "
+                          "a forgotten instance.")
+    if options.engines_per_instance < 0:
+        raise ConfigError(f"engines_per_instance must be 0 (one per vCPU) or more, not "
+                          f"{options.engines_per_instance}.")
+
+
+def collect_garbage(ec2: Ec2, live_clusters: set[str], dry_run: bool = False) -> list[str]:
+    """Delete expired and orphaned cloudlab resources in the region (:func:`_vm.why_garbage`):
+    instances first, then the security groups and key pairs no instance of theirs still
+    uses. One line per resource, saying what and why."""
+    said = []
+    doomed = []
+    keep = set()  # clusters with an instance that stays
+    for vm in ec2.cloudlab_instances():
+        why = _vm.why_garbage(vm.tags, live_clusters)
+        if why:
+            doomed.append(vm.id)
+            said.append(f"instance {vm.id} ({vm.state}, cluster "
+                        f"{vm.tags.get(_vm.TAG_CLUSTER)}): {why}")
+        else:
+            keep.add(vm.tags.get(_vm.TAG_CLUSTER))
+    if doomed and not dry_run:
+        ec2.terminate(doomed)
+    for group in ec2.cloudlab_groups():
+        tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+        why = _vm.why_garbage(tags, live_clusters)
+        if why and tags[_vm.TAG_CLUSTER] not in keep:
+            said.append(f"security group {group['GroupId']} ({group['GroupName']}): {why}")
+            if not dry_run:
+                ec2.client.delete_security_group(GroupId=group["GroupId"])
+    for pair in ec2.cloudlab_key_pairs():
+        tags = {t["Key"]: t["Value"] for t in pair.get("Tags", [])}
+        why = _vm.why_garbage(tags, live_clusters)
+        if why and tags[_vm.TAG_CLUSTER] not in keep:
+            said.append(f"key pair {pair['KeyName']}: {why}")
+            if not dry_run:
+                ec2.client.delete_key_pair(KeyName=pair["KeyName"])
+    return said
