@@ -33,9 +33,11 @@ class Command:
     #: written by the controller while it starts: a backend on other machines waits for
     #: them and copies them to the same paths there.
     files: tuple[Path, ...] = ()
-    #: The cluster's controller (ipcontroller, Dask scheduler), which remote backends still
-    #: run on the client, rather than an engine.
+    #: The cluster's controller (ipcontroller, Dask scheduler), rather than an engine.
     controller: bool = False
+    #: Files the command writes that the client and the engines read (a controller's
+    #: connection files): a backend that runs it on another machine brings them back.
+    writes: tuple[Path, ...] = ()
 
 
 class Launched(abc.ABC):

@@ -33,7 +33,13 @@ from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched
 from .local import SINGLE_THREADED, LocalBackend, LocalOptions, client_python_path, process_title
-from .remote import address_towards, files_archive, parent_folders, wait_for_files
+from .remote import (
+    FILE_WAIT,
+    address_towards,
+    files_archive,
+    parent_folders,
+    wait_for_files,
+)
 from .ssh_hosts import SshHost, probe_all, ssh_command
 
 
@@ -48,6 +54,9 @@ class SshOptions:
     known_hosts: str = option("", "known_hosts file (default: ssh's own).")
     lease: float = option(10.0, "Seconds an engine lives on without hearing from this "
                           "client (a cut link) before it ends itself.")
+    controller_host: str = option("", "Run the controller on this host ([user@]address"
+                                  "[:port]) rather than here: where the hosts cannot reach "
+                                  "this machine, but it can reach them.")
 
 
 class SshProcess(Launched):
@@ -82,9 +91,17 @@ class SshBackend(Backend):
             raise ConfigError(str(e)) from None
         if options.lease <= 0:
             raise ConfigError(f"lease must be a number of seconds above 0, not {options.lease}.")
-        self._address = options.client_address or address_towards(
-            self.hosts[0].address, self.hosts[0].port, f"Host {self.hosts[0]}",
-            "check its address, or give client_address in the profile's [ssh] table.")
+        try:
+            self.controller_host = (SshHost.parse(options.controller_host)
+                                    if options.controller_host else None)
+        except ValueError as e:
+            raise ConfigError(f"controller_host: {e}") from None
+        if self.controller_host is not None:
+            self._address = self.controller_host.address  # engines reach the controller there
+        else:
+            self._address = options.client_address or address_towards(
+                self.hosts[0].address, self.hosts[0].port, f"Host {self.hosts[0]}",
+                "check its address, or give client_address in the profile's [ssh] table.")
         self._local = LocalBackend(LocalOptions(ip=self._address), cluster_name)
         self._engines: list[SshProcess] = []
         self._next_host = 0
@@ -92,6 +109,7 @@ class SshBackend(Backend):
         self._closing = threading.Event()
         self._probed = None  # what each host offers, once probed
         self._copied_to: set[SshHost] = set()  # hosts holding a copy of the cluster's files
+        self._fetching: asyncio.Future | None = None  # the controller's files, coming back
         self._controller: Launched | None = None
 
     @property
@@ -108,21 +126,38 @@ class SshBackend(Backend):
     async def prepare(self, preload: tuple[str, ...]) -> None:
         from .. import __version__
 
-        self._local.workdir = self.workdir
-        await self._local.prepare(preload)
+        if self.controller_host is None:
+            self._local.workdir = self.workdir
+            await self._local.prepare(preload)
         if self._probed is None:
+            hosts = list(dict.fromkeys([*self.hosts, *filter(None, [self.controller_host])]))
             self._probed = await asyncio.to_thread(
-                probe_all, self.hosts, self.python, __version__, self.options.identity_file,
+                probe_all, hosts, self.python, __version__, self.options.identity_file,
                 self.options.known_hosts)
 
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
-        if command.controller:
+        if command.controller and self.controller_host is None:
             self._local.workdir = self.workdir
             self._controller = await self._local.launch(command, cleanup)
             return self._controller
-        host = self.hosts[self._next_host % len(self.hosts)]
-        self._next_host += 1
-        await self._copy_files(host, command.files)
+        if command.controller:
+            # The cluster's folder as it is now (certificates, the folders the controller
+            # writes into), then the controller, then its connection files back here.
+            host = self.controller_host
+            self._copied_to.add(host)
+            await asyncio.to_thread(self._send_files, host, _tree(self.workdir))
+        else:
+            host = self.hosts[self._next_host % len(self.hosts)]
+            self._next_host += 1
+            await self._copy_files(host, command.files)
+        process = self._start(host, command)
+        if command.controller:
+            self._controller = process
+            self._fetching = asyncio.ensure_future(self._fetch_files(host, command.writes))
+        return process
+
+    def _start(self, host: SshHost, command: Command) -> SshProcess:
+        """``command`` on ``host`` under the agent, its lease held through ssh's input."""
         log = self.workdir / f"{command.name}.log"
         # The client's own import directories too, as on the local backend: where the hosts
         # share the filesystem (home directories over NFS), engines import the modules
@@ -142,6 +177,24 @@ class SshBackend(Backend):
         self._engines.append(process)
         self._start_heartbeat()
         return process
+
+    async def _fetch_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
+        """Bring the files the controller writes on ``host`` to the same paths here, once
+        they are all there (the engines and the client wait for them)."""
+        if not files:
+            return
+        paths = [str(Path(f).resolve()) for f in files]
+        check = " && ".join(f"test -s {shlex.quote(p)}" for p in paths)
+        remote = f"{check} && tar -c -C / -f - {' '.join(shlex.quote(p.lstrip('/')) for p in paths)}"
+        argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
+        deadline = time.monotonic() + FILE_WAIT
+        while time.monotonic() < deadline and self._controller.alive():
+            done = await asyncio.to_thread(subprocess.run, argv, capture_output=True,
+                                           timeout=30, stdin=subprocess.DEVNULL)
+            if done.returncode == 0:
+                _extract(done.stdout, paths)
+                return
+            await asyncio.sleep(0.1)
 
     async def _copy_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
         """Wait for ``files`` here, then write them at the same paths on ``host`` (0600, in
@@ -200,6 +253,8 @@ class SshBackend(Backend):
 
     async def close(self) -> None:
         self._closing.set()
+        if self._fetching is not None and not self._fetching.done():
+            self._fetching.cancel()
         if self._copied_to and self.workdir is not None:
             # The copies of the cluster's files (keys among them) go with it: its folder is
             # its own, so removing it is safe where the host shares the client's filesystem.
@@ -215,3 +270,26 @@ class SshBackend(Backend):
                            capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             pass  # an unreachable host keeps its copy, in its user's 0700 runtime folder
+
+
+def _tree(folder: Path) -> tuple[Path, ...]:
+    """Every file under ``folder``, and every folder without files (kept as folders)."""
+    return tuple(p for p in sorted(folder.rglob("*"))
+                 if p.is_file() or (p.is_dir() and not any(p.iterdir()))) or (folder,)
+
+
+def _extract(archive: bytes, expected: list[str]) -> None:
+    """Write the files of a tar archive (only those ``expected``) here, 0600."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            path = "/" + member.name.lstrip("/")
+            if path in expected and member.isfile():
+                data = tar.extractfile(member).read()
+                Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "wb") as out:
+                    out.write(data)
+                os.replace(path + ".part", path)

@@ -77,6 +77,7 @@ class DaskEngine(Engine):
             self.preload,
             spawn_if_cold=True,
             controller=True,
+            writes=(self.scheduler_file,),
         )
 
     def engine_command(self, engine_id: int) -> Command:

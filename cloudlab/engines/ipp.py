@@ -73,6 +73,7 @@ class IPyParallelEngine(Engine):
             self.preload,
             spawn_if_cold=True,
             controller=True,
+            writes=(self._connection_file("client"), self._connection_file("engine")),
         )
 
     def engine_command(self, engine_id: int) -> Command:

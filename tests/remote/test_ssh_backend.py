@@ -5,6 +5,7 @@ longer than the lease."""
 import os
 import time
 
+import psutil
 import pytest
 
 import cloudlab
@@ -103,3 +104,24 @@ def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
     print(f"remote engines gone {seconds:.2f} s after the kill")
     assert seconds < LEASE  # at once: ssh closed their input, no need to wait out the lease
     assert wait_until_gone(name, 10) == []
+
+
+def test_the_controller_can_run_on_a_host_too(test_hosts, engine):
+    # The second host does not share the client's runtime folder: the controller's files
+    # come back here, and go on to the first host's engines, by ssh.
+    far = test_hosts.hosts[1]
+    options = _options(test_hosts, controller_host=f"root@{far.address}:{SSH_PORT}")
+    with cloudlab.Cluster(3, engine=engine, **options) as c:
+        assert c.map(lambda x: -x, range(9)) == [-x for x in range(9)]
+        controller = [p.pid for p in psutil.process_iter(["cmdline"])
+                      if " ".join(p.info["cmdline"] or []).strip() in (
+                          f"cloudlab: {c.name} controller", f"cloudlab: {c.name} scheduler")]
+        assert controller and all(pid in test_hosts.cloudlab_processes()[far.name]
+                                  for pid in controller)
+        assert network_of(controller[0]) != network_of(os.getpid())
+    assert wait_until_gone(c.name, 10) == []
+    deadline = time.monotonic() + 10
+    while any(test_hosts.cloudlab_processes().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
+    assert far.ssh(f"test -e {c._workdir}").returncode == 1
