@@ -218,6 +218,8 @@ class Cluster(EngineNamespaces):
         try:
             self._workdir = private_dir(f"{self.name}-")
             self._backend.workdir = self._workdir
+            # Cloud VMs, before their addresses are used.
+            await self._backend.provision(self.n, deadline - time.monotonic())
             self._engine = self._engine_cls(self._workdir, self._backend.controller_ip,
                                             self.profile.cluster.task_retries,
                                             remote=not self._backend.same_machine)

@@ -47,11 +47,18 @@ class TestHost:
     veth: str  # the client's end of its link
     folder: Path
     network: HostNetwork
-    #: A folder this host does not share with the client (None: it shares everything).
-    private: Path | None = None
+    #: Folders this host does not share with the client (empty: it shares everything).
+    private: tuple[Path, ...] = ()
+    port: int = SSH_PORT  # sshd's
+    #: A public key sshd also accepts (a cloud's key pair), beside the network's user key.
+    authorized_key: str | None = None
+
+    @property
+    def sshd_pid(self) -> int:
+        return int((self.folder / "sshd.pid").read_text())
 
     def ssh_command(self, *command: str) -> list[str]:
-        return ["ssh", "-i", str(self.network.user_key), "-p", str(SSH_PORT),
+        return ["ssh", "-i", str(self.network.user_key), "-p", str(self.port),
                 "-o", f"UserKnownHostsFile={self.network.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
                 "-o", "ConnectTimeout=5", f"root@{self.address}", *command]
@@ -78,9 +85,14 @@ class HostNetwork:
         self.folder = folder
         self.user_key = folder / "user_key"
         self.known_hosts = folder / "known_hosts"
-        self.hosts = [TestHost(f"cl{tag}n{i}", f"{self.subnet}.{11 + i}", f"clv{tag}n{i}",
-                               folder / f"host{i}", self, (private or {}).get(i))
-                      for i in range(count)]
+        self.tag = tag
+        self._added = 0
+        self.hosts = [self._host(f"{self.subnet}.{11 + i}", i, tuple(filter(None, [
+            (private or {}).get(i)]))) for i in range(count)]
+
+    def _host(self, address: str, i: int, private: tuple[Path, ...] = (), **more) -> TestHost:
+        return TestHost(f"cl{self.tag}n{i}", address, f"clv{self.tag}n{i}",
+                        self.folder / f"host{i}", self, private, **more)
 
     def __enter__(self) -> HostNetwork:
         try:
@@ -100,47 +112,72 @@ class HostNetwork:
         _run("ip", "link", "set", self.bridge, "up")
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.user_key))
         Path("/run/sshd").mkdir(exist_ok=True)
-        known = []
-        for host in self.hosts:
-            _run("ip", "netns", "add", host.name)
-            _run("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0",
-                 "netns", host.name)
-            _run("ip", "link", "set", host.veth, "master", self.bridge, "up")
-            _run("ip", "-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
-            _run("ip", "-n", host.name, "link", "set", "eth0", "up")
-            _run("ip", "-n", host.name, "link", "set", "lo", "up")
-            known.append(self._start_sshd(host))
-        self.known_hosts.write_text("".join(known))
+        self.known_hosts.write_text("".join(self._bring_up(h) for h in self.hosts))
         for host in self.hosts:
             self._wait_for_ssh(host)
+
+    def _bring_up(self, host: TestHost) -> str:
+        """The host's namespace, link and sshd; its known_hosts line."""
+        _run("ip", "netns", "add", host.name)
+        _run("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0",
+             "netns", host.name)
+        _run("ip", "link", "set", host.veth, "master", self.bridge, "up")
+        _run("ip", "-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
+        _run("ip", "-n", host.name, "link", "set", "eth0", "up")
+        _run("ip", "-n", host.name, "link", "set", "lo", "up")
+        return self._start_sshd(host)
+
+    def add_host(self, address: str, private: tuple[Path, ...] = (), port: int = SSH_PORT,
+                 authorized_key: str | None = None) -> TestHost:
+        """One more host, at ``address`` in this network's subnet (a VM a cloud started)."""
+        self._added += 1  # (names are never reused: a removed host's folder stays)
+        host = self._host(address, 100 + self._added, private, port=port,
+                          authorized_key=authorized_key)
+        self.hosts.append(host)
+        with open(self.known_hosts, "a") as known:
+            known.write(self._bring_up(host))
+        self._wait_for_ssh(host)
+        return host
+
+    def remove_host(self, host: TestHost) -> None:
+        """Everything running in the host, and the host itself, gone (a deleted VM)."""
+        _kill_inside(host.name)
+        subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
+        self.hosts.remove(host)
 
     def _start_sshd(self, host: TestHost) -> str:
         d = host.folder
         d.mkdir(parents=True)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
         authorized = d / "authorized_keys"
-        authorized.write_text(Path(f"{self.user_key}.pub").read_text())
+        authorized.write_text(Path(f"{self.user_key}.pub").read_text() +
+                              (host.authorized_key.strip() + "\n" if host.authorized_key else ""))
         authorized.chmod(0o600)
         config = d / "sshd_config"
         config.write_text("\n".join([
-            f"ListenAddress {host.address}:{SSH_PORT}", f"HostKey {d / 'host_key'}",
+            f"ListenAddress {host.address}:{host.port}", f"HostKey {d / 'host_key'}",
             f"AuthorizedKeysFile {authorized}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
             "StrictModes no", "UsePAM no", f"PidFile {d / 'sshd.pid'}",
             "AcceptEnv CLOUDLAB_*", ""]))
         # An absolute config path: sshd re-executes itself from / for each connection.
         sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
-        if host.private is not None:
-            # Its own mount namespace, with an empty tmpfs over ``private``: what sshd's
-            # sessions write there stays on this host, as on a machine without a shared
-            # filesystem.
-            host.private.mkdir(parents=True, exist_ok=True)
-            script = (f"mount -t tmpfs -o mode=700 cloudlab-test {shlex.quote(str(host.private))}"
-                      f" && exec {shlex.join(sshd)}")
+        if host.private:
+            # Its own mount namespace, with an empty tmpfs over each private folder: what
+            # sshd's sessions write there stays on this host, as on a machine without a
+            # shared filesystem.
+            mounts = []
+            for folder in host.private:
+                folder.mkdir(parents=True, exist_ok=True)
+                mounts.append(f"mount -t tmpfs -o mode=700 cloudlab-test "
+                              f"{shlex.quote(str(folder))}")
+            script = f"{' && '.join(mounts)} && exec {shlex.join(sshd)}"
             sshd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         _run(*host.inside(*sshd))
         public = (d / "host_key.pub").read_text().split()
-        return f"[{host.address}]:{SSH_PORT} {public[0]} {public[1]}\n"
+        where = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+        return f"{where} {public[0]} {public[1]}\n"
 
     def _wait_for_ssh(self, host: TestHost, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -164,13 +201,7 @@ class HostNetwork:
     def close(self) -> None:
         """Stop every sshd (and whatever else runs in the hosts), remove hosts and bridge."""
         for host in self.hosts:
-            pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                                  text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
+            _kill_inside(host.name)
             subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
             subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
@@ -192,6 +223,28 @@ class HostNetwork:
                                     text=True).stdout.split()
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
         return any(h.name in namespaces for h in self.hosts) or f" {self.bridge}:" in links
+
+
+#: pyenv's rehash, which a root login shell of this machine runs (~/.bashrc), holds this lock
+#: while it runs; killed with a host, it leaves the lock behind and every later login waits
+#: for it, a minute each.
+PYENV_LOCK = Path.home() / ".pyenv" / "shims" / ".pyenv-shim"
+
+
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process in network namespace ``namespace`` (and drop a lock one of
+    them may have held: PYENV_LOCK)."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                          text=True).stdout.split()
+    rehashing = False
+    for pid in pids:
+        try:
+            rehashing |= "pyenv-rehash" in Path(f"/proc/{pid}/cmdline").read_text()
+            os.kill(int(pid), 9)
+        except (OSError, ValueError):
+            pass
+    if rehashing:
+        PYENV_LOCK.unlink(missing_ok=True)
 
 
 def network_of(pid: int) -> str:

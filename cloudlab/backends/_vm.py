@@ -20,11 +20,23 @@ it stays far below EC2's 16 KB user-data limit.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import getpass
+import ipaddress
 import shlex
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .._agent import LEASE_FILE as LEASE_FILE_ENV
+from ..errors import ConfigError, StartError
+from .base import Backend, Command, Launched
+from .ssh_hosts import SshHost
 
 #: EC2 refuses user-data over 16 KB (before base64); Azure's custom data allows 64 KB.
 USER_DATA_LIMIT = 16 * 1024
@@ -49,6 +61,9 @@ class Bootstrap:
     instance_id_command: str
     #: Seconds between the watchdog's looks at the lease file.
     check_every: float = 15.0
+    #: Seconds after boot before idleness counts (the cluster's start: other VMs boot,
+    #: the controller starts, engines connect).
+    boot_grace: float = 300.0
     state_dir: str = STATE_DIR
 
     @property
@@ -75,8 +90,9 @@ echo "cloudlab bootstrap of {b.cluster} starts at $(date -u +%FT%TZ)"
 shutdown -P +{max_minutes} "cloudlab: {b.cluster} reached its max_hours" || true
 
 # 2. Idle expiry: power off once no engine has heard from the client for {idle} s. Engines
-#    touch the lease file at each heartbeat; the boot itself counts as one.
-touch {LEASE_FILE}
+#    touch the lease file at each heartbeat; the boot counts as one {int(b.boot_grace)} s
+#    from now (the cluster's start).
+touch -d "+{int(b.boot_grace)} seconds" {LEASE_FILE}
 cat >{STATE_DIR}/watchdog <<'CLOUDLAB_WATCHDOG'
 #!/bin/bash
 while sleep {b.check_every:g}; do
@@ -94,8 +110,12 @@ nohup {STATE_DIR}/watchdog >>{STATE_DIR}/watchdog.log 2>&1 </dev/null &
 # 3. Python and cloudlab.
 {b.install.strip() or ':'}
 
-# 4. Ready: the client waits for this marker, named by the VM's id.
-instance=$({b.instance_id_command})
+# 4. Ready: the client waits for this marker, named by the VM's id (the metadata service
+#    may answer only a moment after boot).
+for attempt in $(seq 60); do
+  instance=$({b.instance_id_command}) && [ -n "$instance" ] && break
+  sleep 1
+done
 touch {STATE_DIR}/booted-"$instance"
 echo "cloudlab bootstrap of {b.cluster} done at $(date -u +%FT%TZ) on $instance"
 """
@@ -174,3 +194,196 @@ def why_garbage(resource_tags: dict[str, str], live_clusters: set[str],
     if resource_tags.get(TAG_OWNER) == owner() and cluster not in live_clusters:
         return f"its cluster {cluster} no longer runs on this machine"
     return None
+
+
+# ---------------------------------------------------------------------- the backend
+class VmBackend(Backend):
+    """Engines on cloud VMs that this cluster creates, and deletes when it stops.
+
+    A cloud module supplies the SDK calls (``create``, ``add_instances``, ``describe``,
+    ``terminate``, ``delete``) and its options; this class does the rest, the same for every
+    cloud: it makes a key for this cluster only, renders the bootstrap, creates the VMs
+    (``provision``, before anything else starts), waits until each has booted, and then
+    runs the controller on the first VM and the engines on all of them over SSH
+    (:class:`.ssh.SshBackend` with ``controller_host``). Engines touch the VM's lease file
+    at each heartbeat, so a VM whose client is gone deletes itself. Stop terminates
+    every VM and deletes the key and the network rules.
+    """
+
+    knows_engine_pids = False
+    #: Shell command printing the VM's id, from the cloud's instance metadata.
+    instance_id_command: ClassVar[str]
+
+    def __init__(self, options: Any, cluster_name: str):
+        super().__init__(options, cluster_name)
+        self.check_options()
+        self.cloud = None  # the SDK object, made at provision (it may need credentials)
+        self.created = None
+        self._ssh: Any = None  # the SshBackend over the VMs
+        self._vms: dict[str, Any] = {}  # instance id -> Vm, as last described
+        self._started: dict[str, float] = {}
+        self._ended: dict[str, float] = {}
+        self._slots = 1
+        self._creating: asyncio.Future | None = None
+
+    # Subclasses: the cloud's SDK object, its vCPUs per VM, its price per hour.
+    def make_cloud(self) -> Any:
+        raise NotImplementedError
+
+    def vcpus(self) -> int:
+        raise NotImplementedError
+
+    def price_per_hour(self) -> float | None:
+        return self.options.price_per_hour or None
+
+    def check_options(self) -> None:
+        o = self.options
+        if o.max_hours <= 0 or o.idle_timeout <= 0:
+            raise ConfigError("max_hours and idle_timeout must be above 0: they are what "
+                              "deletes a forgotten VM.")
+        if o.engines_per_instance < 0:
+            raise ConfigError(f"engines_per_instance must be 0 (one per vCPU) or more, not "
+                              f"{o.engines_per_instance}.")
+
+    @property
+    def controller_ip(self) -> str:
+        if not self._vms:
+            raise StartError("The VMs are not there yet (provision comes first).")
+        return self._address(next(iter(self._vms.values())))
+
+    def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
+        return 1024, "1024 engines per cluster"
+
+    def _address(self, vm) -> str:
+        return vm.public_ip if vm.public_ip and not self.options.use_private_ip else vm.private_ip
+
+    # ------------------------------------------------------------------ start
+    async def provision(self, engines: int, timeout: float) -> None:
+        """Create the VMs ``engines`` engines need, and wait until they have booted."""
+        self._boot_deadline = time.monotonic() + timeout
+        self.cloud = await asyncio.to_thread(self.make_cloud)
+        self._slots = self.options.engines_per_instance or await asyncio.to_thread(self.vcpus)
+        key = self.workdir / "vm_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                        f"cloudlab-{self.cluster_name}", "-f", str(key)], check=True)
+        self._known_hosts = self.workdir / "known_hosts"
+        self._known_hosts.touch(mode=0o600)
+        count = -(-engines // self._slots)
+        cidr = self.options.client_cidr or await asyncio.to_thread(public_cidr)
+        self._user_data = render_bootstrap(Bootstrap(
+            self.cluster_name, self.options.install, self.options.idle_timeout,
+            self.options.max_hours, self.instance_id_command,
+            check_every=min(15.0, max(0.5, self.options.idle_timeout / 4)),
+            boot_grace=timeout))
+        # Shielded: a start interrupted now still learns what was created, to delete it.
+        self._creating = asyncio.ensure_future(asyncio.to_thread(
+            self.cloud.create, self.cluster_name, count, key.with_suffix(".pub").read_text(),
+            self._user_data, cidr))
+        self.created = await asyncio.shield(self._creating)
+        await self._booted(self.created.instances)
+        from .ssh import SshBackend, SshOptions
+
+        hosts = [self._ssh_target(vm) for vm in self._vms.values()]
+        self._ssh = SshBackend(SshOptions(
+            hosts=tuple(hosts), python=self.options.python, identity_file=str(key),
+            known_hosts=str(self._known_hosts), lease=self.options.lease,
+            controller_host=hosts[0]), self.cluster_name)
+        self._ssh.workdir = self.workdir
+
+    def _ssh_target(self, vm) -> str:
+        return f"{self.options.ssh_user}@{self._address(vm)}"
+
+    async def _booted(self, ids: list[str], timeout: float | None = None) -> None:
+        """Until each VM runs, has an address and has finished its bootstrap."""
+        waiting = set(ids)
+        deadline = self._boot_deadline if timeout is None else time.monotonic() + timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"{len(waiting)} of {len(ids)} VMs had not finished booting in time "
+                    f"({', '.join(sorted(waiting))}); they are deleted. Their bootstrap log "
+                    f"is {STATE_DIR}/bootstrap.log on each: raise start_timeout if the "
+                    f"install is slow.")
+            for vm in await asyncio.to_thread(self.cloud.describe, sorted(waiting)):
+                if vm.state in ("shutting-down", "terminated", "stopped"):
+                    raise StartError(f"VM {vm.id} {vm.state} while it booted ({vm.reason}).")
+                if vm.state == "running" and self._address(vm):
+                    if await asyncio.to_thread(self._has_booted, vm):
+                        self._vms[vm.id] = vm
+                        self._started[vm.id] = vm.launched
+                        waiting.discard(vm.id)
+            if waiting:
+                await asyncio.sleep(BOOT_POLL)
+
+    def _has_booted(self, vm) -> bool:
+        """Whether the VM's bootstrap has left its marker (its host key is learnt now: the
+        VM was created a moment ago by this cluster, for this cluster only)."""
+        argv = ["ssh", "-i", str(self.workdir / "vm_key"), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=accept-new",
+                "-o", f"UserKnownHostsFile={self._known_hosts}", "-o", "ConnectTimeout=5",
+                self._ssh_target(vm), f"test -e {booted_marker(vm.id)}"]
+        try:
+            return subprocess.run(argv, capture_output=True, timeout=20,
+                                  stdin=subprocess.DEVNULL).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    async def prepare(self, preload: tuple[str, ...]) -> None:
+        await self._ssh.prepare(preload)
+
+    async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
+        if not command.controller:
+            await self._make_room()
+            command = dataclasses.replace(command, env={**command.env,
+                                                        LEASE_FILE_ENV: f"{STATE_DIR}/lease"})
+        return await self._ssh.launch(command, cleanup)
+
+    async def _make_room(self) -> None:
+        """One more VM when every VM holds its share of engines (a scale up, a replacement)."""
+        engines = sum(1 for p in self._ssh._engines
+                      if p.name.startswith("engine-") and p.popen.poll() is None)
+        if engines < self._slots * len(self._vms):
+            return
+        ids = await asyncio.to_thread(self.cloud.add_instances, self.cluster_name, 1,
+                                      self._user_data, self.created)
+        await self._booted(ids, timeout=BOOT_TIMEOUT)
+        self._ssh.hosts.append(SshHost.parse(self._ssh_target(self._vms[ids[0]])))
+
+    async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
+        if self._ssh is not None:
+            await self._ssh.terminate(launched, grace)
+
+    async def close(self) -> None:
+        if self._ssh is not None:
+            await self._ssh.close()
+        if self._creating is not None:
+            await asyncio.wait([self._creating])  # (an interrupted start: it still finishes)
+            if self._creating.exception() is None:
+                self.created = self._creating.result()
+        if self.created is not None:
+            await asyncio.to_thread(self.cloud.delete, self.created)
+            now = time.time()
+            self._ended.update({i: now for i in self._started if i not in self._ended})
+
+    def cost(self) -> Cost | None:
+        return cost(self._started, self._ended, self.price_per_hour(), time.time())
+
+
+#: Seconds between looks at VMs that are booting.
+BOOT_POLL = 2.0
+#: Seconds a VM added to a running cluster (a scale up, a replacement) has to boot.
+BOOT_TIMEOUT = 600.0
+
+
+def public_cidr() -> str:
+    """This machine's public address as a /32, as a web service sees it."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as reply:
+            address = reply.read().decode().strip()
+        ipaddress.ip_address(address)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot tell this machine's public address ({e}): set client_cidr "
+                          f"in the profile to it, like \"203.0.113.7/32\".") from None
+    return f"{address}/32"

@@ -102,6 +102,15 @@ class Backend(abc.ABC):
         (None: no limit where the backend cannot tell)."""
         return None
 
+    async def provision(self, engines: int, timeout: float) -> None:
+        """Create the machines ``engines`` engines need (cloud VMs) within ``timeout``
+        seconds, before anything starts on them; the controller's address may depend on
+        them."""
+
+    def cost(self) -> Any:
+        """What the machines cost (:class:`._vm.Cost`), where the backend pays for them."""
+        return None
+
     async def prepare(self, preload: tuple[str, ...]) -> None:
         """Get ready to launch commands that import ``preload`` (e.g. start a fork server)."""
 

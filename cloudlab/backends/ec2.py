@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, StartError
+from ..errors import StartError
 from ..profiles import option
 from . import _vm
 
@@ -51,6 +51,10 @@ class Ec2Options:
     python: str = option("/opt/cloudlab/bin/python", "Python on the instances, once installed.")
     price_per_hour: float = option(0.0, "$/h of one instance, for the cost shown (0: the "
                                    "spot price where spot, else not shown).")
+    use_private_ip: bool = option(False, "Reach the instances at their private addresses "
+                                  "(a client inside the same VPC, or over a VPN).")
+    lease: float = option(30.0, "Seconds an engine lives on without hearing from this client "
+                          "(a cut link) before it ends itself.")
 
 
 @dataclass
@@ -163,6 +167,17 @@ class Ec2:
                                   {t["Key"]: t["Value"] for t in i.get("Tags", [])}))
         return vms
 
+    def spot_price(self) -> float | None:
+        """The lowest current spot price of the instance type in the region, $/h."""
+        try:
+            history = self.client.describe_spot_price_history(
+                InstanceTypes=[self.options.instance_type], MaxResults=20,
+                ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
+        except Exception:
+            return None
+        prices = [float(h["SpotPrice"]) for h in history]
+        return min(prices) if prices else None
+
     def cloudlab_instances(self) -> list[Vm]:
         """Every instance of any cloudlab cluster in this region that is not terminated."""
         return self.describe(filters=[{"Name": "tag-key", "Values": [_vm.TAG_CLUSTER]},
@@ -233,18 +248,35 @@ class Ec2:
             created.key_name = None
 
 
+class Ec2Backend(_vm.VmBackend):
+    """Engines on EC2 instances (the cloud-independent part is :class:`._vm.VmBackend`)."""
+
+    name = "ec2"
+    Options = Ec2Options
+    #: The instance's id, from its metadata service (IMDSv2: a token first).
+    instance_id_command = (
+        'curl -sf -H "X-aws-ec2-metadata-token: $(curl -sf -X PUT '
+        'http://169.254.169.254/latest/api/token '
+        '-H "X-aws-ec2-metadata-token-ttl-seconds: 300")" '
+        "http://169.254.169.254/latest/meta-data/instance-id")
+
+    def make_cloud(self) -> Ec2:
+        return Ec2(self.options)
+
+    def vcpus(self) -> int:
+        reply = self.cloud.client.describe_instance_types(InstanceTypes=[self.options.instance_type])
+        return reply["InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"]
+
+    def price_per_hour(self) -> float | None:
+        if self.options.price_per_hour:
+            return self.options.price_per_hour
+        if self.options.spot and self.cloud is not None:
+            return self.cloud.spot_price()
+        return None
+
+
 def _tag_spec(kind: str, tags: dict[str, str]) -> dict:
     return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
-
-
-def check_options(options: Ec2Options) -> None:
-    """Bad options in one sentence each, before any call to AWS."""
-    if options.max_hours <= 0 or options.idle_timeout <= 0:
-        raise ConfigError("max_hours and idle_timeout must be above 0: they are what deletes "
-                          "a forgotten instance.")
-    if options.engines_per_instance < 0:
-        raise ConfigError(f"engines_per_instance must be 0 (one per vCPU) or more, not "
-                          f"{options.engines_per_instance}.")
 
 
 def collect_garbage(ec2: Ec2, live_clusters: set[str], dry_run: bool = False) -> list[str]:

@@ -30,7 +30,8 @@ class Snapshot:
     state: str
     uptime_s: float
     rows: tuple[EngineStatus, ...] = ()
-    #: Filled by cloud backends: dollars per hour now, and spent so far.
+    #: Filled by cloud backends: VMs running, dollars per hour now, and spent so far.
+    instances: int | None = None
     cost_per_hour: float | None = None
     cost_so_far: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -51,9 +52,13 @@ def snapshot(cluster: Cluster) -> Snapshot:
     uptime = time.time() - cluster.started_at if cluster.started_at and rows else 0.0
     counts = {s: sum(r.state == s for r in rows) for s in ("idle", "busy", "queued", "starting",
                                                               "dead")}
+    cost = cluster._backend.cost()  # (cloud backends: what the VMs cost)
     return Snapshot(cluster.name, cluster.engine_kind, cluster.backend_kind,
                     cluster.state if cluster.state != "running" or rows else "stopped",
-                    uptime, rows, counts=counts)
+                    uptime, rows, counts=counts,
+                    instances=cost and cost.instances,
+                    cost_per_hour=cost and cost.dollars_per_hour,
+                    cost_so_far=cost and cost.dollars_so_far)
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
@@ -74,8 +79,9 @@ def _cpu(percent: float | None) -> str:
 
 def summary_line(s: Snapshot) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in s.counts.items() if v) or "no engines"
-    cost = "" if s.cost_per_hour is None else (
-        f", ${s.cost_per_hour:.2f}/h, ${s.cost_so_far or 0:.2f} so far")
+    cost = "" if s.instances is None else f", {s.instances} VMs"
+    if s.cost_per_hour is not None:
+        cost += f", ${s.cost_per_hour:.2f}/h, ${s.cost_so_far or 0:.2f} so far"
     return (f"{s.name}: {s.engine} on {s.backend}, {s.state}, {len(s.rows)} engines ({counts}), "
             f"{s.tasks_done} tasks done, up {_uptime(s.uptime_s)}{cost}")
 

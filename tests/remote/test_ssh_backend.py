@@ -35,7 +35,7 @@ def test_engines_start_work_and_stop_on_the_hosts(test_hosts, engine):
         # The second host has its own runtime folder: the engines' files were copied there.
         private = test_hosts.hosts[1]
         assert private.ssh(f"test -d {c._workdir}").returncode == 0
-        marker = private.private / f"not-shared-{os.getpid()}"
+        marker = private.private[0] / f"not-shared-{os.getpid()}"
         marker.touch()
         try:  # (a file here is not there: the folder is not shared)
             assert private.ssh(f"test -e {marker}").returncode == 1
