@@ -5,6 +5,7 @@
     cloudlab stop NAME | --all                     stop clusters owned by any process
     cloudlab run WORKLOAD [options] [--json]       e.g. cloudlab run pi --engines 4 --samples 1e9
     cloudlab profiles                              profiles and where they come from
+    cloudlab gc [--profile P] [--dry-run]          delete expired or orphaned cloud resources
     cloudlab bench [--quick] [--only M,...]        cloudlab vs raw ipyparallel and Dask, one run
 """
 
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--all", action="store_true", help="stop every cluster")
 
     sub.add_parser("profiles", help="available profiles")
+
+    gc = sub.add_parser("gc", help="delete expired or orphaned cloud resources (VMs, security "
+                                   "groups, keys)")
+    gc.add_argument("--profile", help="the cloud profile whose region to clean (default: every "
+                                      "cloud profile)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
 
     bench = sub.add_parser("bench", help="measure cloudlab against raw ipyparallel and raw Dask")
     bench.add_argument("--quick", action="store_true",
@@ -135,6 +142,41 @@ def cmd_stop(args) -> int:
         print(f"Stopped {record.name}.")
     if not chosen:
         print("No clusters are running.")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    """Expired resources go, whoever made them; this machine's own go once their cluster no
+    longer runs here (a killed kernel). Another machine's stay until they expire."""
+    from .backends.ec2 import Ec2, collect_garbage
+    from .profiles import available_profiles, load_profile
+    from .registry import read_records
+
+    names = [args.profile] if args.profile else sorted(available_profiles())
+    regions = {}
+    for name in names:
+        try:
+            profile = load_profile(name)
+        except CloudlabError:
+            if args.profile:
+                raise
+            continue  # (a broken profile is `cloudlab profiles`' to report)
+        if profile.cluster.backend == "ec2":
+            o = profile.backend_options
+            regions.setdefault((o.region, o.endpoint_url), o)
+    if args.profile and not regions:
+        print(f"cloudlab gc: profile {args.profile} is not a cloud profile (its backend is "
+              f"{load_profile(args.profile).cluster.backend}).", file=sys.stderr)
+        return 2
+    live = {r.name for r in read_records()}
+    found = 0
+    for (region, _), options in sorted(regions.items()):
+        lines = collect_garbage(Ec2(options), live, dry_run=args.dry_run)
+        found += len(lines)
+        for line in lines:
+            print(f"{'would delete' if args.dry_run else 'deleted'} in {region}: {line}")
+    where = ", ".join(sorted({r for r, _ in regions})) or "no region (no cloud profile)"
+    print(f"{found} resources {'to delete' if args.dry_run else 'deleted'} in {where}.")
     return 0
 
 

@@ -71,9 +71,14 @@ class FakeVms:
                     self.ec2.terminate_instances(InstanceIds=[vm])
 
     def _boot(self, instance: dict) -> None:
+        from botocore.exceptions import ClientError
+
         vm = instance["InstanceId"]
-        key = self.ec2.describe_key_pairs(KeyNames=[instance["KeyName"]],
-                                          IncludePublicKey=True)["KeyPairs"][0]["PublicKey"]
+        try:
+            key = self.ec2.describe_key_pairs(KeyNames=[instance["KeyName"]],
+                                              IncludePublicKey=True)["KeyPairs"][0]["PublicKey"]
+        except ClientError:
+            return  # its cluster was deleted (by gc) before it booted: it is being terminated
         host = self.network.add_host(instance["PrivateIpAddress"], port=22, authorized_key=key,
                                      private=(Path(_vm.STATE_DIR), runtime_dir()))
         self.hosts[vm] = host

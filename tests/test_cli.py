@@ -92,4 +92,6 @@ def test_bad_input_is_one_line_on_stderr(args, message):
 
 def test_profiles_lists_the_repository_profiles():
     out = cloudlab("profiles").stdout
-    assert out.startswith("local") and "profiles/local.toml" in out
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names == ["aws-cpu", "aws-gpu-spot", "local", "slurm", "ssh"]  # by name
+    assert "profiles/local.toml" in out

@@ -4,7 +4,11 @@ starts boots as a network-namespace host running the rendered user-data for real
 instances at stop; after kill -9 of the client, or a start killed half way, `gc` leaves
 no instance running and no security group behind."""
 
+import json
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,4 +61,98 @@ def test_engines_start_on_instances_that_booted_from_their_user_data(cloud, engi
         assert "4 VMs, $0.40/h" in line, line
     assert wait_until_gone(c.name, 10) == []
     assert [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == c.name] == []
+    assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+
+
+def _profile(options, name="moto-ec2") -> str:
+    """The options as a profile file in the test's CLOUDLAB_HOME, for `cloudlab gc`."""
+    import os
+    from pathlib import Path
+
+    ec2 = {k: v for k, v in options.items() if k != "backend"}
+    lines = ['backend = "ec2"', "", "[ec2]", *(f"{k} = {json.dumps(v)}" for k, v in ec2.items())]
+    folder = Path(os.environ["CLOUDLAB_HOME"]) / "profiles"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text("\n".join(lines) + "\n")
+    return name
+
+
+def _client(options, n: int) -> subprocess.Popen:
+    script = ("import json, sys, time, cloudlab\n"
+              f"c = cloudlab.Cluster({n}, **json.loads({json.dumps(json.dumps(options))}))\n"
+              "print('starting', c.name, flush=True)\n"
+              "c.start()\n"
+              "print('started', flush=True)\n"
+              "time.sleep(600)\n")
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def _gc(profile: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-m", "cloudlab.cli", "gc", "--profile", profile],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def _ours(api, name) -> list:
+    return [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == name]
+
+
+def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud):
+    api, vms, options = cloud
+    client = _client(options, 2)
+    try:
+        name = client.stdout.readline().split()[1]
+        assert client.stdout.readline().strip() == "started"
+        assert len(_ours(api, name)) == 2
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+    finally:
+        client.kill()
+    out = _gc(_profile(options))
+    assert sum(f"cluster {name}): its cluster {name} no longer runs on this machine" in line
+               for line in out) == 2, out
+    assert any(line.startswith("deleted in us-east-1: security group ") for line in out)
+    assert _ours(api, name) == []
+    assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+    assert wait_until_gone(name, 10) == []
+
+
+def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud):
+    api, vms, options = cloud
+    client = _client(options, 3)
+    try:
+        name = client.stdout.readline().split()[1]
+        deadline = time.monotonic() + 60
+        while not _ours(api, name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ours(api, name), "no instance was started"
+        client.send_signal(signal.SIGKILL)  # while its instances boot
+        client.wait(10)
+    finally:
+        client.kill()
+    _gc(_profile(options))
+    assert _ours(api, name) == []
+    assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+
+
+def test_an_idle_vm_deletes_itself(cloud):
+    """The VM's own expiry, without any client: its engines gone, it powers itself off
+    idle_timeout later, and (started with shutdown behaviour "terminate") is deleted."""
+    api, vms, options = cloud
+    client = _client(options, 1)
+    try:
+        name = client.stdout.readline().split()[1]
+        assert client.stdout.readline().strip() == "started"
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+        killed = time.monotonic()
+        while _ours(api, name) and time.monotonic() - killed < 30:
+            time.sleep(0.2)
+        waited = time.monotonic() - killed
+    finally:
+        client.kill()
+    assert _ours(api, name) == [], "the instance outlived its idle timeout"
+    assert options["idle_timeout"] - 1 <= waited <= options["idle_timeout"] + 10
+    _gc(_profile(options))  # (its security group and key pair)
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
