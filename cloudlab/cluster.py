@@ -239,7 +239,8 @@ class Cluster(EngineNamespaces):
             self._save_record()
             # Engines start while the controller does (they wait for its connection file).
             connecting = asyncio.ensure_future(
-                self._engine.connect(self._controller.alive, deadline - time.monotonic()))
+                self._engine.connect(self._controller.alive, deadline - time.monotonic(),
+                                     self._backend.reach))
             try:
                 await preparing
                 await self._add_engines(self.n, deadline, min_engines, connecting)

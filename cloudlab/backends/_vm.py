@@ -287,7 +287,8 @@ class VmBackend(Backend):
         self._ssh = SshBackend(SshOptions(
             hosts=tuple(hosts), python=self.options.python, identity_file=str(key),
             known_hosts=str(self._known_hosts), lease=self.options.lease,
-            controller_host=hosts[0]), self.cluster_name)
+            controller_host=hosts[0], tunnel=not self.options.use_private_ip),
+            self.cluster_name)
         self._ssh.workdir = self.workdir
 
     def _ssh_target(self, vm) -> str:
@@ -348,6 +349,9 @@ class VmBackend(Backend):
                                       self._user_data, self.created)
         await self._booted(ids, timeout=BOOT_TIMEOUT)
         self._ssh.hosts.append(SshHost.parse(self._ssh_target(self._vms[ids[0]])))
+
+    async def reach(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return await self._ssh.reach(addresses)
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
         if self._ssh is not None:

@@ -107,6 +107,11 @@ class Backend(abc.ABC):
         seconds, before anything starts on them; the controller's address may depend on
         them."""
 
+    async def reach(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Where this client connects to reach the controller's ``addresses``: there
+        directly, unless the backend tunnels (a controller behind SSH)."""
+        return addresses
+
     def cost(self) -> Any:
         """What the machines cost (:class:`._vm.Cost`), where the backend pays for them."""
         return None

@@ -57,6 +57,8 @@ class SshOptions:
     controller_host: str = option("", "Run the controller on this host ([user@]address"
                                   "[:port]) rather than here: where the hosts cannot reach "
                                   "this machine, but it can reach them.")
+    tunnel: bool = option(False, "With controller_host: reach the controller through SSH "
+                          "tunnels to that host (only its SSH port need be open to you).")
 
 
 class SshProcess(Launched):
@@ -110,6 +112,7 @@ class SshBackend(Backend):
         self._probed = None  # what each host offers, once probed
         self._copied_to: set[SshHost] = set()  # hosts holding a copy of the cluster's files
         self._fetching: asyncio.Future | None = None  # the controller's files, coming back
+        self._tunnels: list[subprocess.Popen] = []  # ssh -L to the controller's host
         self._controller: Launched | None = None
 
     @property
@@ -251,8 +254,53 @@ class SshBackend(Backend):
         if local:
             await self._local.terminate(local, grace)
 
+    async def reach(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        if not (self.options.tunnel and self.controller_host is not None):
+            return addresses
+        return await asyncio.to_thread(self._open_tunnel, addresses)
+
+    def _open_tunnel(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """One ssh to the controller's host forwarding a local port to each address; the
+        local ends, once they accept connections."""
+        import socket
+
+        local = []
+        for _ in addresses:  # free ports here (bound, then released for ssh to take)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                local.append(s.getsockname()[1])
+        forwards = [a for (host, port), here in zip(addresses, local)
+                    for a in ("-L", f"127.0.0.1:{here}:{host}:{port}")]
+        # The session reads its input until it closes: when this client dies, kill -9
+        # included, the tunnel ends with it (as engines' leases do).
+        argv = ssh_command(self.controller_host, "cat > /dev/null", self.options.identity_file,
+                           self.options.known_hosts)
+        argv = [argv[0], "-o", "ExitOnForwardFailure=yes", *forwards, *argv[1:]]
+        tunnel = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, start_new_session=True)
+        self._tunnels.append(tunnel)
+        deadline = time.monotonic() + 30
+        for here in local:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", here), timeout=1).close()
+                    break
+                except OSError:
+                    if tunnel.poll() is not None or time.monotonic() > deadline:
+                        tunnel.kill()
+                        raise StartError(f"Could not open an SSH tunnel to the controller on "
+                                         f"{self.controller_host}: "
+                                         f"{tunnel.stderr.read().decode(errors='replace')[-300:]}"
+                                         ) from None
+                    time.sleep(0.05)
+        return [("127.0.0.1", here) for here in local]
+
     async def close(self) -> None:
         self._closing.set()
+        for tunnel in self._tunnels:
+            tunnel.stdin.close()
+            tunnel.kill()
+            tunnel.wait()
         if self._fetching is not None and not self._fetching.done():
             self._fetching.cancel()
         if self._copied_to and self.workdir is not None:

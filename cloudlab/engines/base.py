@@ -13,7 +13,7 @@ import abc
 import asyncio
 import concurrent.futures
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +23,9 @@ from ..backends.base import Command
 #: (engine id, stream name, text) callback for output streamed from engines.
 OutputSink = Callable[[int, str, str], None]
 
+
+#: Where the client connects to reach the controller's (host, port) addresses.
+Reach = Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]]
 
 class Engine(abc.ABC):
     name: ClassVar[str]
@@ -55,8 +58,10 @@ class Engine(abc.ABC):
         """One engine with this id."""
 
     @abc.abstractmethod
-    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
-        """Wait for the controller to be ready and connect the native client."""
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float,
+                      reach: Reach | None = None) -> None:
+        """Wait for the controller to be ready and connect the native client, to the
+        addresses ``reach`` gives for the controller's (through tunnels, say)."""
 
     @property
     @abc.abstractmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -103,12 +104,19 @@ class DaskEngine(Engine):
         return ("--protocol", "tls", "--tls-ca-file", str(self.tls.ca),
                 "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key))
 
-    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float,
+                      reach=None) -> None:
         from distributed import Client
 
         await wait_for_file(self.scheduler_file, controller_alive, timeout, "Dask scheduler")
+        address = json.loads(self.scheduler_file.read_text())["address"]
+        if reach is not None:  # (through a tunnel, say: TLS does not check the host name)
+            scheme, _, rest = address.partition("://")
+            host, _, port = rest.rpartition(":")
+            (host, port), = await reach([(host.strip("[]"), int(port))])
+            address = f"{scheme}://{host}:{port}"
         try:
-            self._client = await Client(scheduler_file=str(self.scheduler_file),
+            self._client = await Client(address,
                                         security=dask_security(self.tls) if self.tls else None,
                                         asynchronous=True, timeout=timeout)
         except Exception as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from ..security import ipyparallel_env
 from .base import Engine, OutputSink, wait_for_file, whole_json
 
 CLUSTER_ID = "cloudlab"
+#: The controller's ports a client connects to (its connection file's keys).
+CLIENT_PORTS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 HEARTBEAT_MS = 100
 HEARTBEAT_MISSES = 20  # a dead engine is unregistered after 2 s
 # ipyparallel's apps chdir to a work_dir whose default is the directory at *import* time;
@@ -90,17 +93,35 @@ class IPyParallelEngine(Engine):
             files=(self._connection_file("engine"),),
         )
 
-    async def connect(self, controller_alive: Callable[[], bool], timeout: float) -> None:
+    async def connect(self, controller_alive: Callable[[], bool], timeout: float,
+                      reach=None) -> None:
         import ipyparallel
 
         path = self._connection_file("client")
         await wait_for_file(path, controller_alive, timeout, "ipyparallel controller")
+        if reach is not None:
+            path = await self._reachable(path, reach)
         try:
             with _curve_signs_instead(self.remote):
                 self._client = await _aio.to_thread(ipyparallel.Client, str(path),
                                                     timeout=timeout)
         except Exception as e:
             raise StartError(f"Could not connect to the ipyparallel controller: {e}") from e
+
+    async def _reachable(self, path, reach):
+        """The client's connection file as this machine reaches the controller: a copy with
+        the addresses ``reach`` gives, where they differ (tunnels)."""
+        info = json.loads(path.read_text())
+        host = info["interface"].split("://", 1)[1]
+        keys = [k for k in CLIENT_PORTS if isinstance(info.get(k), int)]
+        there = await reach([(host, info[k]) for k in keys])
+        if there == [(host, info[k]) for k in keys]:
+            return path
+        info["interface"] = f"tcp://{there[0][0]}"
+        info.update({k: port for k, (_, port) in zip(keys, there)})
+        local = path.with_name(path.stem + "-here.json")
+        local.write_text(json.dumps(info))
+        return local
 
     @property
     def client(self):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import cloudlab
@@ -51,10 +52,17 @@ def _running(api) -> list:
 
 def test_engines_start_on_instances_that_booted_from_their_user_data(cloud, engine):
     api, vms, options = cloud
-    with cloudlab.Cluster(4, engine=engine, **options) as c:
+    # The repository's aws-cpu profile, pointed at moto and the test's subnet.
+    overrides = {k: v for k, v in options.items() if k != "backend"}
+    with cloudlab.Cluster(4, engine=engine, profile="aws-cpu", **overrides) as c:
         assert c.map(lambda x: x * x, range(16)) == [x * x for x in range(16)]
         ours = [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == c.name]
         assert len(ours) == 4 and all(vm.id in vms.booted for vm in ours)
+        # The client reaches the controller only through SSH tunnels (the security group
+        # lets nothing else in from outside).
+        peers = {conn.raddr.ip for conn in psutil.Process().net_connections("tcp")
+                 if conn.raddr and conn.status == "ESTABLISHED"}
+        assert not peers & {vm.private_ip for vm in ours}
         where = c.run(lambda: __import__("os").readlink("/proc/self/ns/net"))
         assert len(set(where.values())) == 4  # one engine on each instance
         line = summary_line(snapshot(c))

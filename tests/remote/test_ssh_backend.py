@@ -125,3 +125,18 @@ def test_the_controller_can_run_on_a_host_too(test_hosts, engine):
         time.sleep(0.1)
     assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
     assert far.ssh(f"test -e {c._workdir}").returncode == 1
+
+
+def test_a_controller_on_a_host_is_reached_through_ssh_tunnels(test_hosts, engine):
+    far = test_hosts.hosts[1]
+    options = _options(test_hosts, controller_host=f"root@{far.address}:{SSH_PORT}",
+                       tunnel=True)
+    with cloudlab.Cluster(2, engine=engine, **options) as c:
+        assert c.map(lambda x: x + 100, range(6)) == [x + 100 for x in range(6)]
+        # This client talks to the controller only through local ends of its tunnels.
+        peers = {conn.raddr.ip for conn in psutil.Process().net_connections("tcp")
+                 if conn.raddr and conn.status == "ESTABLISHED"}
+        assert far.address not in peers and "127.0.0.1" in peers
+    assert wait_until_gone(c.name, 10) == []
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])], "a tunnel was left"
