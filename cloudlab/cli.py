@@ -5,6 +5,7 @@
     cloudlab stop NAME | --all                     stop clusters owned by any process
     cloudlab run WORKLOAD [options] [--json]       e.g. cloudlab run pi --engines 4 --samples 1e9
     cloudlab profiles                              profiles and where they come from
+    cloudlab doctor --profile P                    will this cloud profile start? (creates nothing)
     cloudlab gc [--profile P] [--dry-run]          delete expired or orphaned cloud resources
     cloudlab bench [--quick] [--only M,...]        cloudlab vs raw ipyparallel and Dask, one run
 """
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--all", action="store_true", help="stop every cluster")
 
     sub.add_parser("profiles", help="available profiles")
+
+    doctor = sub.add_parser("doctor", help="check that a cloud profile can start, in seconds, "
+                                           "creating nothing")
+    doctor.add_argument("--profile", required=True, help="the cloud profile, e.g. aws-cpu")
+    doctor.add_argument("--engines", type=int, help="engines to check the quota for "
+                                                    "(default: the profile's)")
 
     gc = sub.add_parser("gc", help="delete expired or orphaned cloud resources (VMs, security "
                                    "groups, keys)")
@@ -143,6 +150,27 @@ def cmd_stop(args) -> int:
     if not chosen:
         print("No clusters are running.")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from .profiles import load_profile
+
+    profile = load_profile(args.profile)
+    if profile.cluster.backend != "ec2":
+        print(f"cloudlab doctor: profile {args.profile} is not a cloud profile (its backend is "
+              f"{profile.cluster.backend}).", file=sys.stderr)
+        return 2
+    from .backends.ec2_doctor import diagnose
+
+    t0 = time.perf_counter()
+    checks = diagnose(profile.backend_options, args.engines or profile.cluster.engines)
+    for check in checks:
+        print(check)
+    failed = [c for c in checks if c.ok is False]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed in "
+          f"{time.perf_counter() - t0:.1f} s" + (f"; fix the {len(failed)} above marked FAIL."
+                                                 if failed else "."))
+    return 1 if failed else 0
 
 
 def cmd_gc(args) -> int:
