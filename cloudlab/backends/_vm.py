@@ -337,13 +337,37 @@ class VmBackend(Backend):
             await self._make_room()
             command = dataclasses.replace(command, env={**command.env,
                                                         LEASE_FILE_ENV: f"{STATE_DIR}/lease"})
-        return await self._ssh.launch(command, cleanup)
+        process = await self._ssh.launch(command, cleanup)
+        vm = next((v for v in self._vms.values() if self._address(v) == process.host), None)
+        if vm is not None:
+            process.machine_gone = lambda: self.why_gone(vm.id)
+        return process
+
+    def why_gone(self, instance: str) -> str | None:
+        """Why an engine's VM is no longer there, from the cloud (None: it still runs); a
+        VM that is gone takes no more engines."""
+        found = self.cloud.describe([instance])
+        if not found or found[0].state not in ("shutting-down", "terminated", "stopping",
+                                                "stopped"):
+            return None
+        vm = found[0]
+        self._forget(vm.id)
+        if vm.reason.startswith("Server.SpotInstanceTermination"):
+            return f"lost its spot instance {vm.id}: AWS took it back ({vm.reason})"
+        return f"lost its VM {vm.id}, which was {vm.state} ({vm.reason or 'no reason given'})"
+
+    def _forget(self, instance: str) -> None:
+        vm = self._vms.pop(instance, None)
+        if vm is not None:
+            self._ended.setdefault(instance, time.time())
+            target = SshHost.parse(self._ssh_target(vm))
+            self._ssh.hosts[:] = [h for h in self._ssh.hosts if h != target]
 
     async def _make_room(self) -> None:
         """One more VM when every VM holds its share of engines (a scale up, a replacement)."""
         engines = sum(1 for p in self._ssh._engines
                       if p.name.startswith("engine-") and p.popen.poll() is None)
-        if engines < self._slots * len(self._vms):
+        if engines < self._slots * len(self._vms) and self._ssh.hosts:
             return
         ids = await asyncio.to_thread(self.cloud.add_instances, self.cluster_name, 1,
                                       self._user_data, self.created)

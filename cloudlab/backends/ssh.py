@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,14 @@ class SshProcess(Launched):
     def __init__(self, name: str, host: SshHost, popen: subprocess.Popen, log: Path):
         self.name, self.host, self.pid = name, host.address, None
         self.popen, self.log = popen, log
+        #: Why its machine went away, where a backend can tell (a cloud VM's end).
+        self.machine_gone: Callable[[], str | None] = lambda: None
 
     def exit_code(self) -> int | None:
         return self.popen.poll()
+
+    def last_words(self) -> str | None:
+        return self.machine_gone()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -106,13 +112,13 @@ class SshBackend(Backend):
                 "check its address, or give client_address in the profile's [ssh] table.")
         self._local = LocalBackend(LocalOptions(ip=self._address), cluster_name)
         self._engines: list[SshProcess] = []
-        self._next_host = 0
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self._probed = None  # what each host offers, once probed
         self._copied_to: set[SshHost] = set()  # hosts holding a copy of the cluster's files
         self._fetching: asyncio.Future | None = None  # the controller's files, coming back
         self._tunnels: list[subprocess.Popen] = []  # ssh -L to the controller's host
+        self._assigned: dict[str, SshHost] = {}  # engine name -> the host it was put on
         self._controller: Launched | None = None
 
     @property
@@ -150,14 +156,23 @@ class SshBackend(Backend):
             self._copied_to.add(host)
             await asyncio.to_thread(self._send_files, host, _tree(self.workdir))
         else:
-            host = self.hosts[self._next_host % len(self.hosts)]
-            self._next_host += 1
+            host = self._assigned[command.name] = self._least_loaded()  # (before any await)
             await self._copy_files(host, command.files)
         process = self._start(host, command)
         if command.controller:
             self._controller = process
             self._fetching = asyncio.ensure_future(self._fetch_files(host, command.writes))
         return process
+
+    def _least_loaded(self) -> SshHost:
+        """The host running the fewest engines now (the first of those, in the given order)."""
+        load = {h: 0 for h in self.hosts}
+        running = {p.name: p for p in self._engines}
+        for name, host in self._assigned.items():
+            process = running.get(name)  # (None: still starting)
+            if host in load and (process is None or process.popen.poll() is None):
+                load[host] += 1
+        return min(self.hosts, key=lambda h: load[h])
 
     def _start(self, host: SshHost, command: Command) -> SshProcess:
         """``command`` on ``host`` under the agent, its lease held through ssh's input."""
@@ -251,6 +266,7 @@ class SshBackend(Backend):
                 process.popen.wait()
             if process in self._engines:
                 self._engines.remove(process)
+            self._assigned.pop(process.name, None)
         if local:
             await self._local.terminate(local, grace)
 

@@ -164,3 +164,43 @@ def test_an_idle_vm_deletes_itself(cloud):
     assert options["idle_timeout"] - 1 <= waited <= options["idle_timeout"] + 10
     _gc(_profile(options))  # (its security group and key pair)
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+
+
+def test_a_lost_vm_is_a_classified_death_and_its_engine_returns_on_a_new_vm(cloud):
+    api, vms, options = cloud
+    with cloudlab.Cluster(2, **options) as c:
+        before = {vm.id for vm in _ours(api, c.name)}
+        victim = next(vm for vm in _ours(api, c.name) if vm.private_ip == c._processes[1].host)
+        # As AWS does when it takes a spot instance back: the instance goes, engine and all.
+        api.client.terminate_instances(InstanceIds=[victim.id])
+        deadline = time.monotonic() + 30
+        while c.death_of(1) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.death_of(1) is not None, (c.deaths, c.status(), vms.errors,
+                                           c._supervisor.not_replaced)
+        assert c.death_of(1).cause.startswith(f"lost its VM {victim.id}, which was terminated "
+                                              f"(Client.UserInitiatedShutdown")
+        c.wait_for_engines(2, timeout=60)
+        after = {vm.id for vm in _ours(api, c.name)}
+        assert victim.id not in after and len(after - before) == 1  # a new VM took its place
+        assert c.map(lambda x: x * 3, range(8)) == [x * 3 for x in range(8)]
+        hosts = {p.host for p in c._processes.values()}
+        assert victim.private_ip not in hosts and len(hosts) == 2
+    assert _ours(api, c.name) == []
+
+
+def test_a_spot_interruption_is_named_as_such():
+    from types import SimpleNamespace
+
+    from cloudlab.backends.ec2 import Ec2Backend, Vm
+
+    backend = Ec2Backend(Ec2Options(), "spot-1")
+    gone = Vm("i-0spot", "terminated", "10.0.0.9", None, 0.0,
+              "Server.SpotInstanceTermination: Spot instance termination")
+    backend.cloud = SimpleNamespace(describe=lambda ids: [gone])
+    backend._vms = {"i-0spot": gone}
+    backend._ssh = SimpleNamespace(hosts=[])
+    assert backend.why_gone("i-0spot") == (
+        "lost its spot instance i-0spot: AWS took it back (Server.SpotInstanceTermination: "
+        "Spot instance termination)")
+    assert backend._vms == {}  # it takes no more engines
