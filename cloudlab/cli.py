@@ -199,7 +199,13 @@ def cmd_gc(args) -> int:
     live = {r.name for r in read_records()}
     found = 0
     for (region, _), options in sorted(regions.items()):
-        lines = collect_garbage(Ec2(options), live, dry_run=args.dry_run)
+        try:
+            lines = collect_garbage(Ec2(options), live, dry_run=args.dry_run)
+        except Exception as e:  # botocore's: no credentials, no network, no permission
+            print(f"cloudlab gc: cannot clean {region} ({type(e).__name__}: {e}); check your "
+                  f"AWS credentials (`cloudlab doctor --profile ...` says more).",
+                  file=sys.stderr)
+            return 2
         found += len(lines)
         for line in lines:
             print(f"{'would delete' if args.dry_run else 'deleted'} in {region}: {line}")

@@ -1,6 +1,7 @@
 """Fixtures for parts outside the package: the arXiv corpus, a local Redis, a moto_server
 (registered by tests/conftest.py as a plugin)."""
 
+import json
 import os
 import shutil
 import socket
@@ -108,3 +109,25 @@ def test_slurm(tmp_path_factory, monkeypatch_module):
         monkeypatch_module.setenv("SLURM_CONF", str(slurm.conf))
         yield slurm
     assert not network.exists(), "the Slurm test nodes were not torn down"
+
+
+@pytest.fixture
+def write_profile():
+    """``write(name, ec2_options, **top_level)``: an EC2 profile in the test's CLOUDLAB_HOME
+    (for the `cloudlab` commands the tests run), removed after the test."""
+    written = []
+
+    def write(name: str, options: dict, **top) -> str:
+        ec2 = {k: v for k, v in options.items() if k != "backend"}
+        lines = ['backend = "ec2"', *(f"{k} = {json.dumps(v)}" for k, v in top.items()), "",
+                 "[ec2]", *(f"{k} = {json.dumps(v)}" for k, v in ec2.items())]
+        folder = Path(os.environ["CLOUDLAB_HOME"]) / "profiles"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        written.append(path)
+        return name
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)

@@ -72,7 +72,22 @@ class TestHost:
         return ["nsenter", f"--net=/run/netns/{self.name}", *command]
 
 
-class HostNetwork:
+class Started:
+    """A context manager over ``_start`` and ``close``: a failed start closes what it began."""
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HostNetwork(Started):
     """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
 
     def __init__(self, count: int, folder: Path, private: dict[int, Path] | None = None):
@@ -94,16 +109,6 @@ class HostNetwork:
         return TestHost(f"cl{self.tag}n{i}", address, f"clv{self.tag}n{i}",
                         self.folder / f"host{i}", self, private, **more)
 
-    def __enter__(self) -> HostNetwork:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

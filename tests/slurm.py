@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hosts import HostNetwork
+from hosts import HostNetwork, Started
 
 CPUS_PER_NODE = 2
 PARTITIONS = ("debug", "exclusive")
@@ -43,7 +43,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class SlurmCluster:
+class SlurmCluster(Started):
     """slurmctld + one slurmd per host of ``network``; a context manager."""
 
     def __init__(self, network: HostNetwork, folder: Path):
@@ -52,17 +52,6 @@ class SlurmCluster:
         self.nodes = [h.name for h in network.hosts]
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._started_munge = False
-
-    def __enter__(self) -> SlurmCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _start(self) -> None:
         self._start_munge()

@@ -296,18 +296,18 @@ def collect_garbage(ec2: Ec2, live_clusters: set[str], dry_run: bool = False) ->
             keep.add(vm.tags.get(_vm.TAG_CLUSTER))
     if doomed and not dry_run:
         ec2.terminate(doomed)
-    for group in ec2.cloudlab_groups():
-        tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+    # Then what only the doomed instances used: the clusters' groups and key pairs.
+    others = [(f"security group {g['GroupId']} ({g['GroupName']})", g,
+               lambda g=g: ec2.client.delete_security_group(GroupId=g["GroupId"]))
+              for g in ec2.cloudlab_groups()]
+    others += [(f"key pair {k['KeyName']}", k,
+                lambda k=k: ec2.client.delete_key_pair(KeyName=k["KeyName"]))
+               for k in ec2.cloudlab_key_pairs()]
+    for what, resource, delete in others:
+        tags = {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
         why = _vm.why_garbage(tags, live_clusters)
         if why and tags[_vm.TAG_CLUSTER] not in keep:
-            said.append(f"security group {group['GroupId']} ({group['GroupName']}): {why}")
+            said.append(f"{what}: {why}")
             if not dry_run:
-                ec2.client.delete_security_group(GroupId=group["GroupId"])
-    for pair in ec2.cloudlab_key_pairs():
-        tags = {t["Key"]: t["Value"] for t in pair.get("Tags", [])}
-        why = _vm.why_garbage(tags, live_clusters)
-        if why and tags[_vm.TAG_CLUSTER] not in keep:
-            said.append(f"key pair {pair['KeyName']}: {why}")
-            if not dry_run:
-                ec2.client.delete_key_pair(KeyName=pair["KeyName"])
+                delete()
     return said

@@ -30,10 +30,10 @@ class Snapshot:
     state: str
     uptime_s: float
     rows: tuple[EngineStatus, ...] = ()
-    #: Filled by cloud backends: VMs running, dollars per hour now, and spent so far.
-    instances: int | None = None
+    #: Filled by cloud backends: dollars per hour now, spent so far, and VMs running.
     cost_per_hour: float | None = None
     cost_so_far: float | None = None
+    instances: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -2,11 +2,9 @@
 failure (no credentials, a missing image, a quota too small: the last through botocore's
 Stubber, since moto has no EC2 quotas) is one line with its fix."""
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import boto3
 import pytest
@@ -23,22 +21,13 @@ def options(moto_endpoint):
     return {"endpoint_url": moto_endpoint, "image": ami, "client_cidr": "203.0.113.7/32"}
 
 
-def _profile(options) -> str:
-    lines = ['backend = "ec2"', "engines = 8", "", "[ec2]",
-             *(f"{k} = {json.dumps(v)}" for k, v in options.items())]
-    folder = Path(os.environ["CLOUDLAB_HOME"]) / "profiles"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "doctor-test.toml").write_text("\n".join(lines) + "\n")
-    return "doctor-test"
-
-
 def _doctor(profile, env=None):
     return subprocess.run([sys.executable, "-m", "cloudlab.cli", "doctor", "--profile", profile],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_a_usable_profile_passes_every_check_it_can_make(options):
-    done = _doctor(_profile(options))
+def test_a_usable_profile_passes_every_check_it_can_make(options, write_profile):
+    done = _doctor(write_profile("doctor-test", options, engines=8))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("ok   credentials: arn:aws:sts::123456789012:")
@@ -50,18 +39,18 @@ def test_a_usable_profile_passes_every_check_it_can_make(options):
         "8 of 8 checks passed in ")
 
 
-def test_missing_credentials_say_how_to_get_them(options):
+def test_missing_credentials_say_how_to_get_them(options, write_profile):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
                AWS_EC2_METADATA_DISABLED="true")
-    done = _doctor(_profile(options), env)
+    done = _doctor(write_profile("doctor-test", options), env)
     assert done.returncode == 1
     assert ("FAIL credentials: no AWS credentials found: run `aws configure` (or `aws sso "
             "login`), or set AWS_PROFILE.") in done.stdout.splitlines()
 
 
-def test_a_missing_image_fails_with_its_fix(options):
-    done = _doctor(_profile({**options, "image": "ami-0123456789abcdef0"}))
+def test_a_missing_image_fails_with_its_fix(options, write_profile):
+    done = _doctor(write_profile("doctor-test", {**options, "image": "ami-0123456789abcdef0"}))
     assert done.returncode == 1
     assert ("FAIL image: image ami-0123456789abcdef0 does not exist in us-east-1 "
             "(InvalidAMIID.NotFound): set image in the profile's [ec2] table to an AMI of that "
@@ -85,3 +74,15 @@ def test_a_quota_too_small_fails_with_its_fix(options, monkeypatch):
     assert quota.detail == ("16 engines need 16 vCPUs of c7i.large, over your quota of 4 in "
                             "us-east-1: ask for more in the Service Quotas console, or start "
                             "fewer engines.")
+
+
+def test_gc_without_credentials_says_so_in_one_line(options, write_profile):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")
+    done = subprocess.run([sys.executable, "-m", "cloudlab.cli", "gc", "--profile",
+                           write_profile("gc-test", options)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("cloudlab gc: cannot clean us-east-1 (NoCredentialsError: ")
+    assert len(done.stderr.splitlines()) == 1

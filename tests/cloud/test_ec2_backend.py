@@ -72,19 +72,6 @@ def test_engines_start_on_instances_that_booted_from_their_user_data(cloud, engi
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
 
 
-def _profile(options, name="moto-ec2") -> str:
-    """The options as a profile file in the test's CLOUDLAB_HOME, for `cloudlab gc`."""
-    import os
-    from pathlib import Path
-
-    ec2 = {k: v for k, v in options.items() if k != "backend"}
-    lines = ['backend = "ec2"', "", "[ec2]", *(f"{k} = {json.dumps(v)}" for k, v in ec2.items())]
-    folder = Path(os.environ["CLOUDLAB_HOME"]) / "profiles"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.toml").write_text("\n".join(lines) + "\n")
-    return name
-
-
 def _client(options, n: int) -> subprocess.Popen:
     script = ("import json, sys, time, cloudlab\n"
               f"c = cloudlab.Cluster({n}, **json.loads({json.dumps(json.dumps(options))}))\n"
@@ -106,7 +93,7 @@ def _ours(api, name) -> list:
     return [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == name]
 
 
-def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud):
+def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud, write_profile):
     api, vms, options = cloud
     client = _client(options, 2)
     try:
@@ -117,7 +104,7 @@ def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud):
         client.wait(10)
     finally:
         client.kill()
-    out = _gc(_profile(options))
+    out = _gc(write_profile("moto-ec2", options))
     assert sum(f"cluster {name}): its cluster {name} no longer runs on this machine" in line
                for line in out) == 2, out
     assert any(line.startswith("deleted in us-east-1: security group ") for line in out)
@@ -126,7 +113,7 @@ def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud):
     assert wait_until_gone(name, 10) == []
 
 
-def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud):
+def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud, write_profile):
     api, vms, options = cloud
     client = _client(options, 3)
     try:
@@ -139,12 +126,12 @@ def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud):
         client.wait(10)
     finally:
         client.kill()
-    _gc(_profile(options))
+    _gc(write_profile("moto-ec2", options))
     assert _ours(api, name) == []
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
 
 
-def test_an_idle_vm_deletes_itself(cloud):
+def test_an_idle_vm_deletes_itself(cloud, write_profile):
     """The VM's own expiry, without any client: its engines gone, it powers itself off
     idle_timeout later, and (started with shutdown behaviour "terminate") is deleted."""
     api, vms, options = cloud
@@ -162,7 +149,7 @@ def test_an_idle_vm_deletes_itself(cloud):
         client.kill()
     assert _ours(api, name) == [], "the instance outlived its idle timeout"
     assert options["idle_timeout"] - 1 <= waited <= options["idle_timeout"] + 10
-    _gc(_profile(options))  # (its security group and key pair)
+    _gc(write_profile("moto-ec2", options))  # (its security group and key pair)
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
 
 
