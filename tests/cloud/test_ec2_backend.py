@@ -5,6 +5,7 @@ instances at stop; after kill -9 of the client, or a start killed half way, `gc`
 no instance running and no security group behind."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def cloud(moto_endpoint, tmp_path_factory):
 
     from hosts import HostNetwork, missing
 
-    why = missing()
+    why = missing() or (shutil.which("curl") is None and
+                        "curl is missing (Debian package curl): the bootstrap uses it")
     if why:
         pytest.skip(f"test VMs cannot be built here: {why}")
     api = Ec2(Ec2Options(endpoint_url=moto_endpoint))
