@@ -152,13 +152,21 @@ def cmd_stop(args) -> int:
     return 0
 
 
-def cmd_doctor(args) -> int:
+def _cloud_profile(command: str, name: str):
+    """Profile ``name`` if it is a cloud one; else None, said on stderr."""
     from .profiles import load_profile
 
-    profile = load_profile(args.profile)
+    profile = load_profile(name)
     if profile.cluster.backend != "ec2":
-        print(f"cloudlab doctor: profile {args.profile} is not a cloud profile (its backend is "
+        print(f"cloudlab {command}: profile {name} is not a cloud profile (its backend is "
               f"{profile.cluster.backend}).", file=sys.stderr)
+        return None
+    return profile
+
+
+def cmd_doctor(args) -> int:
+    profile = _cloud_profile("doctor", args.profile)
+    if profile is None:
         return 2
     from .backends.ec2_doctor import diagnose
 
@@ -180,22 +188,23 @@ def cmd_gc(args) -> int:
     from .profiles import available_profiles, load_profile
     from .registry import read_records
 
-    names = [args.profile] if args.profile else sorted(available_profiles())
+    if args.profile:
+        profile = _cloud_profile("gc", args.profile)
+        if profile is None:
+            return 2
+        profiles = [profile]
+    else:
+        profiles = []
+        for name in sorted(available_profiles()):
+            try:
+                profiles.append(load_profile(name))
+            except CloudlabError:
+                continue  # (a broken profile is `cloudlab profiles`' to report)
     regions = {}
-    for name in names:
-        try:
-            profile = load_profile(name)
-        except CloudlabError:
-            if args.profile:
-                raise
-            continue  # (a broken profile is `cloudlab profiles`' to report)
+    for profile in profiles:
         if profile.cluster.backend == "ec2":
             o = profile.backend_options
             regions.setdefault((o.region, o.endpoint_url), o)
-    if args.profile and not regions:
-        print(f"cloudlab gc: profile {args.profile} is not a cloud profile (its backend is "
-              f"{load_profile(args.profile).cluster.backend}).", file=sys.stderr)
-        return 2
     live = {r.name for r in read_records()}
     found = 0
     for (region, _), options in sorted(regions.items()):

@@ -604,15 +604,16 @@ class Cluster(EngineNamespaces):
         gpu_usage = gpus.usage([g.index for g in self._gpu_of.values()])
         for eid, proc in sorted(self._processes.items()):
             host, pid = self._identity.get(eid, (proc.host, proc.pid))
+            waits = proc.waiting()
             if not proc.alive():
                 state = "dead"
             elif eid not in ready:
-                state = "queued" if proc.waiting() else "starting"
+                state = "queued" if waits else "starting"
             else:
                 state = "busy" if eid in busy else "idle"
             cpu, memory = proc.usage() if state != "dead" else (None, None)
             row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid],
-                               note=proc.waiting())
+                               note=waits)
             if eid in self._gpu_of:
                 gpu = self._gpu_of[eid]
                 used = gpu_usage.get(gpu.index)

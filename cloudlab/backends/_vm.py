@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
 from .base import Backend, Command, Launched
-from .ssh_hosts import SshHost
+from .ssh_hosts import SshHost, ssh_command
 
 #: EC2 refuses user-data over 16 KB (before base64); Azure's custom data allows 64 KB.
 USER_DATA_LIMIT = 16 * 1024
@@ -225,6 +225,7 @@ class VmBackend(Backend):
         self._ended: dict[str, float] = {}
         self._slots = 1
         self._creating: asyncio.Future | None = None
+        self._price: float | None = None  # $/h of one VM, read at provision
 
     # Subclasses: the cloud's SDK object, its vCPUs per VM, its price per hour.
     def make_cloud(self) -> Any:
@@ -280,6 +281,8 @@ class VmBackend(Backend):
             self.cloud.create, self.cluster_name, count, key.with_suffix(".pub").read_text(),
             self._user_data, cidr))
         self.created = await asyncio.shield(self._creating)
+        # Once: the cost is shown at every refresh of the cluster view.
+        self._price = await asyncio.to_thread(self.price_per_hour)
         await self._booted(self.created.instances)
         from .ssh import SshBackend, SshOptions
 
@@ -319,10 +322,8 @@ class VmBackend(Backend):
     def _has_booted(self, vm) -> bool:
         """Whether the VM's bootstrap has left its marker (its host key is learnt now: the
         VM was created a moment ago by this cluster, for this cluster only)."""
-        argv = ["ssh", "-i", str(self.workdir / "vm_key"), "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=accept-new",
-                "-o", f"UserKnownHostsFile={self._known_hosts}", "-o", "ConnectTimeout=5",
-                self._ssh_target(vm), f"test -e {booted_marker(vm.id)}"]
+        argv = ssh_command(SshHost.parse(self._ssh_target(vm)), f"test -e {booted_marker(vm.id)}",
+                           str(self.workdir / "vm_key"), str(self._known_hosts), "accept-new")
         try:
             return subprocess.run(argv, capture_output=True, timeout=20,
                                   stdin=subprocess.DEVNULL).returncode == 0
@@ -347,8 +348,7 @@ class VmBackend(Backend):
         """Why an engine's VM is no longer there, from the cloud (None: it still runs); a
         VM that is gone takes no more engines."""
         found = self.cloud.describe([instance])
-        if not found or found[0].state not in ("shutting-down", "terminated", "stopping",
-                                                "stopped"):
+        if not found or found[0].state not in GONE:
             return None
         vm = found[0]
         self._forget(vm.id)
@@ -365,9 +365,7 @@ class VmBackend(Backend):
 
     async def _make_room(self) -> None:
         """One more VM when every VM holds its share of engines (a scale up, a replacement)."""
-        engines = sum(1 for p in self._ssh._engines
-                      if p.name.startswith("engine-") and p.popen.poll() is None)
-        if engines < self._slots * len(self._vms) and self._ssh.hosts:
+        if sum(self._ssh.load().values()) < self._slots * len(self._vms) and self._ssh.hosts:
             return
         ids = await asyncio.to_thread(self.cloud.add_instances, self.cluster_name, 1,
                                       self._user_data, self.created)
@@ -394,9 +392,11 @@ class VmBackend(Backend):
             self._ended.update({i: now for i in self._started if i not in self._ended})
 
     def cost(self) -> Cost | None:
-        return cost(self._started, self._ended, self.price_per_hour(), time.time())
+        return cost(self._started, self._ended, self._price, time.time())
 
 
+#: States of a VM whose engines are gone, or going (a stopped VM runs none either).
+GONE = ("shutting-down", "terminated", "stopping", "stopped")
 #: Seconds between looks at VMs that are booting.
 BOOT_POLL = 2.0
 #: Seconds a VM added to a running cluster (a scale up, a replacement) has to boot.

@@ -40,6 +40,28 @@ class Command:
     writes: tuple[Path, ...] = ()
 
 
+def last_words_file(log: Path) -> Path:
+    """Where the process logging to ``log`` writes why it ended itself."""
+    return log.with_suffix(".last-words")
+
+
+def read_tail(log: Path, lines: int) -> str:
+    """The last ``lines`` lines of a process's log ("" while there is none)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def read_last_words(log: Path) -> str | None:
+    """What the process logging to ``log`` said of its own end, if it did."""
+    try:
+        return last_words_file(log).read_text(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
 class Launched(abc.ABC):
     """A started process, as the cluster sees it."""
 

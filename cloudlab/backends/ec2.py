@@ -164,7 +164,7 @@ class Ec2:
                                   i["LaunchTime"].timestamp(),
                                   f"{reason.get('Code', '')}: {reason.get('Message', '')}"
                                   if reason else "",
-                                  {t["Key"]: t["Value"] for t in i.get("Tags", [])}))
+                                  _tags_of(i)))
         return vms
 
     def spot_price(self) -> float | None:
@@ -275,6 +275,10 @@ class Ec2Backend(_vm.VmBackend):
         return None
 
 
+def _tags_of(resource: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
 def _tag_spec(kind: str, tags: dict[str, str]) -> dict:
     return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
 
@@ -304,7 +308,7 @@ def collect_garbage(ec2: Ec2, live_clusters: set[str], dry_run: bool = False) ->
                 lambda k=k: ec2.client.delete_key_pair(KeyName=k["KeyName"]))
                for k in ec2.cloudlab_key_pairs()]
     for what, resource, delete in others:
-        tags = {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+        tags = _tags_of(resource)
         why = _vm.why_garbage(tags, live_clusters)
         if why and tags[_vm.TAG_CLUSTER] not in keep:
             said.append(f"{what}: {why}")

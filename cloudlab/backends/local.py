@@ -29,7 +29,14 @@ from ..errors import ConfigError
 from ..profiles import option
 from ..security import runtime_dir
 from . import forkserver
-from .base import Backend, Command, Launched
+from .base import (
+    Backend,
+    Command,
+    Launched,
+    last_words_file,
+    read_last_words,
+    read_tail,
+)
 
 #: Thread pools inside each engine: one each, so 16 engines on 2 cores do not fight.
 SINGLE_THREADED = {
@@ -72,17 +79,10 @@ class LocalProcess(Launched):
             return None, None
 
     def last_words(self) -> str | None:
-        try:
-            return last_words_file(self.log).read_text(errors="replace").strip() or None
-        except OSError:
-            return None
+        return read_last_words(self.log)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return read_tail(self.log, lines)
 
 
 class SpawnedProcess(LocalProcess):
@@ -255,11 +255,6 @@ class LocalBackend(Backend):
         while (any(p.alive() or group_alive(p.pid) for p in procs)
                and asyncio.get_running_loop().time() < deadline):
             await asyncio.sleep(0.01)
-
-
-def last_words_file(log: Path) -> Path:
-    """Where the process logging to ``log`` writes why it ended itself."""
-    return log.with_suffix(".last-words")
 
 
 def process_title(cluster: str, name: str) -> str:

@@ -1,15 +1,21 @@
 """What backends with engines on other machines share: the client's address as those
-machines reach it, and the files an engine reads, which the controller writes as it starts."""
+machines reach it, the files an engine reads (which the controller writes as it starts),
+the command line that starts an engine under a lease there, and the lease server."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import shlex
 import socket
+import tarfile
 import time
 from pathlib import Path
 
 from ..errors import ConfigError, StartError
-from .base import Launched
+from .base import Command, Launched
+from .local import SINGLE_THREADED, client_python_path, process_title
 
 #: How long an engine's launch waits for the files it reads (the controller writes them).
 FILE_WAIT = 60.0
@@ -46,9 +52,6 @@ async def wait_for_files(files: tuple[Path, ...], controller: Launched | None) -
 
 def files_archive(files: tuple[Path, ...]) -> bytes:
     """``files`` as a tar archive that extracts with ``tar -x -C /`` to the same paths."""
-    import io
-    import tarfile
-
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for path in files:
@@ -56,8 +59,45 @@ def files_archive(files: tuple[Path, ...]) -> bytes:
     return buffer.getvalue()
 
 
+def extract_archive(archive: bytes, expected: list[str]) -> None:
+    """Write the files of a tar archive (only those ``expected``) here, 0600: what
+    :func:`files_archive` made on another machine."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            path = "/" + member.name.lstrip("/")
+            if path in expected and member.isfile():
+                data = tar.extractfile(member).read()
+                Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "wb") as out:
+                    out.write(data)
+                os.replace(path + ".part", path)
+
+
 def parent_folders(files: tuple[Path, ...]) -> list[str]:
     return sorted({str(Path(p).resolve().parent) for p in files})
+
+
+def check_lease(lease: float) -> None:
+    if lease <= 0:
+        raise ConfigError(f"lease must be a number of seconds above 0, not {lease}.")
+
+
+def agent_command(python: str, cluster: str, command: Command, lease: float,
+                  lease_from: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The shell command that runs ``command`` on another machine under cloudlab's agent,
+    holding a lease on this client: heartbeats on its input, or from ``lease_from``.
+
+    The environment carries the client's own import directories too, as on the local
+    backend: where the machines share the filesystem (home directories over NFS), engines
+    import the modules beside the notebook; elsewhere the paths are absent, and harmless.
+    """
+    env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": cluster,
+           "PYTHONPATH": client_python_path(), **(env or {}), **command.env}
+    return shlex.join([
+        "env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab._agent",
+        "--lease", str(lease), *(("--lease-from", lease_from) if lease_from else ()),
+        "--title", process_title(cluster, command.name), command.entry, "--", *command.args])
 
 
 class LeaseServer:

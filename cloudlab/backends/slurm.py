@@ -34,18 +34,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._agent import LAST_WORDS
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from .base import Backend, Command, Launched
-from .local import (
-    SINGLE_THREADED,
-    LocalBackend,
-    LocalOptions,
-    client_python_path,
-    last_words_file,
-    process_title,
+from .base import Backend, Command, Launched, last_words_file, read_last_words, read_tail
+from .local import LocalBackend, LocalOptions
+from .remote import (
+    LeaseServer,
+    address_towards,
+    agent_command,
+    check_lease,
+    files_archive,
+    parent_folders,
+    wait_for_files,
 )
-from .remote import LeaseServer, address_towards, files_archive, parent_folders, wait_for_files
 
 #: Seconds between looks at the queue.
 POLL = 1.0
@@ -118,10 +120,7 @@ class SlurmJob(Launched):
         return f"queued in Slurm (job {self.job_id}: {self.state.reason or 'None'})"
 
     def last_words(self) -> str | None:
-        try:  # the engine's own (the memory guard), where the log folder is shared
-            said = last_words_file(self.log).read_text(errors="replace").strip()
-        except OSError:
-            said = ""
+        said = read_last_words(self.log)  # the engine's own, where the log folder is shared
         if said:
             return said
         # Read now: the engine's death may be noticed (by its controller) before squeue's
@@ -136,10 +135,7 @@ class SlurmJob(Launched):
             memory=options.memory_per_engine or "the partition's default")
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return read_tail(self.log, lines)
 
 
 class SlurmBackend(Backend):
@@ -148,8 +144,7 @@ class SlurmBackend(Backend):
 
     def __init__(self, options: SlurmOptions, cluster_name: str):
         super().__init__(options, cluster_name)
-        if options.lease <= 0:
-            raise ConfigError(f"lease must be a number of seconds above 0, not {options.lease}.")
+        check_lease(options.lease)
         if not isinstance(options.cpus_per_engine, int) or options.cpus_per_engine < 1:
             raise ConfigError(f"cpus_per_engine must be a whole number from 1, not "
                               f"{options.cpus_per_engine!r}.")
@@ -250,9 +245,6 @@ class SlurmBackend(Backend):
 
     def _script(self, command: Command, log: Path) -> str:
         """The job: write the engine's files where the node lacks them, start the engine."""
-        env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": self.cluster_name,
-               "PYTHONPATH": client_python_path(), "CLOUDLAB_LAST_WORDS":
-               str(last_words_file(log)), **command.env}
         lines = ["#!/bin/sh", "umask 077"]
         if command.files:
             archive = base64.b64encode(files_archive(command.files)).decode()
@@ -261,11 +253,9 @@ class SlurmBackend(Backend):
                       "base64 -d <<'CLOUDLAB_FILES' | tar -x --skip-old-files -C / -f -",
                       *(archive[i:i + 76] for i in range(0, len(archive), 76)),
                       "CLOUDLAB_FILES"]
-        lines.append("exec " + shlex.join([
-            "env", *(f"{k}={v}" for k, v in env.items()), self.python, "-m", "cloudlab._agent",
-            "--lease", str(self.options.lease), "--lease-from", self._lease.address,
-            "--title", process_title(self.cluster_name, command.name),
-            command.entry, "--", *command.args]))
+        lines.append("exec " + agent_command(
+            self.python, self.cluster_name, command, self.options.lease, self._lease.address,
+            {LAST_WORDS: str(last_words_file(log))}))
         return "\n".join(lines) + "\n"
 
     def _start_poller(self) -> None:

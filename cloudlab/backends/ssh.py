@@ -32,11 +32,14 @@ from pathlib import Path
 
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from .base import Backend, Command, Launched
-from .local import SINGLE_THREADED, LocalBackend, LocalOptions, client_python_path, process_title
+from .base import Backend, Command, Launched, read_tail
+from .local import LocalBackend, LocalOptions
 from .remote import (
     FILE_WAIT,
     address_towards,
+    agent_command,
+    check_lease,
+    extract_archive,
     files_archive,
     parent_folders,
     wait_for_files,
@@ -78,10 +81,7 @@ class SshProcess(Launched):
         return self.machine_gone()
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return read_tail(self.log, lines)
 
 
 class SshBackend(Backend):
@@ -97,8 +97,7 @@ class SshBackend(Backend):
             self.hosts = [SshHost.parse(h) for h in options.hosts]
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if options.lease <= 0:
-            raise ConfigError(f"lease must be a number of seconds above 0, not {options.lease}.")
+        check_lease(options.lease)
         try:
             self.controller_host = (SshHost.parse(options.controller_host)
                                     if options.controller_host else None)
@@ -164,29 +163,25 @@ class SshBackend(Backend):
             self._fetching = asyncio.ensure_future(self._fetch_files(host, command.writes))
         return process
 
-    def _least_loaded(self) -> SshHost:
-        """The host running the fewest engines now (the first of those, in the given order)."""
+    def load(self) -> dict[SshHost, int]:
+        """Engines on each host now, those still starting included."""
         load = {h: 0 for h in self.hosts}
         running = {p.name: p for p in self._engines}
         for name, host in self._assigned.items():
             process = running.get(name)  # (None: still starting)
             if host in load and (process is None or process.popen.poll() is None):
                 load[host] += 1
+        return load
+
+    def _least_loaded(self) -> SshHost:
+        """The host running the fewest engines now (the first of those, in the given order)."""
+        load = self.load()
         return min(self.hosts, key=lambda h: load[h])
 
     def _start(self, host: SshHost, command: Command) -> SshProcess:
         """``command`` on ``host`` under the agent, its lease held through ssh's input."""
         log = self.workdir / f"{command.name}.log"
-        # The client's own import directories too, as on the local backend: where the hosts
-        # share the filesystem (home directories over NFS), engines import the modules
-        # beside the notebook; elsewhere the paths are absent there, and harmless.
-        env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": self.cluster_name,
-               "PYTHONPATH": client_python_path(), **command.env}
-        remote = shlex.join([
-            "env", *(f"{k}={v}" for k, v in env.items()), self.python, "-m", "cloudlab._agent",
-            "--lease", str(self.options.lease),
-            "--title", process_title(self.cluster_name, command.name),
-            command.entry, "--", *command.args])
+        remote = agent_command(self.python, self.cluster_name, command, self.options.lease)
         argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
@@ -210,7 +205,7 @@ class SshBackend(Backend):
             done = await asyncio.to_thread(subprocess.run, argv, capture_output=True,
                                            timeout=30, stdin=subprocess.DEVNULL)
             if done.returncode == 0:
-                _extract(done.stdout, paths)
+                extract_archive(done.stdout, paths)
                 return
             await asyncio.sleep(0.1)
 
@@ -340,20 +335,3 @@ def _tree(folder: Path) -> tuple[Path, ...]:
     """Every file under ``folder``, and every folder without files (kept as folders)."""
     return tuple(p for p in sorted(folder.rglob("*"))
                  if p.is_file() or (p.is_dir() and not any(p.iterdir()))) or (folder,)
-
-
-def _extract(archive: bytes, expected: list[str]) -> None:
-    """Write the files of a tar archive (only those ``expected``) here, 0600."""
-    import io
-    import tarfile
-
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        for member in tar.getmembers():
-            path = "/" + member.name.lstrip("/")
-            if path in expected and member.isfile():
-                data = tar.extractfile(member).read()
-                Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with open(fd, "wb") as out:
-                    out.write(data)
-                os.replace(path + ".part", path)

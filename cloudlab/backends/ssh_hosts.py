@@ -74,9 +74,10 @@ class HostInfo:
 
 
 def ssh_command(host: SshHost, remote: str, identity_file: str = "",
-                known_hosts: str = "") -> list[str]:
-    """The ssh command line that runs shell command ``remote`` on ``host``."""
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                known_hosts: str = "", host_keys: str = "yes") -> list[str]:
+    """The ssh command line that runs shell command ``remote`` on ``host``; ``host_keys``
+    is ssh's StrictHostKeyChecking ("accept-new" only for a machine just created for us)."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={host_keys}",
             "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", "-p", str(host.port)]
     if identity_file:
         argv += ["-i", identity_file, "-o", "IdentitiesOnly=yes"]

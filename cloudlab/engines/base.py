@@ -27,6 +27,7 @@ OutputSink = Callable[[int, str, str], None]
 #: Where the client connects to reach the controller's (host, port) addresses.
 Reach = Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]]
 
+
 class Engine(abc.ABC):
     name: ClassVar[str]
     short_name: ClassVar[str]  # prefix of cluster names: ipp-1a2b3c

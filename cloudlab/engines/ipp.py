@@ -114,8 +114,9 @@ class IPyParallelEngine(Engine):
         info = json.loads(path.read_text())
         host = info["interface"].split("://", 1)[1]
         keys = [k for k in CLIENT_PORTS if isinstance(info.get(k), int)]
-        there = await reach([(host, info[k]) for k in keys])
-        if there == [(host, info[k]) for k in keys]:
+        asked = [(host, info[k]) for k in keys]
+        there = await reach(asked)
+        if there == asked:
             return path
         info["interface"] = f"tcp://{there[0][0]}"
         info.update({k: port for k, (_, port) in zip(keys, there)})
