@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 import time
@@ -152,12 +153,16 @@ def cmd_stop(args) -> int:
     return 0
 
 
+#: Backends whose resources doctor checks for and gc cleans up.
+CLOUDS = ("ec2", "azure")
+
+
 def _cloud_profile(command: str, name: str):
     """Profile ``name`` if it is a cloud one; else None, said on stderr."""
     from .profiles import load_profile
 
     profile = load_profile(name)
-    if profile.cluster.backend != "ec2":
+    if profile.cluster.backend not in CLOUDS:
         print(f"cloudlab {command}: profile {name} is not a cloud profile (its backend is "
               f"{profile.cluster.backend}).", file=sys.stderr)
         return None
@@ -168,7 +173,10 @@ def cmd_doctor(args) -> int:
     profile = _cloud_profile("doctor", args.profile)
     if profile is None:
         return 2
-    from .backends.ec2_doctor import diagnose
+    if profile.cluster.backend == "azure":
+        from .backends.azure_doctor import diagnose
+    else:
+        from .backends.ec2_doctor import diagnose
 
     t0 = time.perf_counter()
     checks = diagnose(profile.backend_options, args.engines or profile.cluster.engines)
@@ -184,7 +192,6 @@ def cmd_doctor(args) -> int:
 def cmd_gc(args) -> int:
     """Expired resources go, whoever made them; this machine's own go once their cluster no
     longer runs here (a killed kernel). Another machine's stay until they expire."""
-    from .backends.ec2 import Ec2, collect_garbage
     from .profiles import available_profiles, load_profile
     from .registry import read_records
 
@@ -200,27 +207,45 @@ def cmd_gc(args) -> int:
                 profiles.append(load_profile(name))
             except CloudlabError:
                 continue  # (a broken profile is `cloudlab profiles`' to report)
-    regions = {}
+    places = {}  # where resources may be -> how to clean there
     for profile in profiles:
+        o = profile.backend_options
         if profile.cluster.backend == "ec2":
-            o = profile.backend_options
-            regions.setdefault((o.region, o.endpoint_url), o)
+            places.setdefault((o.region, o.endpoint_url), (o.region, _ec2_garbage, o))
+        elif profile.cluster.backend == "azure":
+            subscription = o.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID", "")
+            where = f"Azure subscription {subscription or '(none set)'}"
+            places.setdefault((subscription, o.endpoint_url), (where, _azure_garbage, o))
     live = {r.name for r in read_records()}
     found = 0
-    for (region, _), options in sorted(regions.items()):
+    for where, collect, options in sorted(places.values(), key=lambda p: p[0]):
         try:
-            lines = collect_garbage(Ec2(options), live, dry_run=args.dry_run)
-        except Exception as e:  # botocore's: no credentials, no network, no permission
-            print(f"cloudlab gc: cannot clean {region} ({type(e).__name__}: {e}); check your "
-                  f"AWS credentials (`cloudlab doctor --profile ...` says more).",
-                  file=sys.stderr)
+            lines = collect(options, live, args.dry_run)
+        except CloudlabError as e:
+            print(f"cloudlab gc: cannot clean {where}: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # the SDKs': no credentials, no network, no permission
+            print(f"cloudlab gc: cannot clean {where} ({type(e).__name__}: {e}); check your "
+                  f"credentials (`cloudlab doctor --profile ...` says more).", file=sys.stderr)
             return 2
         found += len(lines)
         for line in lines:
-            print(f"{'would delete' if args.dry_run else 'deleted'} in {region}: {line}")
-    where = ", ".join(sorted({r for r, _ in regions})) or "no region (no cloud profile)"
-    print(f"{found} resources {'to delete' if args.dry_run else 'deleted'} in {where}.")
+            print(f"{'would delete' if args.dry_run else 'deleted'} in {where}: {line}")
+    names = ", ".join(sorted(w for w, _, _ in places.values())) or "no cloud (no cloud profile)"
+    print(f"{found} resources {'to delete' if args.dry_run else 'deleted'} in {names}.")
     return 0
+
+
+def _ec2_garbage(options, live: set[str], dry_run: bool) -> list[str]:
+    from .backends.ec2 import Ec2, collect_garbage
+
+    return collect_garbage(Ec2(options), live, dry_run=dry_run)
+
+
+def _azure_garbage(options, live: set[str], dry_run: bool) -> list[str]:
+    from .backends.azure import Azure, collect_garbage
+
+    return collect_garbage(Azure(options), live, dry_run=dry_run)
 
 
 def cmd_profiles(args) -> int:

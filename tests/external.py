@@ -68,6 +68,20 @@ def moto_endpoint(monkeypatch_module):
     process.wait(10)
 
 
+@pytest.fixture
+def fake_arm(monkeypatch):
+    """Azure Resource Manager replayed (tests/fake_arm.py), behind the SDK clients of
+    cloudlab's Azure backend in this process."""
+    from fake_arm import ArmTransport, Credential, FakeArm
+
+    from cloudlab.backends.azure import Azure
+
+    fake = FakeArm([f"198.51.100.{i}" for i in range(10, 60)])
+    monkeypatch.setattr(Azure, "connection", {"transport": ArmTransport(fake),
+                                              "credential": Credential()})
+    return fake
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
@@ -113,14 +127,16 @@ def test_slurm(tmp_path_factory, monkeypatch_module):
 
 @pytest.fixture
 def write_profile():
-    """``write(name, ec2_options, **top_level)``: an EC2 profile in the test's CLOUDLAB_HOME
-    (for the `cloudlab` commands the tests run), removed after the test."""
+    """``write(name, cloud_options, **top_level)``: a cloud profile (EC2 unless the options
+    say ``backend``) in the test's CLOUDLAB_HOME (for the `cloudlab` commands the tests run),
+    removed after the test."""
     written = []
 
     def write(name: str, options: dict, **top) -> str:
-        ec2 = {k: v for k, v in options.items() if k != "backend"}
-        lines = ['backend = "ec2"', *(f"{k} = {json.dumps(v)}" for k, v in top.items()), "",
-                 "[ec2]", *(f"{k} = {json.dumps(v)}" for k, v in ec2.items())]
+        backend = options.get("backend", "ec2")
+        table = {k: v for k, v in options.items() if k != "backend"}
+        lines = [f'backend = "{backend}"', *(f"{k} = {json.dumps(v)}" for k, v in top.items()),
+                 "", f"[{backend}]", *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
         folder = Path(os.environ["CLOUDLAB_HOME"]) / "profiles"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.toml"

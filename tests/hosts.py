@@ -52,6 +52,9 @@ class TestHost:
     port: int = SSH_PORT  # sshd's
     #: A public key sshd also accepts (a cloud's key pair), beside the network's user key.
     authorized_key: str | None = None
+    #: A second address sshd answers at (a cloud VM's public address; in a cloud it is
+    #: translated to the private one, which is all the VM's own programs see and use).
+    public_address: str | None = None
 
     @property
     def sshd_pid(self) -> int:
@@ -128,16 +131,19 @@ class HostNetwork(Started):
              "netns", host.name)
         _run("ip", "link", "set", host.veth, "master", self.bridge, "up")
         _run("ip", "-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
+        if host.public_address:
+            _run("ip", "-n", host.name, "addr", "add", f"{host.public_address}/24", "dev", "eth0")
         _run("ip", "-n", host.name, "link", "set", "eth0", "up")
         _run("ip", "-n", host.name, "link", "set", "lo", "up")
         return self._start_sshd(host)
 
     def add_host(self, address: str, private: tuple[Path, ...] = (), port: int = SSH_PORT,
-                 authorized_key: str | None = None) -> TestHost:
+                 authorized_key: str | None = None, public_address: str | None = None
+                 ) -> TestHost:
         """One more host, at ``address`` in this network's subnet (a VM a cloud started)."""
         self._added += 1  # (names are never reused: a removed host's folder stays)
         host = self._host(address, 100 + self._added, private, port=port,
-                          authorized_key=authorized_key)
+                          authorized_key=authorized_key, public_address=public_address)
         self.hosts.append(host)
         with open(self.known_hosts, "a") as known:
             known.write(self._bring_up(host))
@@ -161,7 +167,9 @@ class HostNetwork(Started):
         authorized.chmod(0o600)
         config = d / "sshd_config"
         config.write_text("\n".join([
-            f"ListenAddress {host.address}:{host.port}", f"HostKey {d / 'host_key'}",
+            f"ListenAddress {host.address}:{host.port}",
+            *([f"ListenAddress {host.public_address}:{host.port}"] if host.public_address else []),
+            f"HostKey {d / 'host_key'}",
             f"AuthorizedKeysFile {authorized}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
             "StrictModes no", "UsePAM no", f"PidFile {d / 'sshd.pid'}",

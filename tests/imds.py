@@ -1,30 +1,48 @@
-"""A VM's instance metadata service, as EC2 serves it (IMDSv2), for one test host:
+"""A VM's instance metadata service, as the cloud serves it, for one test host:
 
-    nsenter --net=/run/netns/HOST python tests/imds.py INSTANCE_ID
+    nsenter --net=/run/netns/HOST python tests/imds.py ec2 INSTANCE_ID
+    nsenter --net=/run/netns/HOST python tests/imds.py azure NAME RESOURCE_ID TOKEN
 
-serves http://169.254.169.254/latest/... inside that host's network (the address is the
-host's own, on its loopback): a session token, then the instance's id with that token.
+serves http://169.254.169.254/... inside that host's network (the address is the host's
+own, on its loopback). EC2 (IMDSv2): a session token, then the instance's id with that
+token. Azure (header Metadata: true on every request): the VM's name and resource id, and
+an access token of its managed identity for Azure Resource Manager.
 """
 
 import http.server
+import json
 import secrets
 import sys
 
-INSTANCE_ID = sys.argv[1]
-TOKEN = secrets.token_hex(16)
+CLOUD = sys.argv[1]
+SESSION = secrets.token_hex(16)
 
 
 class Metadata(http.server.BaseHTTPRequestHandler):
     def do_PUT(self):
-        if self.path == "/latest/api/token":
-            return self._reply(200, TOKEN)
+        if CLOUD == "ec2" and self.path == "/latest/api/token":
+            return self._reply(200, SESSION)
         self._reply(404, "")
 
     def do_GET(self):
-        if self.headers.get("X-aws-ec2-metadata-token") != TOKEN:
-            return self._reply(401, "")
-        if self.path == "/latest/meta-data/instance-id":
-            return self._reply(200, INSTANCE_ID)
+        if CLOUD == "ec2":
+            if self.headers.get("X-aws-ec2-metadata-token") != SESSION:
+                return self._reply(401, "")
+            if self.path == "/latest/meta-data/instance-id":
+                return self._reply(200, sys.argv[2])
+            return self._reply(404, "")
+        if self.headers.get("Metadata") != "true":
+            return self._reply(400, '{"error": "Bad request. Required metadata header not specified"}')
+        path = self.path.split("?")[0]
+        if path == "/metadata/instance/compute/name":
+            return self._reply(200, sys.argv[2])
+        if path == "/metadata/instance/compute/resourceId":
+            return self._reply(200, sys.argv[3])
+        if path == "/metadata/identity/oauth2/token" and "resource=" in self.path:
+            return self._reply(200, json.dumps({
+                "access_token": sys.argv[4], "expires_in": "86399",
+                "resource": "https://management.azure.com/", "token_type": "Bearer"},
+                separators=(",", ":")))
         self._reply(404, "")
 
     def _reply(self, status: int, body: str):

@@ -93,5 +93,5 @@ def test_bad_input_is_one_line_on_stderr(args, message):
 def test_profiles_lists_the_repository_profiles():
     out = cloudlab("profiles").stdout
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["aws-cpu", "aws-gpu-spot", "local", "slurm", "ssh"]  # by name, all
+    assert names == ["aws-cpu", "aws-gpu-spot", "azure", "local", "slurm", "ssh"]  # by name, all
     assert "profiles/local.toml" in out

@@ -6,8 +6,9 @@ guards see to it:
 1. **Its own timers** (in the bootstrap script, no client needed): the VM powers itself off
    ``max_hours`` after boot, and as soon as no engine on it has heard from the client for
    ``idle_timeout`` seconds (engines touch a lease file at each of the client's heartbeats).
-   VMs are started so that a shutdown from inside deletes them (EC2: instance-initiated
-   shutdown behaviour = terminate; Azure: the VM's own delete-on-shutdown).
+   VMs are started so that expiring deletes them (EC2: instance-initiated shutdown
+   behaviour = terminate; Azure, where a VM powered off from inside is still billed: the
+   VM deletes itself through its managed identity, which may delete that VM only).
 2. **Its tags**: cluster, owner and an ``expires-at`` time, so that ``cloudlab gc`` can find
    and delete anything expired or orphaned, from any machine with the credentials.
 3. **The client**: a failed or partial start deletes everything it created, and stop
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 
 from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
+from ..profiles import option
 from .base import Backend, Command, Launched
 from .ssh_hosts import SshHost, ssh_command
 
@@ -46,6 +48,36 @@ USER_DATA_LIMIT = 16 * 1024
 STATE_DIR = "/var/lib/cloudlab"
 #: Tag keys on every resource cloudlab creates.
 TAG_CLUSTER, TAG_OWNER, TAG_EXPIRES = "cloudlab:cluster", "cloudlab:owner", "cloudlab:expires-at"
+
+
+#: Installs Python and cloudlab on a fresh Ubuntu VM into /opt/cloudlab.
+DEFAULT_INSTALL = ("apt-get update -q && apt-get install -y -q python3-venv && "
+                   "python3 -m venv /opt/cloudlab && /opt/cloudlab/bin/pip install -q cloudlab")
+
+
+@dataclass(frozen=True)
+class VmOptions:
+    """What every cloud's profile table has (its own adds region, size, image...)."""
+
+    engines_per_instance: int = option(0, "Engines on each VM (0: one per vCPU).")
+    spot: bool = option(False, "Spot VMs: cheaper, and the cloud may take them back (the "
+                        "engine is then replaced).")
+    max_price: float = option(0.0, "Spot only: the most $/h to pay per VM (0: up to the "
+                              "on-demand price).")
+    idle_timeout: float = option(900.0, "Seconds a VM lives on once no engine on it hears "
+                                 "from this client; then it deletes itself.")
+    max_hours: float = option(8.0, "Hours after which a VM deletes itself, whatever happens.")
+    client_cidr: str = option("", "Addresses allowed to SSH in (default: this machine's "
+                              "public address, /32).")
+    install: str = option(DEFAULT_INSTALL, "Shell commands installing Python and cloudlab on "
+                          "a new VM.")
+    python: str = option("/opt/cloudlab/bin/python", "Python on the VMs, once installed.")
+    price_per_hour: float = option(0.0, "$/h of one VM, for the cost shown (0: the cloud's "
+                                   "price where it can be read).")
+    use_private_ip: bool = option(False, "Reach the VMs at their private addresses (a client "
+                                  "inside the same network, or over a VPN).")
+    lease: float = option(30.0, "Seconds an engine lives on without hearing from this client "
+                          "(a cut link) before it ends itself.")
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,8 @@ class Bootstrap:
     #: the controller starts, engines connect).
     boot_grace: float = 300.0
     state_dir: str = STATE_DIR
+    #: Shell commands run when the VM expires, before it powers off (Azure: delete the VM).
+    on_expiry: str = ""
 
     @property
     def lease_file(self) -> str:
@@ -86,24 +120,36 @@ exec >>{STATE_DIR}/bootstrap.log 2>&1
 echo "cloudlab bootstrap of {b.cluster} starts at $(date -u +%FT%TZ)"
 
 # 1. Hard expiry, whatever happens next: power off after max_hours (the VM was started so
-#    that a shutdown from inside deletes it).
+#    that expiring deletes it).
 shutdown -P +{max_minutes} "cloudlab: {b.cluster} reached its max_hours" || true
 
 # 2. Idle expiry: power off once no engine has heard from the client for {idle} s. Engines
 #    touch the lease file at each heartbeat; the boot counts as one {int(b.boot_grace)} s
 #    from now (the cluster's start).
 touch -d "+{int(b.boot_grace)} seconds" {LEASE_FILE}
+chmod 666 {LEASE_FILE}  # (engines run as the login user, not root)
+cat >{STATE_DIR}/expire <<'CLOUDLAB_EXPIRE'
+#!/bin/bash
+{b.on_expiry.strip() or ':'}
+shutdown -P now "cloudlab: $1"
+CLOUDLAB_EXPIRE
 cat >{STATE_DIR}/watchdog <<'CLOUDLAB_WATCHDOG'
 #!/bin/bash
+booted=$(date +%s)
 while sleep {b.check_every:g}; do
-  age=$(( $(date +%s) - $(stat -c %Y {LEASE_FILE}) ))
+  now=$(date +%s)
+  age=$(( now - $(stat -c %Y {LEASE_FILE}) ))
   if [ "$age" -gt {idle} ]; then
-    echo "cloudlab: no heartbeat from the client for $age s: powering off"
-    shutdown -P now "cloudlab: idle for $age s"
-    exit 0
+    echo "cloudlab: no heartbeat from the client for $age s: expiring"
+    exec {STATE_DIR}/expire "idle for $age s"
+  fi
+  if [ $(( now - booted )) -ge {max(30, max_minutes * 60 - 60)} ]; then
+    echo "cloudlab: max_hours reached: expiring"
+    exec {STATE_DIR}/expire "reached its max_hours"
   fi
 done
 CLOUDLAB_WATCHDOG
+chmod 700 {STATE_DIR}/expire
 chmod 700 {STATE_DIR}/watchdog
 nohup {STATE_DIR}/watchdog >>{STATE_DIR}/watchdog.log 2>&1 </dev/null &
 
@@ -275,7 +321,7 @@ class VmBackend(Backend):
             self.cluster_name, self.options.install, self.options.idle_timeout,
             self.options.max_hours, self.instance_id_command,
             check_every=min(15.0, max(0.5, self.options.idle_timeout / 4)),
-            boot_grace=timeout))
+            boot_grace=timeout, on_expiry=self.on_expiry()))
         # Shielded: a start interrupted now still learns what was created, to delete it.
         self._creating = asyncio.ensure_future(asyncio.to_thread(
             self.cloud.create, self.cluster_name, count, key.with_suffix(".pub").read_text(),
@@ -287,10 +333,14 @@ class VmBackend(Backend):
         from .ssh import SshBackend, SshOptions
 
         hosts = [self._ssh_target(vm) for vm in self._vms.values()]
+        # The controller listens on the first VM's private address (a public one is the
+        # cloud's translation, not on the VM), where the other VMs reach it; the client
+        # reaches it through the SSH tunnel.
         self._ssh = SshBackend(SshOptions(
             hosts=tuple(hosts), python=self.options.python, identity_file=str(key),
             known_hosts=str(self._known_hosts), lease=self.options.lease,
-            controller_host=hosts[0], tunnel=not self.options.use_private_ip),
+            controller_host=hosts[0], tunnel=not self.options.use_private_ip,
+            controller_address=next(iter(self._vms.values())).private_ip or ""),
             self.cluster_name)
         self._ssh.workdir = self.workdir
 
@@ -308,7 +358,7 @@ class VmBackend(Backend):
                     f"({', '.join(sorted(waiting))}); they are deleted. Their bootstrap log "
                     f"is {STATE_DIR}/bootstrap.log on each: raise start_timeout if the "
                     f"install is slow.")
-            for vm in await asyncio.to_thread(self.cloud.describe, sorted(waiting)):
+            for vm in await asyncio.to_thread(self.describe, sorted(waiting)):
                 if vm.state in ("shutting-down", "terminated", "stopped"):
                     raise StartError(f"VM {vm.id} {vm.state} while it booted ({vm.reason}).")
                 if vm.state == "running" and self._address(vm):
@@ -347,14 +397,22 @@ class VmBackend(Backend):
     def why_gone(self, instance: str) -> str | None:
         """Why an engine's VM is no longer there, from the cloud (None: it still runs); a
         VM that is gone takes no more engines."""
-        found = self.cloud.describe([instance])
+        found = self.describe([instance])
         if not found or found[0].state not in GONE:
             return None
-        vm = found[0]
-        self._forget(vm.id)
-        if vm.reason.startswith("Server.SpotInstanceTermination"):
-            return f"lost its spot instance {vm.id}: AWS took it back ({vm.reason})"
+        self._forget(instance)
+        return self.lost(found[0])
+
+    # Subclasses: how the cloud describes VMs, and names the loss of one.
+    def describe(self, ids: list[str]) -> list:
+        return self.cloud.describe(ids)
+
+    def lost(self, vm) -> str:
         return f"lost its VM {vm.id}, which was {vm.state} ({vm.reason or 'no reason given'})"
+
+    def on_expiry(self) -> str:
+        """Shell commands an expiring VM runs before it powers off (see :class:`Bootstrap`)."""
+        return ""
 
     def _forget(self, instance: str) -> None:
         vm = self._vms.pop(instance, None)

@@ -20,41 +20,18 @@ from . import _vm
 
 #: Ubuntu 24.04 LTS for x86-64, as Canonical publishes it through SSM (EC2 resolves it).
 UBUNTU = "resolve:ssm:/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
-#: Installs Python and cloudlab on a fresh Ubuntu VM into /opt/cloudlab.
-DEFAULT_INSTALL = ("apt-get update -q && apt-get install -y -q python3-venv && "
-                   "python3 -m venv /opt/cloudlab && /opt/cloudlab/bin/pip install -q cloudlab")
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
 
 @dataclass(frozen=True)
-class Ec2Options:
+class Ec2Options(_vm.VmOptions):
     region: str = option("us-east-1", "AWS region.")
     instance_type: str = option("c7i.large", "EC2 instance type.")
     image: str = option(UBUNTU, "AMI id, or resolve:ssm:PARAMETER naming one (default: "
                         "Ubuntu 24.04).")
-    engines_per_instance: int = option(0, "Engines on each instance (0: one per vCPU).")
-    spot: bool = option(False, "Spot instances: cheaper, and AWS may take them back (the "
-                        "engine is then replaced).")
-    max_price: float = option(0.0, "Spot only: the most $/h to pay per instance (0: up to "
-                              "the on-demand price).")
-    idle_timeout: float = option(900.0, "Seconds an instance lives on once no engine on it "
-                                 "hears from this client; then it deletes itself.")
-    max_hours: float = option(8.0, "Hours after which an instance deletes itself, whatever "
-                              "happens.")
     subnet_id: str = option("", "Subnet to start instances in (default: the default VPC's).")
-    client_cidr: str = option("", "Addresses allowed to SSH in (default: this machine's "
-                              "public address, /32).")
     endpoint_url: str = option("", "An EC2-compatible endpoint instead of AWS's.")
     ssh_user: str = option("ubuntu", "User to log in as on the instances.")
-    install: str = option(DEFAULT_INSTALL, "Shell commands installing Python and cloudlab on "
-                          "a new instance.")
-    python: str = option("/opt/cloudlab/bin/python", "Python on the instances, once installed.")
-    price_per_hour: float = option(0.0, "$/h of one instance, for the cost shown (0: the "
-                                   "spot price where spot, else not shown).")
-    use_private_ip: bool = option(False, "Reach the instances at their private addresses "
-                                  "(a client inside the same VPC, or over a VPN).")
-    lease: float = option(30.0, "Seconds an engine lives on without hearing from this client "
-                          "(a cut link) before it ends itself.")
 
 
 @dataclass
@@ -273,6 +250,11 @@ class Ec2Backend(_vm.VmBackend):
         if self.options.spot and self.cloud is not None:
             return self.cloud.spot_price()
         return None
+
+    def lost(self, vm: Vm) -> str:
+        if vm.reason.startswith("Server.SpotInstanceTermination"):
+            return f"lost its spot instance {vm.id}: AWS took it back ({vm.reason})"
+        return super().lost(vm)
 
 
 def _tags_of(resource: dict) -> dict[str, str]:

@@ -9,27 +9,12 @@ bootstrap, this machine's address for the SSH rule, and the local ssh tools.
 from __future__ import annotations
 
 import math
-import shutil
-import time
-from dataclasses import dataclass
 
-from . import _vm
+from ._doctor import Check, bootstrap_size, checker, local_tools, ssh_rule
 from .ec2 import Ec2, Ec2Backend, Ec2Options
 
 #: Service Quotas' code for "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances".
 STANDARD_VCPU_QUOTA = "L-1216C47A"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool | None  # None: could not be checked (said why), not a failure
-    detail: str
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        mark = {True: "ok  ", False: "FAIL", None: "--  "}[self.ok]
-        return f"{mark} {self.name}: {self.detail}"
 
 
 def _code(error: Exception) -> str:
@@ -38,17 +23,8 @@ def _code(error: Exception) -> str:
 
 def diagnose(options: Ec2Options, engines: int) -> list[Check]:
     """Every check, in order; a failure does not stop the later ones where they can run."""
-    checks = []
-
-    def check(name, test):
-        t0 = time.monotonic()
-        try:
-            ok, detail = test()
-        except Exception as e:  # an unexpected answer is a failed check, said plainly
-            ok, detail = False, f"{_code(e)}: {e}"
-        checks.append(Check(name, ok, detail, time.monotonic() - t0))
-        return ok
-
+    checks: list[Check] = []
+    check = checker(checks, _code)
     api = Ec2(options)
     if not check("credentials", lambda: _credentials(options)):
         return checks  # nothing else can be asked
@@ -57,9 +33,9 @@ def diagnose(options: Ec2Options, engines: int) -> list[Check]:
     check("image", lambda: _image(api, image))
     check("permission to start", lambda: _dry_run(api, image.get("id")))
     check("vCPU quota", lambda: _quota(api, engines))
-    check("bootstrap size", lambda: _user_data(options))
-    check("SSH rule", lambda: _client_address(options))
-    check("local tools", _tools)
+    check("bootstrap size", lambda: bootstrap_size(options, Ec2Backend.instance_id_command))
+    check("SSH rule", lambda: ssh_rule(options))
+    check("local tools", local_tools)
     return checks
 
 
@@ -142,23 +118,3 @@ def _quota(api: Ec2, engines: int):
                        f"your quota of {limit:g} in {o.region}: ask for more in the Service "
                        f"Quotas console, or start fewer engines.")
     return True, f"{needed:g} vCPUs needed of {limit:g} ({o.instance_type})"
-
-
-def _user_data(options: Ec2Options):
-    script = _vm.render_bootstrap(_vm.Bootstrap(
-        "doctor", options.install, options.idle_timeout, options.max_hours,
-        Ec2Backend.instance_id_command))  # (raises, with the fix, when over the limit)
-    return True, f"{len(script.encode()):,} bytes of {_vm.USER_DATA_LIMIT:,}"
-
-
-def _client_address(options: Ec2Options):
-    cidr = options.client_cidr or _vm.public_cidr()
-    return True, f"SSH (port 22) open to {cidr} only"
-
-
-def _tools():
-    missing = [t for t in ("ssh", "ssh-keygen") if shutil.which(t) is None]
-    if missing:
-        return False, (f"{', '.join(missing)} not found: install OpenSSH's client "
-                       f"(Debian: openssh-client).")
-    return True, "ssh and ssh-keygen found"

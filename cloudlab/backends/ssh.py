@@ -63,6 +63,9 @@ class SshOptions:
                                   "this machine, but it can reach them.")
     tunnel: bool = option(False, "With controller_host: reach the controller through SSH "
                           "tunnels to that host (only its SSH port need be open to you).")
+    controller_address: str = option("", "With controller_host: the address the controller "
+                                     "listens on and the hosts reach it at, where that is not "
+                                     "the one you reach it at (a cloud VM's private address).")
 
 
 class SshProcess(Launched):
@@ -104,7 +107,8 @@ class SshBackend(Backend):
         except ValueError as e:
             raise ConfigError(f"controller_host: {e}") from None
         if self.controller_host is not None:
-            self._address = self.controller_host.address  # engines reach the controller there
+            # Engines reach the controller there.
+            self._address = options.controller_address or self.controller_host.address
         else:
             self._address = options.client_address or address_towards(
                 self.hosts[0].address, self.hosts[0].port, f"Host {self.hosts[0]}",

@@ -4,7 +4,6 @@ starts boots as a network-namespace host running the rendered user-data for real
 instances at stop; after kill -9 of the client, or a start killed half way, `gc` leaves
 no instance running and no security group behind."""
 
-import json
 import shutil
 import signal
 import subprocess
@@ -75,13 +74,9 @@ def test_engines_start_on_instances_that_booted_from_their_user_data(cloud, engi
 
 
 def _client(options, n: int) -> subprocess.Popen:
-    script = ("import json, sys, time, cloudlab\n"
-              f"c = cloudlab.Cluster({n}, **json.loads({json.dumps(json.dumps(options))}))\n"
-              "print('starting', c.name, flush=True)\n"
-              "c.start()\n"
-              "print('started', flush=True)\n"
-              "time.sleep(600)\n")
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    from cloud_vms import client_process
+
+    return client_process(options, n)
 
 
 def _gc(profile: str) -> list[str]:
@@ -97,15 +92,12 @@ def _ours(api, name) -> list:
 
 def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud, write_profile):
     api, vms, options = cloud
-    client = _client(options, 2)
-    try:
-        name = client.stdout.readline().split()[1]
-        assert client.stdout.readline().strip() == "started"
+    from cloud_vms import killed_after_start
+
+    def two_instances(name):
         assert len(_ours(api, name)) == 2
-        client.send_signal(signal.SIGKILL)
-        client.wait(10)
-    finally:
-        client.kill()
+
+    name = killed_after_start(options, 2, two_instances)
     out = _gc(write_profile("moto-ec2", options))
     assert sum(f"cluster {name}): its cluster {name} no longer runs on this machine" in line
                for line in out) == 2, out
