@@ -589,6 +589,12 @@ class Cluster(EngineNamespaces):
         return len(jobs)
 
     # ------------------------------------------------------------------ status
+    def cost(self):
+        """What this cluster's cloud VMs cost: ``instances`` running, ``dollars_per_hour``
+        for them and ``dollars_so_far`` since each started (the dollars are None where the
+        price is unknown); None for a cluster that has no VMs of its own."""
+        return self._backend.cost()
+
     def status(self) -> list[EngineStatus]:
         """Each engine: id, host, pid, state (starting, idle, busy, dead)."""
         return _aio.run(self._status())

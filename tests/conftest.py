@@ -143,6 +143,24 @@ def reliability():
     return record
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-cloud", action="store_true",
+                     help="also run the tests marked live_cloud, against a real cloud account "
+                          "(they create VMs, which costs money; profiles from "
+                          "CLOUDLAB_LIVE_PROFILES, default aws-cpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests against a real cloud account run only when asked for (--run-cloud): they are
+    deselected otherwise, not skipped (a skip fails CI, which has no account)."""
+    if config.getoption("--run-cloud"):
+        return
+    live = [item for item in items if item.get_closest_marker("live_cloud")]
+    if live:
+        config.hook.pytest_deselected(items=live)
+        items[:] = [item for item in items if item not in live]
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _recoveries:
         return

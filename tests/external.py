@@ -68,6 +68,34 @@ def moto_endpoint(monkeypatch_module):
     process.wait(10)
 
 
+@pytest.fixture(scope="module")
+def ec2_cloud(moto_endpoint, tmp_path_factory):
+    """moto's EC2 with a VPC whose subnet is a host network's /24, and VMs playing its
+    instances; yields the options a profile would give."""
+    from cloud_vms import FakeVms
+
+    from cloudlab.backends.ec2 import Ec2, Ec2Options
+    from hosts import HostNetwork, missing
+
+    why = missing() or (shutil.which("curl") is None and
+                        "curl is missing (Debian package curl): the bootstrap uses it")
+    if why:
+        pytest.skip(f"test VMs cannot be built here: {why}")
+    api = Ec2(Ec2Options(endpoint_url=moto_endpoint))
+    ami = api.client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    with HostNetwork(0, tmp_path_factory.mktemp("vms")) as network:
+        vpc = api.client.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+        subnet = api.client.create_subnet(VpcId=vpc, CidrBlock=f"{network.subnet}.0/24")
+        with FakeVms(network, api.client, tmp_path_factory.mktemp("fake")) as vms:
+            options = {"backend": "ec2", "endpoint_url": moto_endpoint, "image": ami,
+                       "subnet_id": subnet["Subnet"]["SubnetId"], "ssh_user": "root",
+                       "client_cidr": f"{network.client_address}/32", "install": "",
+                       "python": sys.executable, "engines_per_instance": 1, "lease": 3.0,
+                       "idle_timeout": 4.0, "price_per_hour": 0.1}
+            yield api, vms, options
+        assert vms.errors == []
+
+
 @pytest.fixture
 def fake_arm(monkeypatch):
     """Azure Resource Manager replayed (tests/fake_arm.py), behind the SDK clients of

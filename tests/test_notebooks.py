@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom against the local backend."""
+"""Every notebook in notebooks/ runs top to bottom against the local backend, except those
+that need a cloud (metadata cloudlab.needs): tests/cloud/test_cloud_notebook.py runs them."""
 
 import nbformat
 import pytest
@@ -6,7 +7,14 @@ from nbclient import NotebookClient
 
 from conftest import ROOT, wait_until_gone
 
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ALL = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CLOUD = [ROOT / "notebooks" / "06-cloud.ipynb"]  # (run against moto_server, elsewhere)
+NOTEBOOKS = [p for p in ALL if p not in CLOUD]
+
+
+def test_only_the_cloud_notebooks_need_a_cloud():
+    assert [p for p in ALL if "needs" in nbformat.read(p, as_version=4).metadata.get(
+        "cloudlab", {})] == CLOUD
 
 
 def test_there_is_a_start_here_notebook():

@@ -4,55 +4,26 @@ starts boots as a network-namespace host running the rendered user-data for real
 instances at stop; after kill -9 of the client, or a start killed half way, `gc` leaves
 no instance running and no security group behind."""
 
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import psutil
-import pytest
 
 import cloudlab
 from cloudlab.backends import _vm
-from cloudlab.backends.ec2 import Ec2, Ec2Options
+from cloudlab.backends.ec2 import Ec2Options
 from cloudlab.widgets.status import snapshot, summary_line
 from conftest import wait_until_gone
-
-
-@pytest.fixture(scope="module")
-def cloud(moto_endpoint, tmp_path_factory):
-    """moto's EC2 with a VPC whose subnet is a host network's /24, and VMs playing its
-    instances; yields the options a profile would give."""
-    from cloud_vms import FakeVms
-
-    from hosts import HostNetwork, missing
-
-    why = missing() or (shutil.which("curl") is None and
-                        "curl is missing (Debian package curl): the bootstrap uses it")
-    if why:
-        pytest.skip(f"test VMs cannot be built here: {why}")
-    api = Ec2(Ec2Options(endpoint_url=moto_endpoint))
-    ami = api.client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    with HostNetwork(0, tmp_path_factory.mktemp("vms")) as network:
-        vpc = api.client.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
-        subnet = api.client.create_subnet(VpcId=vpc, CidrBlock=f"{network.subnet}.0/24")
-        with FakeVms(network, api.client, tmp_path_factory.mktemp("fake")) as vms:
-            options = {"backend": "ec2", "endpoint_url": moto_endpoint, "image": ami,
-                       "subnet_id": subnet["Subnet"]["SubnetId"], "ssh_user": "root",
-                       "client_cidr": f"{network.client_address}/32", "install": "",
-                       "python": sys.executable, "engines_per_instance": 1, "lease": 3.0,
-                       "idle_timeout": 4.0, "price_per_hour": 0.1}
-            yield api, vms, options
-        assert vms.errors == []
 
 
 def _running(api) -> list:
     return [vm for vm in api.cloudlab_instances() if vm.state in ("pending", "running")]
 
 
-def test_engines_start_on_instances_that_booted_from_their_user_data(cloud, engine):
-    api, vms, options = cloud
+def test_engines_start_on_instances_that_booted_from_their_user_data(ec2_cloud, engine):
+    api, vms, options = ec2_cloud
     # The repository's aws-cpu profile, pointed at moto and the test's subnet.
     overrides = {k: v for k, v in options.items() if k != "backend"}
     with cloudlab.Cluster(4, engine=engine, profile="aws-cpu", **overrides) as c:
@@ -90,8 +61,8 @@ def _ours(api, name) -> list:
     return [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == name]
 
 
-def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud, write_profile):
-    api, vms, options = cloud
+def test_after_kill_9_of_the_client_gc_leaves_nothing(ec2_cloud, write_profile):
+    api, vms, options = ec2_cloud
     from cloud_vms import killed_after_start
 
     def two_instances(name):
@@ -107,8 +78,8 @@ def test_after_kill_9_of_the_client_gc_leaves_nothing(cloud, write_profile):
     assert wait_until_gone(name, 10) == []
 
 
-def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud, write_profile):
-    api, vms, options = cloud
+def test_after_a_start_killed_half_way_gc_leaves_nothing(ec2_cloud, write_profile):
+    api, vms, options = ec2_cloud
     client = _client(options, 3)
     try:
         name = client.stdout.readline().split()[1]
@@ -125,10 +96,10 @@ def test_after_a_start_killed_half_way_gc_leaves_nothing(cloud, write_profile):
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
 
 
-def test_an_idle_vm_deletes_itself(cloud, write_profile):
+def test_an_idle_vm_deletes_itself(ec2_cloud, write_profile):
     """The VM's own expiry, without any client: its engines gone, it powers itself off
     idle_timeout later, and (started with shutdown behaviour "terminate") is deleted."""
-    api, vms, options = cloud
+    api, vms, options = ec2_cloud
     client = _client(options, 1)
     try:
         name = client.stdout.readline().split()[1]
@@ -147,8 +118,8 @@ def test_an_idle_vm_deletes_itself(cloud, write_profile):
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
 
 
-def test_a_lost_vm_is_a_classified_death_and_its_engine_returns_on_a_new_vm(cloud):
-    api, vms, options = cloud
+def test_a_lost_vm_is_a_classified_death_and_its_engine_returns_on_a_new_vm(ec2_cloud):
+    api, vms, options = ec2_cloud
     with cloudlab.Cluster(2, **options) as c:
         before = {vm.id for vm in _ours(api, c.name)}
         victim = next(vm for vm in _ours(api, c.name) if vm.private_ip == c._processes[1].host)
