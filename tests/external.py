@@ -50,7 +50,8 @@ def moto_endpoint(monkeypatch_module):
     process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+    for name, value in (("AWS_ACCESS_KEY_ID", "AKIACLOUDLABTESTKEY1"),
+                        ("AWS_SECRET_ACCESS_KEY", "cloudlab/test/secret/Xq4v9Zr2Lw8Kd"),
                         ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch_module.setenv(name, value)
     deadline = time.monotonic() + 30

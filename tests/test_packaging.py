@@ -1,6 +1,8 @@
 """The package as shipped: dependencies agree everywhere, names resolve, profiles are valid."""
 
 import re
+import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -76,3 +78,10 @@ def test_the_wheel_carries_the_cuda_sources(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cloudlab/workloads/kernels/pi.cu" in names
     assert "cloudlab/workloads/pct/system.py" in names
+
+
+def test_the_error_catalog_is_current():
+    """docs/errors.md lists every message the source can show (scripts/error_catalog.py)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "error_catalog.py"),
+                           "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, "docs/errors.md is out of date: python scripts/error_catalog.py"

@@ -198,6 +198,8 @@ class Ec2:
                 f"max_price ({o.max_price:g} $/h): raise max_price, or set it to 0.",
             "UnauthorizedOperation": "Your AWS credentials may not start instances "
                 "(ec2:RunInstances): ask your administrator, or use another profile.",
+            "InvalidInstanceType": f"Instance type {o.instance_type} does not exist in "
+                f"{o.region}: set instance_type in the profile's [ec2] table.",
             "InvalidAMIID.NotFound": f"Image {o.image} does not exist in {o.region}: set image "
                 "in the profile's [ec2] table to an AMI of that region.",
             "InvalidAMIID.Malformed": f"Image {o.image!r} is not an AMI id (ami-...) or "

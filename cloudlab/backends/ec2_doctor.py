@@ -1,7 +1,7 @@
 """`cloudlab doctor --profile aws-cpu`: will a start work? Asked of AWS in seconds, before
 anything is created, one line per check, and one fix per failure.
 
-Credentials, region, image, permission to start the instances (a DryRun RunInstances:
+Credentials, region, image, instance type, permission to start the instances (a DryRun RunInstances:
 AWS answers as for a real start, without starting anything), vCPU quota, the size of the
 bootstrap, this machine's address for the SSH rule, and the local ssh tools.
 """
@@ -31,8 +31,10 @@ def diagnose(options: Ec2Options, engines: int) -> list[Check]:
     check("region", lambda: _region(api))
     image = {}
     check("image", lambda: _image(api, image))
+    vcpus = {}
+    check("instance type", lambda: _instance_type(api, vcpus))
     check("permission to start", lambda: _dry_run(api, image.get("id")))
-    check("vCPU quota", lambda: _quota(api, engines))
+    check("vCPU quota", lambda: _quota(api, engines, vcpus.get("count")))
     check("bootstrap size", lambda: bootstrap_size(options, Ec2Backend.instance_id_command))
     check("SSH rule", lambda: ssh_rule(options))
     check("local tools", local_tools)
@@ -98,12 +100,26 @@ def _dry_run(api: Ec2, image: str | None):
     return False, "AWS started an instance on a DryRun request: check endpoint_url."
 
 
-def _quota(api: Ec2, engines: int):
+def _instance_type(api: Ec2, found: dict):
+    o = api.options
+    try:
+        described = api.client.describe_instance_types(InstanceTypes=[o.instance_type])
+    except Exception as e:
+        if _code(e) not in ("InvalidInstanceType", "InvalidParameterValue"):
+            raise
+        return False, (f"instance type {o.instance_type} does not exist in {o.region}: set "
+                       f"instance_type in the profile's [ec2] table (`aws ec2 "
+                       f"describe-instance-types` lists them).")
+    found["count"] = described["InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"]
+    return True, f"{o.instance_type}: {found['count']} vCPUs"
+
+
+def _quota(api: Ec2, engines: int, vcpus: int | None):
     import boto3
 
     o = api.options
-    vcpus = api.client.describe_instance_types(
-        InstanceTypes=[o.instance_type])["InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"]
+    if vcpus is None:
+        return None, "not checked: the instance type is not known"
     per_instance = o.engines_per_instance or vcpus
     needed = math.ceil(engines / per_instance) * vcpus
     quotas = boto3.client("service-quotas", region_name=o.region,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -206,17 +207,28 @@ class IPyParallelEngine(Engine):
             raise RemoteError({ids[0]: (e.ename, e.evalue, e.traceback or "")}) from None
 
     async def forget(self, ids: list[int]) -> None:
-        if ids:
-            try:
-                await _aio.to_thread(self._client.shutdown, targets=list(ids), block=True)
-            except Exception:  # already gone: the backend kills it anyway
-                pass
+        """Ask engines ``ids`` to shut down, and wait a little for the hub to let them go.
+        Never for ever: shutdown(block=True) waits on replies an engine killed meanwhile
+        never sends (seen to hang a scale-down), and the backend ends them anyway."""
+        if not ids:
+            return
+        try:
+            await _aio.to_thread(self._client.shutdown, targets=list(ids), block=False)
+        except Exception:  # already gone: the backend kills it anyway
+            return
+        deadline = time.monotonic() + FORGET_WAIT
+        while set(ids) & set(self._client.ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = self._balanced = None
             self._direct.clear()
+
+
+#: Seconds a scale-down waits for the hub to unregister the engines it shuts down.
+FORGET_WAIT = 2.0
 
 
 def _seen(future: asyncio.Future) -> None:

@@ -35,8 +35,8 @@ def test_a_usable_profile_passes_every_check_it_can_make(options, write_profile)
     assert "ok   permission to start: RunInstances of c7i.large would be allowed (DryRun)" in lines
     assert "ok   SSH rule: SSH (port 22) open to 203.0.113.7/32 only" in lines
     assert any(line.startswith("--   vCPU quota: not checked") for line in lines)  # moto
-    assert lines[-1].startswith("7 of 8 checks passed in ") or lines[-1].startswith(
-        "8 of 8 checks passed in ")
+    assert "ok   instance type: c7i.large: 2 vCPUs" in lines
+    assert lines[-1].startswith("9 of 9 checks passed in ")  # (a -- line is not a failure)
 
 
 def test_missing_credentials_say_how_to_get_them(options, write_profile):
@@ -56,6 +56,15 @@ def test_a_missing_image_fails_with_its_fix(options, write_profile):
             "(InvalidAMIID.NotFound): set image in the profile's [ec2] table to an AMI of that "
             "region.") in done.stdout.splitlines()
     assert "--   permission to start: not checked: no image to try" in done.stdout
+
+
+def test_an_instance_type_that_does_not_exist_fails_with_its_fix(options):
+    checks = ec2_doctor.diagnose(Ec2Options(**options, instance_type="c7i.huge"), engines=4)
+    said = [str(c) for c in checks]
+    assert ("FAIL instance type: instance type c7i.huge does not exist in us-east-1: set "
+            "instance_type in the profile's [ec2] table (`aws ec2 describe-instance-types` "
+            "lists them).") in said
+    assert "--   vCPU quota: not checked: the instance type is not known" in said
 
 
 def test_a_quota_too_small_fails_with_its_fix(options, monkeypatch):

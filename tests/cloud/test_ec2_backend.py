@@ -1,9 +1,11 @@
 """The EC2 backend end to end, offline: moto_server is the EC2 API, and every instance it
 starts boots as a network-namespace host running the rendered user-data for real
 (tests/cloud_vms.py). Engines of both kinds start there, work, and are gone with their
-instances at stop; after kill -9 of the client, or a start killed half way, `gc` leaves
+instances at stop; after kill -9 of the kernel, or a start killed half way, `gc` leaves
 no instance running and no security group behind."""
 
+import base64
+import os
 import signal
 import subprocess
 import sys
@@ -39,6 +41,14 @@ def test_engines_start_on_instances_that_booted_from_their_user_data(ec2_cloud, 
         assert len(set(where.values())) == 4  # one engine on each instance
         line = summary_line(snapshot(c))
         assert "4 VMs, $0.40/h" in line, line
+        # What EC2 stored as each instance's user-data holds no key and no credential.
+        secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"],
+                   (c._backend.workdir / "vm_key").read_text().splitlines()[1]]
+        for vm in ours:
+            data = api.client.describe_instance_attribute(InstanceId=vm.id, Attribute="userData")
+            script = base64.b64decode(data["UserData"]["Value"]).decode()
+            assert script.startswith("#!/bin/bash\n# cloudlab bootstrap")
+            assert "PRIVATE KEY" not in script and not any(x in script for x in secrets)
     assert wait_until_gone(c.name, 10) == []
     assert [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == c.name] == []
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
@@ -61,15 +71,25 @@ def _ours(api, name) -> list:
     return [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == name]
 
 
-def test_after_kill_9_of_the_client_gc_leaves_nothing(ec2_cloud, write_profile):
+def test_after_kill_9_of_the_kernel_gc_leaves_nothing(ec2_cloud, write_profile):
+    """A real Jupyter kernel starts the cluster with the profile, then is killed with -9."""
+    from jupyter_client.manager import start_new_kernel
+
+    from kernels import execute
+
     api, vms, options = ec2_cloud
-    from cloud_vms import killed_after_start
-
-    def two_instances(name):
+    profile = write_profile("moto-ec2", options)
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        execute(client, "%load_ext cloudlab")
+        execute(client, f"%cluster start 2 --profile {profile}")
+        name = execute(client, "print(cluster.name)").strip()
         assert len(_ours(api, name)) == 2
-
-    name = killed_after_start(options, 2, two_instances)
-    out = _gc(write_profile("moto-ec2", options))
+        os.kill(manager.provisioner.process.pid, signal.SIGKILL)  # no atexit, no cleanup
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    out = _gc(profile)
     assert sum(f"cluster {name}): its cluster {name} no longer runs on this machine" in line
                for line in out) == 2, out
     assert any(line.startswith("deleted in us-east-1: security group ") for line in out)
