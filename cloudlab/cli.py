@@ -38,32 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    start = sub.add_parser("start", help="start a cluster in the foreground (Ctrl-C stops it)")
-    start.add_argument("n", nargs="?", help="number of engines (default: the profile's)")
-    start.add_argument("--name")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        """A subcommand whose one-line help is also its description (`cloudlab NAME -h`)."""
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+    start = command("start", "start a cluster in the foreground (Ctrl-C stops it)")
+    start.add_argument("n", nargs="?", help="number of engines (default: the profile's; "
+                                            "local: one per core)")
+    start.add_argument("--name", help="the cluster's name (default: like ipp-1a2b3c)")
     _cluster_arguments(start)
 
-    sub.add_parser("list", help="clusters running on this machine")
+    command("list", "clusters running on this machine, whichever process owns them")
 
-    stop = sub.add_parser("stop", help="stop clusters, whichever process owns them")
-    stop.add_argument("name", nargs="?")
+    stop = command("stop", "stop clusters, whichever process owns them")
+    stop.add_argument("name", nargs="?", help="the cluster to stop (`cloudlab list` names them)")
     stop.add_argument("--all", action="store_true", help="stop every cluster")
 
-    sub.add_parser("profiles", help="available profiles")
+    command("profiles", "available profiles, their description and file")
 
-    doctor = sub.add_parser("doctor", help="check that a cloud profile can start, in seconds, "
-                                           "creating nothing")
+    doctor = command("doctor", "check that a cloud profile can start, in seconds, creating "
+                               "nothing")
     doctor.add_argument("--profile", required=True, help="the cloud profile, e.g. aws-cpu")
     doctor.add_argument("--engines", type=int, help="engines to check the quota for "
                                                     "(default: the profile's)")
 
-    gc = sub.add_parser("gc", help="delete expired or orphaned cloud resources (VMs, security "
-                                   "groups, keys)")
-    gc.add_argument("--profile", help="the cloud profile whose region to clean (default: every "
-                                      "cloud profile)")
+    gc = command("gc", "delete expired or orphaned cloud resources (VMs, security groups, "
+                       "keys, Azure resource groups)")
+    gc.add_argument("--profile", help="the cloud profile whose region or subscription to clean "
+                                      "(default: every cloud profile)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
 
-    bench = sub.add_parser("bench", help="measure cloudlab against raw ipyparallel and raw Dask")
+    bench = command("bench", "measure cloudlab against raw ipyparallel and raw Dask")
     bench.add_argument("--quick", action="store_true",
                        help="small sizes, one repetition (under 2 minutes on 2 cores)")
     bench.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
@@ -72,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results",
                        help="folder for bench.json and bench.png (default: bench-results)")
 
-    run = sub.add_parser("run", help="run a workload on a fresh cluster")
+    run = command("run", "run a workload on a fresh cluster, print its figures")
     workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     for name, module in WORKLOADS.items():
         mod = importlib.import_module(module)
-        wp = workloads.add_parser(name, help=(mod.__doc__ or "").split("\n")[0])
-        wp.add_argument("--engines", default=None, help="number of engines (default: the profile's)")
+        summary = (mod.__doc__ or "").split("\n")[0]
+        wp = workloads.add_parser(name, help=summary, description=summary)
+        wp.add_argument("--engines", default=None, help="number of engines (default: the "
+                                                        "profile's; local: one per core)")
         _cluster_arguments(wp)
         wp.add_argument("--json", action="store_true", help="print one JSON object")
         mod.add_arguments(wp)

@@ -115,7 +115,9 @@ class Cluster(EngineNamespaces):
             asked = None if n is None else policy.engine_count(n, limit, reason)
             self.gpus = gpus.choose(wanted, found, why_none, asked)
             n = len(self.gpus)
-        self.n = policy.engine_count(opts.engines if n is None else n, limit, reason)
+        if n is None:  # the profile's count; 0: one per core this machine gives us
+            n = opts.engines or min(policy.usable_cores(), max(limit, 1))
+        self.n = policy.engine_count(n, limit, reason)
         self.state = "new"
         self.started_at: float | None = None
         self._engine = None

@@ -26,8 +26,9 @@ CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
 
     %cluster start [N] [--engine ipyparallel|dask] [--profile NAME] [--backend NAME] [--name NAME]
                    [--gpus all|N] [--mpi]
-        Start N engines (default: the profile's `engines`) and make this cluster
-        the active one; it is also bound to the name `cluster` in the notebook.
+        Start N engines (default: the profile's `engines`; local: one per core) and make
+        this cluster the active one; it is also bound to the name `cluster` in the notebook.
+        --name: the cluster's name (default: like ipp-1a2b3c).
         Profiles are profiles/*.toml and ~/.cloudlab/profiles/*.toml (default: local).
         --gpus: one engine per GPU (all of them, or the first N), each seeing only its own.
         --mpi: the engines are the ranks of one MPI job (mpirun; mpi4py's COMM_WORLD),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from .errors import CapacityError, ConfigError
@@ -33,6 +35,23 @@ def partition(items: list, parts: int) -> list[list]:
         out.append(items[start:stop])
         start = stop
     return out
+
+
+#: cgroup v2's CPU limit of this process's group: "QUOTA PERIOD", or "max PERIOD" for none.
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may really use: those it may run on, capped by its cgroup's
+    CPU quota (a container's or Binder's "2 CPUs" on a host of 32 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores or 1, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
 
 
 def engine_count(value: Any, limit: int, reason: str) -> int:

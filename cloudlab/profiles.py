@@ -38,7 +38,8 @@ class ClusterOptions:
 
     engine: str = option("ipyparallel", "Engine kind: what runs (ipyparallel or dask).")
     backend: str = option("local", "Backend: where engines run (local, ...).")
-    engines: int = option(4, "Number of engines when none is given.")
+    engines: int = option(4, "Number of engines when none is given (0: one per core this "
+                          "machine gives, its CPU quota counted: 1 or 2 on Binder).")
     start_timeout: float = option(120.0, "Seconds to wait for all engines before giving up.")
     replace_dead_engines: bool = option(True, "Start a new engine when one dies.")
     task_retries: int = option(2, "Times a piece of work runs again after its engine died "

@@ -1,10 +1,12 @@
 """The package as shipped: dependencies agree everywhere, names resolve, profiles are valid."""
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
 
+import pytest
 import yaml
 
 from cloudlab.plugins import backend_names, engine_names
@@ -85,3 +87,31 @@ def test_the_error_catalog_is_current():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "error_catalog.py"),
                            "--check"], capture_output=True, text=True)
     assert done.returncode == 0, "docs/errors.md is out of date: python scripts/error_catalog.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_binder_environment_installs_in_a_fresh_venv(tmp_path):
+    """What repo2docker does with binder/, with pip for conda: a fresh virtual environment
+    gets binder/environment.yml's packages (their PyPI names), then runs binder/postBuild
+    from the repository root. cloudlab then imports there, and JupyterLab there has the
+    widget frontend (postBuild checks it)."""
+    venv = tmp_path / "binder-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    wanted = [f"{name}{version}" for name, version in
+              sorted(conda_dependencies(ROOT / "binder" / "environment.yml"))]
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(["bash", str(ROOT / "binder" / "postBuild")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = subprocess.run([str(python), "-c", "import cloudlab, sys; "
+                           "print(cloudlab.__file__); print(sys.prefix)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    where, prefix = done.stdout.split()
+    assert where == str(ROOT / "cloudlab" / "__init__.py") and prefix == str(venv)
