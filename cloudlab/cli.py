@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import signal
 import sys
 import time
@@ -220,7 +219,9 @@ def cmd_gc(args) -> int:
         if profile.cluster.backend == "ec2":
             places.setdefault((o.region, o.endpoint_url), (o.region, _ec2_garbage, o))
         elif profile.cluster.backend == "azure":
-            subscription = o.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID", "")
+            from .backends.azure import subscription_of
+
+            subscription = subscription_of(o)
             where = f"Azure subscription {subscription or '(none set)'}"
             places.setdefault((subscription, o.endpoint_url), (where, _azure_garbage, o))
     live = {r.name for r in read_records()}

@@ -69,6 +69,12 @@ class Created:
     group_id: str | None = None  # the network security group's resource id
     instances: list[str] = field(default_factory=list)
     count: int = 0  # VMs named so far (names are never reused within a cluster)
+    public_key: str = ""  # the cluster's SSH key, for every VM it adds
+
+
+def subscription_of(options: AzureOptions) -> str:
+    """The profile's subscription, else AZURE_SUBSCRIPTION_ID's ("": neither is set)."""
+    return options.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID", "")
 
 
 def group_name(cluster: str) -> str:
@@ -95,7 +101,7 @@ class Azure:
             raise ConfigError("The azure backend needs Azure's SDK: pip install "
                               "'cloudlab[azure]'.") from None
         self.options = options
-        self.subscription = options.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID", "")
+        self.subscription = subscription_of(options)
         if not self.subscription:
             raise ConfigError("No Azure subscription: set subscription_id in the profile's "
                               "[azure] table, or AZURE_SUBSCRIPTION_ID (`az account show` "
@@ -120,7 +126,7 @@ class Azure:
                client_cidr: str) -> Created:
         """Resource group, network and ``count`` VMs; on any failure, none of them."""
         o = self.options
-        created = Created(cluster)
+        created = Created(cluster, public_key=public_key.strip())
         tags = _vm.tags(cluster, o.max_hours)
         try:
             created.group = group_name(cluster)
@@ -146,7 +152,6 @@ class Azure:
                             "networkSecurityGroup": {"id": nsg.id}}}]},
                 }).result()
             created.subnet_id = vnet.subnets[0].id
-            self._public_key = public_key
             self.add_instances(cluster, count, user_data, created)
         except BaseException:
             self.delete(created)
@@ -205,7 +210,7 @@ class Azure:
                 "linuxConfiguration": {
                     "disablePasswordAuthentication": True,
                     "ssh": {"publicKeys": [{"path": f"/home/{o.ssh_user}/.ssh/authorized_keys",
-                                            "keyData": self._public_key.strip()}]}}},
+                                            "keyData": created.public_key}]}}},
             "networkProfile": {"networkInterfaces": [
                 {"id": nic.id, "properties": {"primary": True, "deleteOption": "Delete"}}]},
         }
