@@ -70,6 +70,9 @@ class SlurmCluster(Started):
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill", "ReturnToService=2", "MpiDefault=none",
+            # A pending job's reason is set when a scheduler pass looks at it; a busy machine
+            # may wait for the periodic pass, so make that pass frequent.
+            "SchedulerParameters=bf_interval=1",
             "JobCompType=jobcomp/none", "JobAcctGatherType=jobacct_gather/none",
             # Finished jobs stay visible to squeue for a while (their end state is read there).
             "MinJobAge=600",

@@ -117,7 +117,9 @@ class SlurmJob(Launched):
     def waiting(self) -> str | None:
         if self.state.state != "PENDING":
             return None
-        return f"queued in Slurm (job {self.job_id}: {self.state.reason or 'None'})"
+        # Slurm says "None" until its scheduler has looked at the job (read as "" here).
+        reason = self.state.reason or "not yet looked at by the scheduler"
+        return f"queued in Slurm (job {self.job_id}: {reason})"
 
     def last_words(self) -> str | None:
         said = read_last_words(self.log)  # the engine's own, where the log folder is shared

@@ -99,15 +99,17 @@ def probe(host: SshHost, python: str, expected_cloudlab: str, identity_file: str
                         f"up and that sshd runs there.") from None
     if done.returncode == 255:
         raise HostError(_ssh_failure(host, done.stderr, known_hosts))
-    if done.returncode == 127 or "No such file or directory" in done.stderr:
+    # The shell's own complaint only: a traceback that mentions a missing file is not this.
+    if done.returncode == 127 or f"{python}: No such file or directory" in done.stderr:
         raise HostError(f"Host {host} has no Python at {python}: install Python 3.11 there, or "
                         f"name the one it has with python = \"/path/to/python\" in the "
                         f"profile's [ssh] table.")
     try:
         facts = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise HostError(f"Host {host}: {python} did not run cloudlab's probe "
-                        f"({(done.stderr or done.stdout).strip()[-300:]}).") from None
+        said = (done.stderr or done.stdout).strip()[-300:] or "no output"
+        raise HostError(f"Host {host}: {python} did not run cloudlab's probe (exit status "
+                        f"{done.returncode}: {said}).") from None
     if facts["cloudlab"] is None:
         raise HostError(f"Host {host} has Python {facts['python_version']} at {python} but not "
                         f"cloudlab: install it there (pip install cloudlab=={expected_cloudlab}).")

@@ -61,7 +61,8 @@ def test_a_queued_job_shows_its_reason_and_a_start_past_the_timeout_quotes_it(
     options = _options(test_slurm, tmp_path, partition="exclusive", cpus_per_engine=2)
     c = cloudlab.Cluster(2, **options).start(min_engines=1)
     try:
-        _wait(lambda: any(r.state == "queued" for r in c.status()), 10)
+        # The reason comes with the scheduler's first look at the job (until then "None").
+        _wait(lambda: any(r.state == "queued" and "Resources" in r.note for r in c.status()), 30)
         queued = [r for r in c.status() if r.state == "queued"]
         assert len(queued) == 1 and "Resources" in queued[0].note, c.status()
         text = render_text(snapshot(c))
