@@ -221,6 +221,31 @@ class LabServer:
             os.killpg(self.proc.pid, sig)
 
 
+@contextlib.contextmanager
+def lab_for_a_test(workdir: Path):
+    """A started :class:`LabServer` with the venv's python (so kernels have cloudlab), or
+    pytest's skip naming the missing part; on exit it is stopped and no cloudlab process
+    may outlive it (any that does is killed, and the test fails)."""
+    import pytest
+
+    from conftest import wait_until_gone
+
+    missing = missing_browser_parts()
+    if missing:
+        pytest.skip(f"browser test needs Debian chromium and Playwright: {missing}")
+    server = LabServer(workdir, python=sys.executable)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        survivors = wait_until_gone(timeout=15)
+        for p in survivors:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        assert survivors == [], ("cloudlab processes outlived the JupyterLab kernel: "
+                                 f"{[p.cmdline() for p in survivors]}")
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -353,3 +378,121 @@ def poll(fn, timeout: float, interval: float = 0.25, what: str = "condition"):
             return last
         time.sleep(interval)
     raise AssertionError(f"{what} not met within {timeout:.0f} s (last: {last!r})")
+
+
+# ------------------------------------------------------------------ a whole notebook, as a person
+# What a person sees of a notebook after running it, read in one go. Cells off screen are
+# not painted (JupyterLab's windowing), so text is read with textContent, not innerText.
+NOTEBOOK_SEEN = """() => {
+  const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell')];
+  const text = (el) => el ? el.textContent.trim() : '';
+  return cells.map(c => ({
+    code: c.classList.contains('jp-CodeCell'),
+    prompt: text(c.querySelector('.jp-InputArea-prompt')),
+    hidden_input: !!c.querySelector('.jp-InputPlaceholder'),
+    output: text(c.querySelector('.jp-OutputArea')),
+    errors: [...c.querySelectorAll(
+      ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+      .map(e => e.textContent).filter(t => t.includes('Traceback') || /\\w+Error\\b/.test(t)),
+    images: [...c.querySelectorAll('.jp-OutputArea-output img')]
+      .map(i => ({loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth})),
+    broken_widgets: [...c.querySelectorAll('.jp-OutputArea-output')]
+      .filter(o => /Error displaying widget|Loading widget\\.\\.\\./.test(o.textContent)).length,
+    details: [...c.querySelectorAll('.jp-RenderedMarkdown details')]
+      .map(d => ({open: d.open, summary: text(d.querySelector('summary'))})),
+    headings: [...c.querySelectorAll('.jp-RenderedMarkdown h1, .jp-RenderedMarkdown h2')]
+      .map(h => text(h).replace(/¶$/, '')),
+  }));
+}"""
+
+
+def open_notebook(page, server: LabServer, name: str, cells: int) -> None:
+    """Open ``name`` in the lab and wait until its ``cells`` cells show and its kernel is
+    connected and idle."""
+    page.goto(server.lab_url(name), wait_until="domcontentloaded", timeout=60_000)
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=60_000)
+    poll(lambda: page.locator(".jp-Notebook .jp-Cell").count() == cells, timeout=30,
+         what=f"{name} showing its {cells} cells")
+    wait_kernel_ready(page, server, timeout=60)
+
+
+def menu(page, top: str, item: str) -> None:
+    """Click ``top`` in the menu bar, then ``item`` in the menu that opens."""
+    dismiss_popups(page)
+    page.locator(".lm-MenuBar-item", has_text=top).first.click()
+    page.locator(".lm-Menu-item:not(.lm-mod-disabled)",
+                 has_text=re.compile(rf"^{re.escape(item)}")).first.click()
+
+
+def run_all_cells(page, name: str, timeout: float) -> list[dict]:
+    """Run > Run All Cells, then wait until every code cell shows its execution count. The
+    first traceback on the page ends the wait (JupyterLab skips the cells after an error)."""
+    menu(page, "Run", "Run All Cells")
+    deadline = time.monotonic() + timeout
+    while True:
+        cells = page.evaluate(NOTEBOOK_SEEN)
+        errors = [(i, e) for i, c in enumerate(cells) for e in c["errors"]]
+        if errors:
+            i, error = errors[0]
+            raise AssertionError(f"{name}, cell {i}, raised:\n{error[-3000:]}")
+        # (A cell whose input is collapsed shows no prompt; cells run in order, so the
+        # prompts of the others tell when it ran.)
+        code = [c for c in cells if c["code"] and not c["hidden_input"]]
+        if code and all(PROMPT_DONE.match(c["prompt"]) for c in code):
+            return cells
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} had not run to the end in {timeout:.0f} s: prompts "
+                                 f"{[c['prompt'] for c in code]}")
+        time.sleep(0.5)
+
+
+def close_and_shut_down(page, server: LabServer, timeout: float = 30) -> None:
+    """File > Close and Shut Down Notebook, accepted; until the server has no kernel."""
+    menu(page, "File", "Close and Shut Down Notebook")
+    # "Shut down the notebook?", then (outputs are changes) "Save your work?": accepted both.
+    accept = page.locator(".jp-Dialog .jp-Dialog-footer button.jp-mod-accept")
+    for _ in range(2):
+        with contextlib.suppress(Exception):
+            accept.first.click(timeout=3000)
+    poll(lambda: server.kernels() == [], timeout=timeout, what="the notebook's kernel shut down")
+
+
+def run_in_lab(lab: LabServer, page, name: str, failure_shot: Path,
+               timeout: float = 300) -> list[dict]:
+    """Open, Run All, read, close and shut down; ``failure_shot`` is taken if a step fails."""
+    nb = json.loads((lab.root / name).read_text())
+    t0 = time.monotonic()
+    try:
+        open_notebook(page, lab, name, cells=len(nb["cells"]))
+        seen = run_all_cells(page, name, timeout)
+        print(f"\n{name}: Run All Cells took {time.monotonic() - t0:.1f} s")
+        close_and_shut_down(page, lab)
+        return seen
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(failure_shot))
+        print(f"\nfailure screenshot: {failure_shot}\nJupyterLab log:\n{lab.log_tail()}")
+        raise
+
+
+def check_what_an_attendee_sees(name: str, nb, seen: list[dict]) -> None:
+    """Every code cell ran clean, plots drawn, widgets rendered, exercises with hidden
+    solutions; ``nb`` is the notebook as nbformat reads it."""
+    assert len(seen) == len(nb.cells)
+    code = [c for c in seen if c["code"]]
+    assert code and all(c["errors"] == [] for c in code)
+    images = [i for c in seen for i in c["images"]]
+    assert all(i["loaded"] and i["width"] > 200 for i in images), (name, images)
+    assert sum(c["broken_widgets"] for c in seen) == 0, name
+    headings = [h for c in seen for h in c["headings"]]
+    assert any("Exercises" in h for h in headings), (name, headings)
+    # The solutions are there but hidden: folded <details>, or collapsed code cells.
+    folded = [d for c in seen for d in c["details"]]
+    collapsed = [c for c in seen if c["hidden_input"]]
+    hidden_in_file = [c for c in nb.cells
+                      if c.metadata.get("jupyter", {}).get("source_hidden")]
+    assert len(collapsed) == len(hidden_in_file), name
+    assert folded or collapsed, f"{name} has no hidden solutions"
+    assert all(not d["open"] and "Solution" in d["summary"] for d in folded), (name, folded)
+    for c in collapsed:  # a hidden solution is still run: its result is on the page
+        assert c["output"], c

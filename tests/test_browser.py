@@ -13,20 +13,18 @@ download); without them the test skips, which CI (CLOUDLAB_NO_SKIP=1) fails.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 import pytest
 
 from conftest import ROOT, our_processes, wait_until_gone
 from jupyterlab_support import (
-    LabServer,
     cell,
     cell_errors,
     cell_output,
     chromium_page,
     dismiss_popups,
-    missing_browser_parts,
+    lab_for_a_test,
     poll,
     run_cell,
     wait_cell_done,
@@ -73,24 +71,11 @@ SEEN = """() => {
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server (venv python, so the kernel has cloudlab) with our notebook."""
-    missing = missing_browser_parts()
-    if missing:
-        pytest.skip(f"browser test needs Debian chromium and Playwright: {missing}")
-    server = LabServer(tmp_path_factory.mktemp("jupyterlab"), python=sys.executable)
-    try:
-        server.start()
+    """A JupyterLab server with our notebook."""
+    with lab_for_a_test(tmp_path_factory.mktemp("jupyterlab")) as server:
         write_notebook(server.root / NOTEBOOK, CELLS)
         yield server
-    finally:
-        server.stop()
-        survivors = wait_until_gone(timeout=15)
-        for p in survivors:
-            with contextlib.suppress(Exception):
-                p.kill()
-        assert survivors == [], ("cloudlab processes outlived the JupyterLab kernel: "
-                                 f"{[p.cmdline() for p in survivors]}")
-        assert server.proc.poll() is not None
+    assert server.proc.poll() is not None
 
 
 @pytest.fixture
