@@ -124,7 +124,8 @@ class Cluster(EngineNamespaces):
         self._controller: Launched | None = None
         self._processes: dict[int, Launched] = {}
         self._identity: dict[int, tuple[str, int]] = {}
-        self._pushed: set[str] = set()
+        self._pushed = {}
+        self._scattered = {}
         self._shared = {}
         #: Items of work (map items, submits) each engine has finished, by engine id.
         self.tasks_done: Counter[int] = Counter()
@@ -410,6 +411,7 @@ class Cluster(EngineNamespaces):
             wanted &= set(self._processes)
             ready = await self._engine.ready_ids() & wanted
             if ready - self._ready:
+                await self._welcome(sorted(ready - self._ready))
                 self._ready |= ready
                 self.engines_changed.notify()
             if len(ready) >= min(enough, len(wanted)):
@@ -488,7 +490,7 @@ class Cluster(EngineNamespaces):
         self._processes.clear()
         self._ready.clear()
         self._controller = None
-        self._release_shared()
+        self._release_namespaces()
         if self._record is not None:
             self._record.remove()
         if self._workdir is not None:
@@ -665,7 +667,7 @@ class Cluster(EngineNamespaces):
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
-        shipped = _remote.Shipped(fn, frozenset(self._pushed))
+        shipped = _remote.Shipped(fn, self._engine_names())
         sent = self._engine.submit_now(shipped, *args)
         if sent is None:
             return _aio.submit(self._submit(shipped, *args))
@@ -683,7 +685,7 @@ class Cluster(EngineNamespaces):
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
         self._require_running()
-        return await _aio.wrap(self._submit(_remote.Shipped(fn, frozenset(self._pushed)), *args))
+        return await _aio.wrap(self._submit(_remote.Shipped(fn, self._engine_names()), *args))
 
     async def _submit(self, shipped: _remote.Shipped, *args: Any) -> Any:
         self._require_running()
@@ -715,7 +717,7 @@ class Cluster(EngineNamespaces):
         await self._joined()
         ids = self.engine_ids if ids is None else ids
         if ship:
-            fn = _remote.Shipped(fn, frozenset(self._pushed))
+            fn = _remote.Shipped(fn, self._engine_names())
         results = await self._engine.run_on(ids, fn, *args)
         self._settle(results.values(), sink or PrefixedSink())
         return {eid: r.value for eid, r in results.items()}
@@ -741,7 +743,7 @@ class Cluster(EngineNamespaces):
             raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
         progress = progress or Progress("map", len(items))
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
-        shipped = _remote.Shipped(fn, frozenset(self._pushed))
+        shipped = _remote.Shipped(fn, self._engine_names())
         chunks = policy.split(items, size)
         starts = [i * size for i in range(len(chunks))]
         sink = caller.output if caller else PrefixedSink()

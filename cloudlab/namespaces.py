@@ -29,6 +29,35 @@ class EngineNamespaces:
 
     _shared: dict[str, list[SharedBlock]]
     _share_memory: bool = True
+    #: Each pushed name's value as it was sent (a shared value's handle, where shared), kept
+    #: so that engines that join later (scale, a replacement) are given it too.
+    _pushed: dict[str, Any]
+    #: Each scattered name's parts in order, with the engine holding each: the part of an
+    #: engine that went is given to the next engine that joins, and gather keeps the order.
+    _scattered: dict[str, list[tuple[int, Any]]]
+
+    def _engine_names(self) -> frozenset[str]:
+        """Names the engines hold for the user (a shipped function takes them from there)."""
+        return frozenset(self._pushed) | frozenset(self._scattered)
+
+    async def _welcome(self, ids: list[int]) -> None:
+        """Engines joining a running cluster get what the others were given: every pushed
+        name, and the parts of scattered names whose engines have gone."""
+        given: dict[int, dict[str, Any]] = {eid: dict(self._pushed) for eid in ids}
+        for name, parts in self._scattered.items():
+            joining = iter(ids)
+            for i, (holder, part) in enumerate(parts):
+                if holder not in self._processes:
+                    eid = next(joining, None)
+                    if eid is None:
+                        break
+                    given[eid][name] = part
+                    parts[i] = (eid, part)
+        given = {eid: values for eid, values in given.items() if values}
+        if given:
+            results = await asyncio.gather(*(self._engine.run_on([eid], _remote.store, values)
+                                             for eid, values in given.items()))
+            self._settle([r for result in results for r in result.values()], PrefixedSink())
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every engine's namespace."""
@@ -41,7 +70,9 @@ class EngineNamespaces:
         self._require_running()
         blocks = await self._store(None, values)
         self._keep_shared(values, {name: [block] for name, block in blocks.items()})
-        self._pushed.update(values)
+        self._pushed.update({k: blocks[k].value if k in blocks else v for k, v in values.items()})
+        for name in values:
+            self._scattered.pop(name, None)
 
     async def _store(self, ids: list[int] | None, values: dict[str, Any]) -> dict[str, SharedBlock]:
         """Bind ``values`` on engines ``ids`` (None: all); the shared memory now holding some."""
@@ -70,7 +101,10 @@ class EngineNamespaces:
                 old.close()
         self._shared.update({name: kept for name, kept in blocks.items() if kept})
 
-    def _release_shared(self) -> None:
+    def _release_namespaces(self) -> None:
+        """The cluster stopped: what was kept for joining engines goes, with its memory."""
+        self._pushed.clear()
+        self._scattered.clear()
         for blocks in self._shared.values():
             for block in blocks:
                 block.close()
@@ -103,7 +137,9 @@ class EngineNamespaces:
         stored = await asyncio.gather(*(self._store([eid], {name: part})
                                         for eid, part in zip(ids, parts)))
         self._keep_shared([name], {name: [b[name] for b in stored if name in b]})
-        self._pushed.add(name)
+        self._scattered[name] = [(eid, b[name].value if name in b else part)
+                                 for eid, part, b in zip(ids, parts, stored)]
+        self._pushed.pop(name, None)
 
     def gather(self, name: str) -> list:
         """Concatenate ``name`` from every engine, in engine order (undoes ``scatter``)."""
@@ -113,8 +149,20 @@ class EngineNamespaces:
         return await _aio.wrap(self._gather(name))
 
     async def _gather(self, name: str) -> Any:
-        parts = await self._pull(name)
-        ordered = [parts[eid] for eid in sorted(parts)]
+        holders = [eid for eid, _ in self._scattered.get(name, [])]
+        if holders:  # in the order scattered, wherever each part is now
+            self._require_running()
+            gone = [i for i, eid in enumerate(holders) if eid not in self._processes]
+            if gone:
+                raise ValueError(
+                    f"Part {gone[0]} of {name!r} was on an engine that has gone, and no "
+                    f"engine has joined to take it yet: scale the cluster up, or scatter "
+                    f"{name!r} again.")
+            parts = await self._on(holders, _remote.fetch, name)
+            ordered = [parts[eid] for eid in holders]
+        else:
+            parts = await self._pull(name)
+            ordered = [parts[eid] for eid in sorted(parts)]
         if ordered and type(ordered[0]).__module__ == "numpy":
             import numpy
 

@@ -112,3 +112,40 @@ def test_an_engine_killed_while_idle_is_replaced_under_a_new_id(engine, reliabil
         assert sorted(c.run(abs, -1).values()) == [1, 1, 1]
         reliability("idle engine killed (kill -9)", engine,
                     f"noticed in {noticed:.2f} s, replacement usable", time.monotonic() - t0)
+
+
+@pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
+def test_engines_that_join_later_are_given_what_was_pushed_and_a_lost_part(engine):
+    """An engine added by scale, or replacing a killed one, has every pushed name (a shared
+    array included), and the killed engine's part of a scattered name: gather keeps order."""
+    import numpy as np
+
+    with cloudlab.Cluster(2, engine=engine) as c:
+        c.push(scale=3, table=np.arange(1_000_000))
+        c.scatter("part", list(range(10)))
+        c.scale(3)
+        assert c.map(lambda x: scale * x + int(table[-1]), range(6)) == [  # noqa: F821
+            999_999 + 3 * x for x in range(6)]
+        assert c.pull("scale") == {0: 3, 1: 3, 2: 3}
+
+        victim = c.engine_ids[0]
+        kill(engine_pids(c)[victim])
+        wait_for(lambda: c.death_of(victim) is not None and len(c.usable_engines()) == 3, 30)
+        [joined] = set(c.engine_ids) - {0, 1, 2}
+        assert c.pull("scale")[joined] == 3
+        assert c.run(lambda: int(table.sum())) == {  # noqa: F821
+            eid: 499_999_500_000 for eid in c.engine_ids}
+        assert c._scattered["part"][0][0] == joined  # engine 0's part is on the newcomer
+        assert c.gather("part") == list(range(10))
+
+        c.scale(1)  # keeps engine 1: part 0, now on the replacement, is gone
+        with pytest.raises(ValueError, match=r"^Part 0 of 'part' was on an engine that has "
+                                             r"gone, .*: scale the cluster up, or scatter "
+                                             r"'part' again\.$"):
+            c.gather("part")
+        c.push(scale=4)
+        c.scale(2)
+        assert set(c.pull("scale").values()) == {4}  # the newest value, not the first
+        assert c.gather("part") == list(range(10))
+    assert c._pushed == {} and c._scattered == {} and c._shared == {}
+    assert wait_until_gone(timeout=10) == []
