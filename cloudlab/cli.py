@@ -114,10 +114,15 @@ def cmd_start(args) -> int:
               f"{cluster.backend_kind}, ready in {time.perf_counter() - t0:.1f} s. "
               f"Press Ctrl-C to stop.", flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            # Until Ctrl-C, or until the cluster ends from outside (`cloudlab stop`, a killed
+            # controller), which its supervisor notices within a second.
+            while cluster.state == "running":
+                time.sleep(0.5)
         except KeyboardInterrupt:
             print(f"Stopping {cluster.name}...", flush=True)
+    if cluster.state == "dead":
+        print(f"{cluster.name} ended from outside: {cluster.end_cause}.", flush=True)
+        return 1
     print(f"Stopped {cluster.name}.")
     return 0
 

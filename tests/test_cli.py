@@ -38,8 +38,9 @@ def test_run_pi_is_reproducible_for_a_seed_across_engine_kinds():
     assert results[0]["inside"] == results[1]["inside"]
 
 
-def test_start_list_and_stop_all_from_other_processes():
-    owner = subprocess.Popen([*CLOUDLAB, "start", "2", "--engine", "dask"], text=True,
+@pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
+def test_start_list_and_stop_all_from_other_processes(engine):
+    owner = subprocess.Popen([*CLOUDLAB, "start", "2", "--engine", engine], text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         line = owner.stdout.readline()
@@ -51,6 +52,11 @@ def test_start_list_and_stop_all_from_other_processes():
         assert f"Stopped {name}." in stopped.stdout
         assert wait_until_gone(name, 10) == []
         assert "No clusters are running." in cloudlab("list").stdout
+        # The foreground owner notices, says so and exits (with its fork server).
+        rest = owner.communicate(timeout=15)[0]
+        assert owner.returncode == 1, rest
+        assert rest.startswith(f"{name} ended from outside: its controller "), rest
+        assert wait_until_gone(timeout=10) == []
     finally:
         owner.kill()
         owner.wait()

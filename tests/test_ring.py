@@ -84,6 +84,19 @@ def test_mpi_needs_the_local_backend():
         cloudlab.Cluster(2, mpi=True, backend="ssh", hosts=["localhost"])
 
 
+def test_mpi_without_mpi4py_names_the_install(monkeypatch):
+    _need_mpi()
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as error:
+        cloudlab.Cluster(2, mpi=True)
+    assert str(error.value) == ("MPI engines need mpi4py, which this Python lacks: pip install "
+                                "mpi4py (or cloudlab's mpi extra, pip install 'cloudlab[mpi]').")
+
+
 def test_a_dead_rank_is_not_replaced_and_says_why():
     _need_mpi()
     with cloudlab.Cluster(3, engine="dask", mpi=True) as c:

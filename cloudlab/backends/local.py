@@ -12,6 +12,7 @@ interpreter instead, slower but otherwise the same.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -211,6 +212,9 @@ class LocalBackend(Backend):
             raise ConfigError("MPI engines need mpirun, which is not installed: install Open "
                               "MPI (Debian: apt-get install openmpi-bin libopenmpi-dev) and "
                               "mpi4py (pip install mpi4py).")
+        if self.python == sys.executable and importlib.util.find_spec("mpi4py") is None:
+            raise ConfigError("MPI engines need mpi4py, which this Python lacks: pip install "
+                              "mpi4py (or cloudlab's mpi extra, pip install 'cloudlab[mpi]').")
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
         """One ``mpirun`` whose ranks are ``commands``, in order (one app context each: each

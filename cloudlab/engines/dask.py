@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -220,6 +221,18 @@ class DaskEngine(Engine):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+class _CancelledReconnect(logging.Filter):
+    """Drops distributed.client's report of a reconnect cancelled by our own close (after
+    the scheduler went: `cloudlab stop` elsewhere), which it logs as an error with a
+    traceback; the cluster says in one line why it ended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+logging.getLogger("distributed.client").addFilter(_CancelledReconnect())
 
 
 def _ignore(done: asyncio.Future) -> None:
