@@ -7,7 +7,7 @@ Prints the GPUs (NVML), then, on a cluster with one engine per GPU (``--gpus all
 
 - pi: the fused CUDA kernel's samples/s over ``--samples`` points, and a check that the GPUs
   count exactly the points the CPU kernel counts (1e8 samples, same seed);
-- pCT at ``--pct-size`` (PCT.md section 7's large: CTP404 320 x 320 at 0.5 mm, 1.5e7
+- pCT at ``--pct-size`` (docs/pct.md section 7's large: CTP404 320 x 320 at 0.5 mm, 1.5e7
   protons) with rows and DROP on the GPUs: seconds per stage, excluding simulation against the
   issue's 60 s, and every figure against its threshold.
 
@@ -23,7 +23,7 @@ import sys
 import cloudlab
 from cloudlab import gpus
 
-#: The issue's targets and PCT.md's thresholds for the large size.
+#: The issue's targets and docs/pct.md section 7's thresholds for the large size.
 PI_TARGET = 200e9  # samples/s on one H100
 PCT_SECONDS = 60.0
 THRESHOLDS = {"max_insert_error_pct": 1.0, "air_max_abs": 0.03, "body_error_pct": 0.5,

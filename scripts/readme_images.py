@@ -2,9 +2,9 @@
 
     python scripts/readme_images.py
 
-Reconstructs PCT.md's small CTP404 case on two local engines and saves the truth, FBP, DROP
-and DROP + TV side by side (the widget's screenshot, docs/cluster-widget.png, is copied
-from the browser test's). A minute or so on two cores.
+Reconstructs the small CTP404 case of docs/pct.md section 7 on two local engines and saves
+the truth, FBP, DROP and DROP + TV side by side (the widget's screenshot,
+docs/cluster-widget.png, is copied from the browser test's). A minute or so on two cores.
 """
 
 from pathlib import Path

@@ -105,7 +105,7 @@ def test_table_shape_build_time_and_identities(table):
 
 
 @pytest.mark.parametrize("seed, shortest, longest, t_tolerance, theta_tolerance", [
-    (7, 0.5, 20.0, 0.0005, 0.0002),  # PCT.md: 0.0004 cm
+    (7, 0.5, 20.0, 0.0005, 0.0002),  # docs/pct.md section 4: about 0.0003 cm
     (8, 0.0, 0.5, 1e-5, 0.001),  # short paths, down to zero length
 ])
 def test_table_matches_the_direct_form(table, seed, shortest, longest, t_tolerance,
@@ -145,7 +145,7 @@ WATER, DU = 20.0, 0.1
 
 @pytest.fixture(scope="module")
 def water():
-    """2e5 protons through 20 cm of water in 1 mm steps, by PCT.md section 7's stepping law
+    """2e5 protons through 20 cm of water in 1 mm steps, by docs/pct.md section 7's stepping law
     (rho = 1): entry and exit (t, theta), path length, and the true t at 5, 10 and 15 cm."""
     rng = np.random.default_rng(2008)
     n = 200_000

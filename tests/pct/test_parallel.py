@@ -1,5 +1,5 @@
 """pCT through the cloudlab API: the same image on 1, 2 and 4 engines of either kind, and
-the acceptance run of PCT.md section 7 (small size, 2 engines)."""
+the acceptance run of docs/pct.md section 7 (small size, 2 engines)."""
 
 import json
 
@@ -45,7 +45,7 @@ def test_a_lost_share_is_named_not_silently_skipped(engine):
 
 
 def test_acceptance_small_ctp404_on_two_engines(engine):
-    """PCT.md section 7, small size, 2 engines on 2 cores: every threshold."""
+    """docs/pct.md section 7, small size, 2 engines on 2 cores: every threshold."""
     with cloudlab.Cluster(2, engine=engine) as c:
         result = pct.reconstruct(c, "small", seed=0)
     f = result.to_dict()

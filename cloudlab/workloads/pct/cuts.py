@@ -2,7 +2,7 @@
 
 Bins are 4 degrees of gantry angle by 1 mm of entry position. Centre and sigma are robust
 (median and 1.4826 MAD, floored at 1 mm and 1 mrad): mean and standard deviation let
-nuclear-like outliers through and bias the RSP (PCT.md section 2).
+nuclear-like outliers through and bias the RSP (docs/pct.md section 2).
 
 Medians do not add up across engines, histograms do. So each statistic is found by
 refinement: a 64-level histogram per bin over a fixed range locates the level holding the

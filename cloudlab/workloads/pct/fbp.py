@@ -8,7 +8,7 @@ negated. Binning at the gantry angle and the mid-tracker offset instead ignores 
 that scattering gives the chord: at the small size that blurred the Teflon edge from 2.7 to
 3.8 mm and biased the inserts by up to 2%. Sums and counts add up across engines; the mean
 per bin is the projection. The filter is the spatial Shepp-Logan kernel, whose DC term is
-right (a sampled ramp with DC = 0 biased the RSP by -2%, PCT.md section 3).
+right (a sampled ramp with DC = 0 biased the RSP by -2%, docs/pct.md section 3).
 
 The hull (where the object is) is the 3x3-smoothed FBP above RSP 0.5, holes filled,
 dilated by a pixel: iterations update only inside it, and paths are straight outside it.

@@ -1,4 +1,4 @@
-"""How good a reconstruction is, in PCT.md section 7's terms: insert errors, air, body bias,
+"""How good a reconstruction is, in docs/pct.md section 7's terms: insert errors, air, body bias,
 noise, RMSE and the sharpness of the Teflon insert's edge."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ that error. It is computed in the form of Krah et al. 2018, which never inverts 
 covariance, so it stays finite at the path's ends, where one of them vanishes.
 
 Units: lengths in cm, angles in rad, depth ``d`` in cm from the hull entry, path length ``L``
-(the hull's extent along the beam axis) and ``s = d / L``. Water, 200 MeV (PCT.md section 4).
+(the hull's extent along the beam axis) and ``s = d / L``. Water, 200 MeV (docs/pct.md section 4).
 """
 
 from __future__ import annotations

@@ -117,11 +117,11 @@ CTP404_INSERTS = (
 CTP404_RADIUS = 7.5  # cm: the 15 cm cylinder
 CTP404_INSERT_RADIUS = 0.61  # cm: inserts 12.2 mm across
 CTP404_INSERT_RING = 5.85  # cm from the axis
-ROI_RADIUS = 0.4  # cm: the insert ROIs of PCT.md
+ROI_RADIUS = 0.4  # cm: the insert ROIs of docs/pct.md section 7
 
 
 def ctp404(body_rsp: float = 1.0) -> Phantom:
-    """The CTP404-like cylinder of PCT.md section 7: a 15 cm body with 8 inserts."""
+    """The CTP404-like cylinder of docs/pct.md section 7: a 15 cm body with 8 inserts."""
     shapes = [(0.0, 0.0, CTP404_RADIUS, CTP404_RADIUS, 0.0, body_rsp, SET)]
     rois = []
     for degrees, material, rsp in CTP404_INSERTS:
@@ -136,7 +136,7 @@ def ctp404(body_rsp: float = 1.0) -> Phantom:
 
 # ------------------------------------------------------------------- Shepp-Logan
 #: The 10 ellipses of Shepp and Logan (1974) in units of 10 cm: centre, semi-axes, angle
-#: (degrees), and the RSP each adds (PCT.md: skull 1.65, brain 1.04, ventricles 1.00,
+#: (degrees), and the RSP each adds (docs/pct.md section 7: skull 1.65, brain 1.04, ventricles 1.00,
 #: features 1.06).
 SHEPP_LOGAN = (
     (0.0, 0.0, 0.69, 0.92, 0, 1.65),

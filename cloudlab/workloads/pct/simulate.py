@@ -1,5 +1,5 @@
 """Proton histories without Geant4: straight entry, multiple Coulomb scattering through the
-phantom, energy straggling, tracker noise and nuclear-like outliers (PCT.md section 7).
+phantom, energy straggling, tracker noise and nuclear-like outliers (docs/pct.md section 7).
 
 A history is what a 2D scanner records: the gantry angle ``phi``, the entry tracker's
 ``t_in``/``theta_in`` at u = -U, the exit tracker's ``t_out``/``theta_out`` at u = +U, and the
@@ -9,7 +9,7 @@ whichever engine simulates which chunk, and an engine that dies can be replaced 
 simulates its chunks again.
 
 Each proton draws a continuous angle and a random depth offset for its steps (a discrete set
-of views streaks the image and a fixed depth grid rings it, PCT.md section 9).
+of views streaks the image and a fixed depth grid rings it, docs/pct.md section 9).
 """
 
 from __future__ import annotations

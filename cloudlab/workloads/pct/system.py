@@ -6,7 +6,7 @@ entry (``u0``) and from the hull exit (``u2``); between them it is the MLP, samp
 half pixel at depths d_k = (k + 1/2) L / n. Each sample adds (L / n) sqrt(1 + tan^2 theta)
 to its pixel; consecutive samples in one pixel merge. Two passes over the histories in
 Numba (count the samples, then fill and merge) avoid the index arithmetic over 10^9 entries
-that exhausted memory in NumPy (PCT.md section 9).
+that exhausted memory in NumPy (docs/pct.md section 9).
 
 Rows are grouped into the global DROP blocks: a history's block is a hash of its global id,
 so every engine count cuts the same blocks.
