@@ -282,10 +282,17 @@ class Cluster(EngineNamespaces):
                  and not self.profile.cluster.mpi else new_ids)  # an MPI world starts whole
         try:
             await self._launch_engines(first)
-            if connecting is not None:
-                await connecting
             outcome = ("nothing is left running" if self.state == "starting" else
                        f"{self.name} keeps its other {len(self._processes) - count} engines")
+            if connecting is not None:
+                try:
+                    await connecting
+                except StartError as error:
+                    if self._controller.alive():
+                        raise
+                    last = (self._controller.log_tail(5).splitlines() or ["(no output)"])[-1]
+                    raise StartError(f"{error} (exit code {self._controller.exit_code()}, last "
+                                     f"output: {last.strip()}); {outcome}.") from None
             await self._wait_ready(first, deadline, outcome, enough)
         except BaseException:
             await self._drop_engines(new_ids)

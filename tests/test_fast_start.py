@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -70,6 +71,20 @@ def test_one_fork_server_serves_every_cluster_of_a_process_and_outlives_them(eng
     (server,) = parents
     title = " ".join(psutil.Process(server).cmdline()).strip()
     assert title.startswith("cloudlab fork server") and title.endswith(f"of pid {os.getpid()}")
+
+
+def test_a_reused_pid_is_not_taken_for_a_process_that_has_exited(engine):
+    """The fork server outlives thousands of children, and pids wrap around (pid_max can be
+    32768): an exit code kept for a pid belongs to an older child, not to a new one with
+    the same pid, whose start would otherwise fail at once as "exited before it was ready"."""
+    with cloudlab.Cluster(1, engine=engine):
+        pass
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for server in forkserver._servers.values():
+        server.exit_codes.update(dict.fromkeys(range(2, pid_max + 1), 0))  # every pid: "exited"
+    with cloudlab.Cluster(2, engine=engine) as c:
+        assert c.map(abs, [-1, -2]) == [1, 2]
+        assert all(p.alive() for p in c._processes.values())
 
 
 def test_start_can_return_on_the_first_engine_and_the_rest_join(engine):
@@ -172,3 +187,26 @@ def test_without_pidfds_engines_start_fresh(monkeypatch):
         assert {p.ppid() for p in launched(c.name)} == {os.getpid()}
         assert c.map(abs, [-1, -2]) == [1, 2]
     assert wait_until_gone(c.name, 5) == []
+
+
+def test_a_controller_that_exits_while_starting_is_quoted(monkeypatch):
+    """Its exit code and last line, rather than only that it exited."""
+    import dataclasses
+
+    from cloudlab.engines.ipp import IPyParallelEngine
+
+    command = IPyParallelEngine.controller_command
+
+    def unbindable(self):  # an address that is not this machine's: the bind fails
+        c = command(self)
+        return dataclasses.replace(c, args=tuple("--ip=203.0.113.1" if a.startswith("--ip=")
+                                                 else a for a in c.args))
+
+    monkeypatch.setattr(IPyParallelEngine, "controller_command", unbindable)
+    with pytest.raises(StartError) as error:
+        cloudlab.Cluster(2).start()
+    assert str(error.value).startswith(
+        "The ipyparallel controller exited before it was ready (exit code 1, last output: "
+        "zmq.error.ZMQError: Cannot assign requested address")
+    assert str(error.value).endswith("); nothing is left running.")
+    assert wait_until_gone(timeout=10, servers=False) == []

@@ -87,6 +87,8 @@ class ForkServer:
             elif "ready" in message:
                 self._ready.done() or self._ready.set_result(None)
             elif self._answers:
+                if "pid" in message:  # a new child: a code kept for its pid was an older one's
+                    self.exit_codes.pop(message["pid"], None)
                 self._answers.popleft().set_result(message)
 
     def _on_exit(self) -> None:
