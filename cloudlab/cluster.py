@@ -290,9 +290,9 @@ class Cluster(EngineNamespaces):
                 except StartError as error:
                     if self._controller.alive():
                         raise
-                    last = (self._controller.log_tail(5).splitlines() or ["(no output)"])[-1]
                     raise StartError(f"{error} (exit code {self._controller.exit_code()}, last "
-                                     f"output: {last.strip()}); {outcome}.") from None
+                                     f"output: {self._controller.last_line()}); {outcome}."
+                                     ) from None
             await self._wait_ready(first, deadline, outcome, enough)
         except BaseException:
             await self._drop_engines(new_ids)
@@ -426,10 +426,9 @@ class Cluster(EngineNamespaces):
             dead = [eid for eid in sorted(wanted - ready) if not self._processes[eid].alive()]
             if dead or not self._controller.alive():
                 proc = self._processes[dead[0]] if dead else self._controller
-                last = (proc.log_tail(5).splitlines() or ["(no output)"])[-1]
                 raise StartError(
                     f"{proc.name} of cluster {self.name} exited during start (exit code "
-                    f"{proc.exit_code()}, last output: {last.strip()}); {outcome}.")
+                    f"{proc.exit_code()}, last output: {proc.last_line()}); {outcome}.")
             if time.monotonic() > deadline:
                 queued = [why for eid in sorted(wanted - ready)
                           if (why := self._processes[eid].waiting())]

