@@ -50,6 +50,51 @@ def fetch(name: str) -> Any:
     return ns[name]
 
 
+#: The folder this engine imports the user's modules from (see :func:`install_code`).
+_code_folder: str | None = None
+
+
+def install_code(digest: str, archive: bytes, modules: tuple[str, ...]) -> str:
+    """Import the user's modules from ``archive`` (:mod:`cloudlab.usercode`) from now on:
+    it is unpacked once per host into the runtime folder, put first on the import path,
+    and the modules an earlier archive (or the path) gave are dropped, so the next use
+    imports them anew (names bound to them in the namespace follow)."""
+    global _code_folder
+    import importlib
+    import tempfile
+    import zipfile
+
+    from .security import runtime_dir
+
+    folder = runtime_dir() / "code" / digest
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{digest}-", dir=folder.parent)
+        with zipfile.ZipFile(io.BytesIO(archive)) as z:
+            z.extractall(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another engine of this host was first
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    if _code_folder in sys.path:
+        sys.path.remove(_code_folder)
+    _code_folder = str(folder)
+    sys.path.insert(0, _code_folder)
+    importlib.invalidate_caches()
+    dropped = {name for name in list(sys.modules)
+               if name.split(".")[0] in modules}
+    for name in dropped:
+        del sys.modules[name]
+    _materialise.cache_clear()
+    ns = namespace()
+    for key, value in list(ns.items()):
+        if isinstance(value, types.ModuleType) and value.__name__ in dropped:
+            ns[key] = importlib.import_module(value.__name__)
+    return _code_folder
+
+
 def is_interactive(fn) -> bool:
     """A function that travels by value (notebook, lambda, nested), not by import name."""
     return isinstance(fn, types.FunctionType) and (
@@ -135,6 +180,9 @@ class _Overlay(dict):
         return self._ns[key]
 
 
+_THIS_FILE = os.path.join("cloudlab", "_remote.py")
+
+
 class Failure:
     """An exception raised on an engine, returned as a value.
 
@@ -147,14 +195,25 @@ class Failure:
         self.engine = engine_id()
         self.ename = type(exc).__name__
         self.evalue = str(exc)
+        #: The file an engine could not find (the client says whether it has it).
+        self.missing_file = exc.filename if isinstance(exc, FileNotFoundError) else None
+        # This module's frames are cloudlab's, not the user's: by its name, since
+        # ipyparallel sends functions by value, with the client's file names in them.
         frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if f.filename != __file__]
+                  if not f.filename.endswith(_THIS_FILE)]
         self.traceback = "Traceback (most recent call last):\n" + "".join(
             traceback.format_list(frames)) + "".join(
             traceback.format_exception_only(type(exc), exc))
 
     def as_tuple(self) -> tuple[str, str, str]:
-        return self.ename, self.evalue, self.traceback
+        """(type, message, traceback), as the client reports it: a file the engine lacks
+        but the client has is said to be one (data files do not travel with code)."""
+        evalue = self.evalue
+        if self.missing_file and os.path.exists(self.missing_file):
+            evalue += (": that file is on this client, not where the engines run (files do "
+                       "not travel with code): read it here and push the data, "
+                       "c.push(name=value)")
+        return self.ename, evalue, self.traceback
 
 
 def engine_id() -> int:

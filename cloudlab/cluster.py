@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _aio, _remote, gpus, policy
+from . import _aio, _remote, gpus, policy, usercode
 from ._agent import MEMORY_LIMIT
 from .backends.base import Launched
 from .deaths import Death
@@ -133,6 +133,7 @@ class Cluster(EngineNamespaces):
         self._record: Record | None = None
         self._workdir: Path | None = None
         self._lock: asyncio.Lock | None = None
+        self._code_lock: asyncio.Lock | None = None
         #: Engines still joining after ``start(min_engines=...)`` returned early.
         self._joining: asyncio.Task | None = None
         #: Engines the controller has counted as usable (and that are still ours).
@@ -145,6 +146,8 @@ class Cluster(EngineNamespaces):
         self._gpu_of: dict[int, gpus.Gpu] = {}  # engine id -> its GPU
         #: Why the cluster died (its controller ended), once it has.
         self.end_cause: str | None = None
+        #: The user's modules as the engines have them (None: none sent yet).
+        self.code: usercode.Bundle | None = None
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
@@ -215,6 +218,7 @@ class Cluster(EngineNamespaces):
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
         self._lock = asyncio.Lock()
+        self._code_lock = asyncio.Lock()
         self.state = "starting"
         _live.add(self)
         deadline = time.monotonic() + self.profile.cluster.start_timeout
@@ -674,7 +678,7 @@ class Cluster(EngineNamespaces):
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
         shipped = _remote.Shipped(fn, self._engine_names())
-        sent = self._engine.submit_now(shipped, *args)
+        sent = self._engine.submit_now(shipped, *args) if self._code_current() else None
         if sent is None:
             return _aio.submit(self._submit(shipped, *args))
         future = concurrent.futures.Future()
@@ -695,6 +699,7 @@ class Cluster(EngineNamespaces):
 
     async def _submit(self, shipped: _remote.Shipped, *args: Any) -> Any:
         self._require_running()
+        await self._sync_code()
         return self._settled_value(await self._engine.submit(shipped, *args))
 
     def _settled_value(self, result: _remote.Result) -> Any:
@@ -721,12 +726,51 @@ class Cluster(EngineNamespaces):
                   sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]:
         """Run ``fn(*args)`` on each engine of ``ids`` (None: every engine); values by id."""
         await self._joined()
+        await self._sync_code()
         ids = self.engine_ids if ids is None else ids
         if ship:
             fn = _remote.Shipped(fn, self._engine_names())
         results = await self._engine.run_on(ids, fn, *args)
         self._settle(results.values(), sink or PrefixedSink())
         return {eid: r.value for eid, r in results.items()}
+
+    # ----------------------------------------------------------- the user's code
+    def sync(self) -> usercode.Bundle | None:
+        """Send the user's own modules (files beside the notebook or script, editable
+        installs) to every engine now, if they changed; what the engines now have.
+
+        Calls that send work do this by themselves, when a module was imported or edited
+        since; this is for code that imports modules by name on the engines. The async
+        twin is ``await c.async_()`` (``async`` is a keyword).
+        """
+        return _aio.run(self._sync_code(rescan=True))
+
+    async def async_(self) -> usercode.Bundle | None:
+        return await _aio.wrap(self._sync_code(rescan=True))
+
+    def _code_current(self) -> bool:
+        """Whether the engines have the user's modules as they are now (a cheap look)."""
+        bundle = usercode.watcher().current()
+        return bundle is None or (self.code is not None and bundle.digest == self.code.digest)
+
+    async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None:
+        self._require_running()
+        bundle = await _aio.to_thread(usercode.watcher().current, rescan) \
+            if rescan else usercode.watcher().current()
+        if bundle is None or (self.code is not None and bundle.digest == self.code.digest):
+            return self.code
+        async with self._code_lock:
+            if self.code is None or bundle.digest != self.code.digest:
+                ids = sorted(self._ready & set(self._processes))
+                if ids:
+                    await self._install_code(ids, bundle)
+                self.code = bundle
+        return self.code
+
+    async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
+        results = await self._engine.run_on(ids, _remote.install_code, bundle.digest,
+                                            bundle.archive, bundle.modules)
+        self._settle(results.values(), PrefixedSink())
 
     @staticmethod
     def _settle(results, sink: OutputSink) -> None:
@@ -748,6 +792,7 @@ class Cluster(EngineNamespaces):
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
         progress = progress or Progress("map", len(items))
+        await self._sync_code()
         size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
         shipped = _remote.Shipped(fn, self._engine_names())
         chunks = policy.split(items, size)

@@ -38,6 +38,9 @@ CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
     %cluster scale N [NAME]       Grow or shrink the active (or named) cluster to N engines.
     %cluster stop [NAME] [--all]  Stop the active (or named) cluster; --all stops every one.
     %cluster list                 Clusters started in this kernel; * marks the active one.
+    %cluster sync [NAME]          Send your own modules (files beside the notebook, editable
+                                  installs) to every engine now; calls that send work do it
+                                  by themselves when one was imported or edited since.
 
 Related magics:
     %push x y       Copy notebook variables x and y into every engine's namespace.
@@ -67,9 +70,9 @@ def _parser() -> _Parser:
     start.add_argument("--name")
     start.add_argument("--gpus")
     start.add_argument("--mpi", action="store_true")
-    for name in ("status", "list"):
+    for name in ("status", "list", "sync"):
         p = sub.add_parser(name, add_help=False)
-        if name == "status":
+        if name != "list":
             p.add_argument("name", nargs="?")
     scale = sub.add_parser("scale", add_help=False)
     scale.add_argument("n")
@@ -104,7 +107,7 @@ class ClusterMagics(Magics):
         except ValueError as e:  # unbalanced quotes
             raise UsageError(f"%cluster: {e}. See %cluster? for usage.") from None
         if args.command is None:
-            raise UsageError("%cluster needs a command: start, status, scale, stop or list. "
+            raise UsageError("%cluster needs a command: start, status, scale, stop, list or sync. "
                              "See %cluster? for usage.")
         try:
             return getattr(self, f"_cluster_{args.command}")(args)
@@ -152,6 +155,15 @@ class ClusterMagics(Magics):
             c.stop()
             print(f"Stopped {c.name}.")
         self._activate(None)
+
+    def _cluster_sync(self, args):
+        c = self._find(args.name)
+        code = c.sync()
+        if code is None:
+            print("None of your own modules is imported here, so there is nothing to send (a "
+                  "module beside the notebook, or installed editable, is sent once imported).")
+        else:
+            print(f"{c.name}: its {len(c.engine_ids)} engines have {code.describe()}.")
 
     def _cluster_list(self, args):
         clusters = running_clusters()

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _aio, _remote, policy
+from . import _aio, _remote, policy, usercode
 from .errors import RemoteError, format_ids
 from .output import PrefixedSink
 from .shared import SharedBlock, share
@@ -27,6 +27,8 @@ class EngineNamespaces:
     the name is bound again or the cluster stops.
     """
 
+    #: The user's modules as the engines have them (see :mod:`cloudlab.usercode`).
+    code: usercode.Bundle | None
     _shared: dict[str, list[SharedBlock]]
     _share_memory: bool = True
     #: Each pushed name's value as it was sent (a shared value's handle, where shared), kept
@@ -41,8 +43,13 @@ class EngineNamespaces:
         return frozenset(self._pushed) | frozenset(self._scattered)
 
     async def _welcome(self, ids: list[int]) -> None:
-        """Engines joining a running cluster get what the others were given: every pushed
-        name, and the parts of scattered names whose engines have gone."""
+        """Engines joining the cluster get what the others were given: the user's modules
+        (first: pushed values may be of their classes), every pushed name, and the parts
+        of scattered names whose engines have gone."""
+        bundle = self.code if self.code is not None else usercode.watcher().current()
+        if bundle is not None:
+            await self._install_code(ids, bundle)
+            self.code = bundle
         given: dict[int, dict[str, Any]] = {eid: dict(self._pushed) for eid in ids}
         for name, parts in self._scattered.items():
             joining = iter(ids)
@@ -180,6 +187,7 @@ class EngineNamespaces:
     async def _execute(self, code: str, sink, targets) -> None:
         self._require_running()
         await self._joined()
+        await self._sync_code()
         ids = self.engine_ids if targets is None else list(targets)
         unknown = sorted(set(ids) - set(self._processes))
         if unknown:

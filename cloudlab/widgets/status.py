@@ -35,6 +35,8 @@ class Snapshot:
     cost_so_far: float | None = None
     instances: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    #: The user's own modules the engines have (cloudlab.usercode), described.
+    code: str | None = None
 
     @property
     def tasks_done(self) -> int:
@@ -58,7 +60,8 @@ def snapshot(cluster: Cluster) -> Snapshot:
                     uptime, rows, counts=counts,
                     instances=cost and cost.instances,
                     cost_per_hour=cost and cost.dollars_per_hour,
-                    cost_so_far=cost and cost.dollars_so_far)
+                    cost_so_far=cost and cost.dollars_so_far,
+                    code=cluster.code.describe() if cluster.code is not None else None)
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
@@ -82,8 +85,9 @@ def summary_line(s: Snapshot) -> str:
     cost = "" if s.instances is None else f", {s.instances} VMs"
     if s.cost_per_hour is not None:
         cost += f", ${s.cost_per_hour:.2f}/h, ${s.cost_so_far or 0:.2f} so far"
+    code = f"; your code synced: {s.code}" if s.code else ""
     return (f"{s.name}: {s.engine} on {s.backend}, {s.state}, {len(s.rows)} engines ({counts}), "
-            f"{s.tasks_done} tasks done, up {_uptime(s.uptime_s)}{cost}")
+            f"{s.tasks_done} tasks done, up {_uptime(s.uptime_s)}{cost}{code}")
 
 
 COLUMNS = ("id", "host", "pid", "state", "CPU %", "memory MB", "tasks done")
