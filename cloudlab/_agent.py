@@ -97,16 +97,21 @@ def heartbeats_stop(fd: int, lease: float) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     lease_file = os.environ.get(LEASE_FILE)
+    _touch(lease_file)  # the lease starts now (for an owner that dies before its first beat)
     while True:
         if not poller.poll(lease * 1000):
             return  # silent for a whole lease: the link is cut, or the owner hangs
         if not os.read(fd, 4096):
             return  # closed: the owner (or the connection it held) is gone
-        if lease_file:
-            try:
-                os.utime(lease_file)
-            except OSError:
-                pass
+        _touch(lease_file)
+
+
+def _touch(path: str | None) -> None:
+    if path:
+        try:
+            os.utime(path)
+        except OSError:
+            pass
 
 
 def lease_connection(address: str, timeout: float = 10.0) -> socket.socket | None:
