@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cloudlab"
 OUT = ROOT / "docs" / "errors.md"
-ERRORS = {"ConfigError", "StartError", "ClusterStateError", "CloudlabError", "TaskLost",
+ERRORS = {"ConfigError", "StartError", "HostError", "ClusterStateError", "CloudlabError", "TaskLost",
           "ValueError", "TypeError", "UsageError"}
 
 

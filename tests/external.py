@@ -69,8 +69,31 @@ def moto_endpoint(monkeypatch_module):
     process.wait(10)
 
 
+@pytest.fixture(scope="session")
+def host_homes(tmp_path_factory) -> Path:
+    """Where test hosts keep their home folders for the whole run (tests/hosts.py): a host
+    of the same index in a later network finds what an earlier one installed, as a
+    machine's disk keeps it between sessions."""
+    return tmp_path_factory.mktemp("host-homes")
+
+
+@pytest.fixture(scope="session")
+def package_index(tmp_path_factory):
+    """The test hosts' package index (tests/package_index.py); at the end of the run, no
+    request for the name cloudlab may have reached it."""
+    from hosts import missing
+    from package_index import PackageIndex
+
+    why = missing()
+    if why:
+        pytest.skip(f"test hosts cannot be built here: {why}")
+    with PackageIndex(tmp_path_factory.mktemp("index")) as index:
+        yield index
+    assert "cloudlab" not in index.asked(), "a host asked the package index for cloudlab"
+
+
 @pytest.fixture(scope="module")
-def ec2_cloud(moto_endpoint, tmp_path_factory):
+def ec2_cloud(moto_endpoint, tmp_path_factory, package_index, host_homes):
     """moto's EC2 with a VPC whose subnet is a host network's /24, and VMs playing its
     instances; yields the options a profile would give."""
     from cloud_vms import FakeVms
@@ -84,14 +107,16 @@ def ec2_cloud(moto_endpoint, tmp_path_factory):
         pytest.skip(f"test VMs cannot be built here: {why}")
     api = Ec2(Ec2Options(endpoint_url=moto_endpoint))
     ami = api.client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    with HostNetwork(0, tmp_path_factory.mktemp("vms")) as network:
+    with HostNetwork(0, tmp_path_factory.mktemp("vms"), homes=host_homes / "vms",
+                     shared_home=True) as network:
         vpc = api.client.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
         subnet = api.client.create_subnet(VpcId=vpc, CidrBlock=f"{network.subnet}.0/24")
         with FakeVms(network, api.client, tmp_path_factory.mktemp("fake")) as vms:
             options = {"backend": "ec2", "endpoint_url": moto_endpoint, "image": ami,
                        "subnet_id": subnet["Subnet"]["SubnetId"], "ssh_user": "root",
-                       "client_cidr": f"{network.client_address}/32", "install": "",
-                       "python": sys.executable, "engines_per_instance": 1, "lease": 3.0,
+                       "client_cidr": f"{network.client_address}/32",
+                       "index_url": package_index.url(network.client_address),
+                       "engines_per_instance": 1, "lease": 3.0,
                        "idle_timeout": 4.0, "price_per_hour": 0.1}
             yield api, vms, options
         assert vms.errors == []
@@ -118,17 +143,19 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def test_hosts(tmp_path_factory):
-    """Two network-namespace hosts with sshd (tests/hosts.py), removed afterwards. The
-    first shares the client's filesystem (home directories over NFS, say); the second has
-    its own cloudlab runtime folder, where the files engines read must be copied to."""
+def test_hosts(tmp_path_factory, host_homes):
+    """Two network-namespace hosts with sshd (tests/hosts.py), removed afterwards. Neither
+    has the client's Python packages, checkout or venv; the first shares the rest of the
+    client's filesystem (its /tmp, say); the second has its own cloudlab runtime folder too,
+    where the files engines read must be copied to."""
     from cloudlab.security import runtime_dir
     from hosts import HostNetwork, missing
 
     why = missing()
     if why:
         pytest.skip(f"test hosts cannot be built here: {why}")
-    with HostNetwork(2, tmp_path_factory.mktemp("hosts"), private={1: runtime_dir()}) as network:
+    with HostNetwork(2, tmp_path_factory.mktemp("hosts"), private={1: runtime_dir()},
+                     homes=host_homes) as network:
         yield network
     assert not network.exists(), "the test hosts were not torn down"
 

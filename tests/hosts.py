@@ -2,10 +2,17 @@
 
 Several machines on one: each host is a network namespace joined to a bridge on the client
 by a veth pair, with an address of its own in a private /24 (the client is .1 on the
-bridge), and Debian's sshd listening on that address. The hosts share the filesystem, so
-the client's Python and cloudlab are theirs too; only the network differs, which is what
-the SSH backend has to cross. Names carry this process's id, so parallel runs cannot collide.
-Everything is torn down on exit, also when a test fails (TESTING.md, "Several hosts").
+bridge), and Debian's sshd listening on that address. Names carry this process's id, so
+parallel runs cannot collide. Everything is torn down on exit, also when a test fails
+(TESTING.md, "Several hosts").
+
+A host shares nothing with the client that a real machine would not: its sshd runs in a
+mount namespace of its own with the client's checkout (its venv and the tests' folder with
+it) and pip's machine-wide configuration hidden under empty tmpfs, and a home folder of its
+own over root's (which holds the client's Python, pyenv's, and its caches). Its Python is
+Debian's /usr/bin/python3, with nothing installed. The home folders outlive the network,
+as a machine's disk does: hosts of the same index in later networks of the test run find
+what earlier ones installed there (``homes``).
 
     with HostNetwork(2) as net:
         net.hosts[0].ssh("python3 -V")
@@ -26,6 +33,10 @@ from pathlib import Path
 
 SSH_PORT = 2222
 _networks = itertools.count()
+#: What a real host would not have: the client's checkout (its venv, the tests' folder)
+#: and this machine's pip configuration (a wheel folder, constraints).
+CHECKOUT = Path(__file__).resolve().parent.parent
+HIDDEN = (CHECKOUT, Path("/etc/xdg/pip"))
 
 
 def missing() -> str | None:
@@ -93,8 +104,12 @@ class Started:
 class HostNetwork(Started):
     """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
 
-    def __init__(self, count: int, folder: Path, private: dict[int, Path] | None = None):
-        """``private``: host index -> a folder that host has its own empty copy of."""
+    def __init__(self, count: int, folder: Path, private: dict[int, Path] | None = None,
+                 homes: Path | None = None, shared_home: bool = False):
+        """``private``: host index -> a folder that host has its own empty copy of;
+        ``homes``: where each host's home folder is kept (default: inside ``folder``);
+        ``shared_home``: one home folder for every host (test VMs: as if their image were
+        made after the first had installed cloudlab's environment)."""
         # Unique per process and per network in it (interface names: 15 characters at most).
         tag = (os.getpid() % 10_000) * 10 + next(_networks) % 10
         self.bridge = f"clbr{tag}"
@@ -104,6 +119,8 @@ class HostNetwork(Started):
         self.user_key = folder / "user_key"
         self.known_hosts = folder / "known_hosts"
         self.tag = tag
+        self.homes = homes or folder / "homes"
+        self.shared_home = shared_home
         self._added = 0
         self.hosts = [self._host(f"{self.subnet}.{11 + i}", i, tuple(filter(None, [
             (private or {}).get(i)]))) for i in range(count)]
@@ -176,18 +193,21 @@ class HostNetwork(Started):
             "AcceptEnv CLOUDLAB_*", ""]))
         # An absolute config path: sshd re-executes itself from / for each connection.
         sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
-        if host.private:
-            # Its own mount namespace, with an empty tmpfs over each private folder: what
-            # sshd's sessions write there stays on this host, as on a machine without a
-            # shared filesystem.
-            mounts = []
-            for folder in host.private:
+        # Its own mount namespace: its own home over root's, and an empty tmpfs over what a
+        # real machine would not have and over each private folder (what sshd's sessions
+        # write there stays on this host, as on a machine without a shared filesystem).
+        home = self.homes / ("shared" if self.shared_home
+                             else host.name.replace(f"cl{self.tag}", "host"))
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mounts = [f"mount --bind {shlex.quote(str(home))} {shlex.quote(str(Path.home()))}"]
+        for folder in (*HIDDEN, *host.private):
+            if folder in host.private:
                 folder.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
                 mounts.append(f"mount -t tmpfs -o mode=700 cloudlab-test "
                               f"{shlex.quote(str(folder))}")
-            script = f"{' && '.join(mounts)} && exec {shlex.join(sshd)}"
-            sshd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-        _run(*host.inside(*sshd))
+        script = f"{' && '.join(mounts)} && exec {shlex.join(sshd)}"
+        _run(*host.inside("unshare", "--mount", "--propagation", "private", "sh", "-c", script))
         public = (d / "host_key.pub").read_text().split()
         where = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
         return f"{where} {public[0]} {public[1]}\n"

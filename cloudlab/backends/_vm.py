@@ -38,6 +38,7 @@ from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched
+from .environment import EnvironmentOptions
 from .ssh_hosts import SshHost, ssh_command
 
 #: EC2 refuses user-data over 16 KB (before base64); Azure's custom data allows 64 KB.
@@ -50,13 +51,15 @@ STATE_DIR = "/var/lib/cloudlab"
 TAG_CLUSTER, TAG_OWNER, TAG_EXPIRES = "cloudlab:cluster", "cloudlab:owner", "cloudlab:expires-at"
 
 
-#: Installs Python and cloudlab on a fresh Ubuntu VM into /opt/cloudlab.
-DEFAULT_INSTALL = ("apt-get update -q && apt-get install -y -q python3-venv && "
-                   "python3 -m venv /opt/cloudlab && /opt/cloudlab/bin/pip install -q cloudlab")
+#: Makes sure a fresh Ubuntu VM's Python can make a venv (Ubuntu leaves ensurepip out).
+#: cloudlab itself and the engines' packages are installed later, over SSH, by the client
+#: (:mod:`.environment`): its own cloudlab, never a name looked up on an index.
+DEFAULT_INSTALL = ("python3 -c 'import ensurepip' 2>/dev/null || "
+                   "{ apt-get update -q && apt-get install -y -q python3-venv; }")
 
 
 @dataclass(frozen=True)
-class VmOptions:
+class VmOptions(EnvironmentOptions):
     """What every cloud's profile table has (its own adds region, size, image...)."""
 
     engines_per_instance: int = option(0, "Engines on each VM (0: one per vCPU).")
@@ -69,9 +72,11 @@ class VmOptions:
     max_hours: float = option(8.0, "Hours after which a VM deletes itself, whatever happens.")
     client_cidr: str = option("", "Addresses allowed to SSH in (default: this machine's "
                               "public address, /32).")
-    install: str = option(DEFAULT_INSTALL, "Shell commands installing Python and cloudlab on "
-                          "a new VM.")
-    python: str = option("/opt/cloudlab/bin/python", "Python on the VMs, once installed.")
+    install: str = option(DEFAULT_INSTALL, "Shell commands run as root when a new VM boots, "
+                          "before engines start (default: make sure python3 can make a venv).")
+    packages: str = option("index", "Where the VMs' packages come from: \"index\" (the "
+                           "VMs' package index: fast in a cloud), \"client\" (sent from here "
+                           "over SSH), \"auto\".", choices=("auto", "index", "client"))
     price_per_hour: float = option(0.0, "$/h of one VM, for the cost shown (0: the cloud's "
                                    "price where it can be read).")
     use_private_ip: bool = option(False, "Reach the VMs at their private addresses (a client "
@@ -85,7 +90,7 @@ class Bootstrap:
     """What a VM's bootstrap needs to know."""
 
     cluster: str
-    #: Shell commands that install Python and cloudlab (the profile's ``install``).
+    #: Shell commands run first as root (the profile's ``install``).
     install: str
     idle_timeout: float  # seconds without a heartbeat before the VM powers off
     max_hours: float  # hours after boot at which the VM powers off regardless
@@ -111,7 +116,7 @@ def render_bootstrap(b: Bootstrap) -> str:
     idle = max(1, int(b.idle_timeout))
     STATE_DIR, LEASE_FILE = shlex.quote(b.state_dir), shlex.quote(b.lease_file)  # noqa: N806
     script = f"""#!/bin/bash
-# cloudlab bootstrap, cluster {b.cluster}: install Python and cloudlab, then keep this VM
+# cloudlab bootstrap, cluster {b.cluster}: make Python ready, then keep this VM
 # only while its client holds the lease. No secret is in this script: keys and connection
 # files arrive later over SSH, from the client.
 set -u
@@ -153,7 +158,7 @@ chmod 700 {STATE_DIR}/expire
 chmod 700 {STATE_DIR}/watchdog
 nohup {STATE_DIR}/watchdog >>{STATE_DIR}/watchdog.log 2>&1 </dev/null &
 
-# 3. Python and cloudlab.
+# 3. What the profile installs (cloudlab itself comes later, over SSH, from the client).
 {b.install.strip() or ':'}
 
 # 4. Ready: the client waits for this marker, named by the VM's id (the metadata service
@@ -336,8 +341,10 @@ class VmBackend(Backend):
         # The controller listens on the first VM's private address (a public one is the
         # cloud's translation, not on the VM), where the other VMs reach it; the client
         # reaches it through the SSH tunnel.
+        environment = {f.name: getattr(self.options, f.name)
+                       for f in dataclasses.fields(EnvironmentOptions)}
         self._ssh = SshBackend(SshOptions(
-            hosts=tuple(hosts), python=self.options.python, identity_file=str(key),
+            hosts=tuple(hosts), **environment, identity_file=str(key),
             known_hosts=str(self._known_hosts), lease=self.options.lease,
             controller_host=hosts[0], tunnel=not self.options.use_private_ip,
             controller_address=next(iter(self._vms.values())).private_ip or ""),

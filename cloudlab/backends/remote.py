@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, StartError
 from .base import Command, Launched
-from .local import SINGLE_THREADED, client_python_path, process_title
+from .local import SINGLE_THREADED, process_title
 
 #: How long an engine's launch waits for the files it reads (the controller writes them).
 FILE_WAIT = 60.0
@@ -88,12 +88,11 @@ def agent_command(python: str, cluster: str, command: Command, lease: float,
     """The shell command that runs ``command`` on another machine under cloudlab's agent,
     holding a lease on this client: heartbeats on its input, or from ``lease_from``.
 
-    The environment carries the client's own import directories too, as on the local
-    backend: where the machines share the filesystem (home directories over NFS), engines
-    import the modules beside the notebook; elsewhere the paths are absent, and harmless.
+    No path of the client's goes with it: the user's own modules reach the engines as
+    code (:mod:`cloudlab.usercode`), wherever they run.
     """
     env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": cluster,
-           "PYTHONPATH": client_python_path(), **(env or {}), **command.env}
+           **(env or {}), **command.env}
     return shlex.join([
         "env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab._agent",
         "--lease", str(lease), *(("--lease-from", lease_from) if lease_from else ()),

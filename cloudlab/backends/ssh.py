@@ -8,8 +8,10 @@ know they are remote). Engines are placed on the profile's hosts in turn. Each s
     ssh HOST 'env ... PYTHON -m cloudlab._agent --lease L ENTRY -- ARGS'
 
 after the files it reads (connection file, certificates) are copied to the same paths there.
-Every host is probed first (:mod:`.ssh_hosts`): a host that cannot be reached, refuses the
-key, has an unknown host key or lacks Python or cloudlab is named before anything starts.
+Every host is probed first, and given the environment its engines run in: this client's
+cloudlab and versions (:mod:`.environment`); a host that cannot be reached, refuses the key,
+has an unknown host key, lacks Python or cannot install the packages is named before any
+engine starts.
 
 Engines hold a lease on this client: ``ssh`` keeps each engine's standard input open, and
 the backend writes a heartbeat to it every quarter of ``lease``. When this client dies, ssh
@@ -23,7 +25,6 @@ import asyncio
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from pathlib import Path
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched, read_tail
+from .environment import EnvironmentOptions, HostInfo, check_options
+from .environment import prepare as prepare_host
 from .local import LocalBackend, LocalOptions
 from .remote import (
     FILE_WAIT,
@@ -44,14 +47,13 @@ from .remote import (
     parent_folders,
     wait_for_files,
 )
-from .ssh_hosts import SshHost, probe_all, ssh_command
+from .ssh_hosts import SshHost, ssh_command
 
 
 @dataclass(frozen=True)
-class SshOptions:
+class SshOptions(EnvironmentOptions):
     hosts: tuple[str, ...] = option((), "Hosts to start engines on, in turn: "
                                     "[user@]address[:port].")
-    python: str = option("", "Python on the hosts (default: the path of this client's).")
     client_address: str = option("", "Address the hosts reach this machine at (default: the "
                                  "one this machine uses towards the first host).")
     identity_file: str = option("", "SSH private key (default: your agent's or ~/.ssh's).")
@@ -101,6 +103,7 @@ class SshBackend(Backend):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         check_lease(options.lease)
+        check_options(options)
         try:
             self.controller_host = (SshHost.parse(options.controller_host)
                                     if options.controller_host else None)
@@ -117,8 +120,12 @@ class SshBackend(Backend):
         self._engines: list[SshProcess] = []
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
-        self._probed = None  # what each host offers, once probed
+        #: What each host offers, and its engines' Python, once prepared (a task: the
+        #: controller's launch on a host waits for it too).
+        self._preparing: asyncio.Future[dict[SshHost, HostInfo]] | None = None
         self._copied_to: set[SshHost] = set()  # hosts holding a copy of the cluster's files
+        self._sent: dict[SshHost, dict[Path, int]] = {}  # file -> its time, as copied there
+        self._copying: dict[SshHost, asyncio.Lock] = {}
         self._fetching: asyncio.Future | None = None  # the controller's files, coming back
         self._tunnels: list[subprocess.Popen] = []  # ssh -L to the controller's host
         self._assigned: dict[str, SshHost] = {}  # engine name -> the host it was put on
@@ -128,24 +135,36 @@ class SshBackend(Backend):
     def controller_ip(self) -> str:
         return self._address
 
-    @property
-    def python(self) -> str:
-        return self.options.python or sys.executable
-
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         return 64 * len(self.hosts), f"64 engines per host on {len(self.hosts)} hosts"
 
     async def prepare(self, preload: tuple[str, ...]) -> None:
-        from .. import __version__
-
         if self.controller_host is None:
             self._local.workdir = self.workdir
             await self._local.prepare(preload)
-        if self._probed is None:
+        await self.host_info()
+
+    async def host_info(self) -> dict[SshHost, HostInfo]:
+        """Every host probed and its environment ready (once; at once for all hosts)."""
+        if self._preparing is None:
             hosts = list(dict.fromkeys([*self.hosts, *filter(None, [self.controller_host])]))
-            self._probed = await asyncio.to_thread(
-                probe_all, hosts, self.python, __version__, self.options.identity_file,
-                self.options.known_hosts)
+            ssh = {"identity_file": self.options.identity_file,
+                   "known_hosts": self.options.known_hosts}
+
+            async def every_host() -> dict[SshHost, HostInfo]:
+                found = await asyncio.gather(*(asyncio.to_thread(
+                    prepare_host, h, self.options, ssh) for h in hosts))
+                return dict(zip(hosts, found))
+
+            self._preparing = asyncio.ensure_future(every_host())
+        return await asyncio.shield(self._preparing)
+
+    async def _python_on(self, host: SshHost) -> str:
+        info = await self.host_info()
+        if host not in info:  # (a host added since: a VM for a replacement)
+            self._preparing = None
+            info = await self.host_info()
+        return info[host].python
 
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         if command.controller and self.controller_host is None:
@@ -161,7 +180,7 @@ class SshBackend(Backend):
         else:
             host = self._assigned[command.name] = self._least_loaded()  # (before any await)
             await self._copy_files(host, command.files)
-        process = self._start(host, command)
+        process = self._start(host, command, await self._python_on(host))
         if command.controller:
             self._controller = process
             self._fetching = asyncio.ensure_future(self._fetch_files(host, command.writes))
@@ -182,10 +201,10 @@ class SshBackend(Backend):
         load = self.load()
         return min(self.hosts, key=lambda h: load[h])
 
-    def _start(self, host: SshHost, command: Command) -> SshProcess:
+    def _start(self, host: SshHost, command: Command, python: str) -> SshProcess:
         """``command`` on ``host`` under the agent, its lease held through ssh's input."""
         log = self.workdir / f"{command.name}.log"
-        remote = agent_command(self.python, self.cluster_name, command, self.options.lease)
+        remote = agent_command(python, self.cluster_name, command, self.options.lease)
         argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
@@ -217,9 +236,15 @@ class SshBackend(Backend):
         """Wait for ``files`` here, then write them at the same paths on ``host`` (0600, in
         folders only its user can enter)."""
         await wait_for_files(files, self._controller)
-        if files:
-            self._copied_to.add(host)
-            await asyncio.to_thread(self._send_files, host, files)
+        # One copy at a time to a host, and only of what it lacks: engines started together
+        # read the same files (two tars writing one file at once fail).
+        async with self._copying.setdefault(host, asyncio.Lock()):
+            sent = self._sent.setdefault(host, {})
+            new = tuple(f for f in files if sent.get(f) != Path(f).stat().st_mtime_ns)
+            if new:
+                self._copied_to.add(host)
+                await asyncio.to_thread(self._send_files, host, new)
+                sent.update({f: Path(f).stat().st_mtime_ns for f in new})
 
     def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
         folders = " ".join(map(shlex.quote, parent_folders(files)))
@@ -324,6 +349,7 @@ class SshBackend(Backend):
             await asyncio.gather(*(asyncio.to_thread(self._remove_copies, h)
                                    for h in self._copied_to))
             self._copied_to.clear()
+            self._sent.clear()
 
     def _remove_copies(self, host: SshHost) -> None:
         remote = f"rm -rf -- {shlex.quote(str(self.workdir.resolve()))}"

@@ -1,37 +1,19 @@
-"""Reaching SSH hosts: one probe per host says what it offers, or in one sentence what is wrong.
+"""Reaching SSH hosts: the ssh command line, and ssh's own failures in one sentence each.
 
-Before the SSH backend starts anything, it asks every host, in one ssh call each, for its
-Python, its cloudlab version, its cores and its memory. ssh runs with ``BatchMode=yes`` (keys
-only, from the user's agent or key files: never a password prompt that would hang a
-notebook) and ``StrictHostKeyChecking=yes`` (known_hosts is respected: an unknown or changed
-host key is refused, not silently accepted). Each failure names the host and the fix.
+ssh runs with ``BatchMode=yes`` (keys only, from the user's agent or key files: never a
+password prompt that would hang a notebook) and ``StrictHostKeyChecking=yes`` (known_hosts is
+respected: an unknown or changed host key is refused, not silently accepted). Each failure
+names the host and the fix. What a host offers is asked by :mod:`.environment`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import re
-import shlex
-import subprocess
 from dataclasses import dataclass
 
 from ..errors import StartError
 
 CONNECT_TIMEOUT = 5  # seconds ssh waits for a host to answer
-
-#: Run by the host's Python: what the backend needs to know of it, as one JSON line.
-PROBE = """
-import json, os, sys
-try:
-    import cloudlab
-    version = cloudlab.__version__
-except ImportError:
-    version = None
-pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-print(json.dumps({"python": sys.executable, "python_version": sys.version.split()[0],
-                  "cloudlab": version, "cores": os.cpu_count(), "memory_mb": pages / 2**20}))
-"""
 
 
 class HostError(StartError):
@@ -63,16 +45,6 @@ class SshHost:
         return self.target + (f":{self.port}" if self.port != 22 else "")
 
 
-@dataclass(frozen=True)
-class HostInfo:
-    host: SshHost
-    python: str
-    python_version: str
-    cloudlab: str
-    cores: int
-    memory_mb: float
-
-
 def ssh_command(host: SshHost, remote: str, identity_file: str = "",
                 known_hosts: str = "", host_keys: str = "yes") -> list[str]:
     """The ssh command line that runs shell command ``remote`` on ``host``; ``host_keys``
@@ -86,41 +58,7 @@ def ssh_command(host: SshHost, remote: str, identity_file: str = "",
     return [*argv, host.target, remote]
 
 
-def probe(host: SshHost, python: str, expected_cloudlab: str, identity_file: str = "",
-          known_hosts: str = "", timeout: float = 30) -> HostInfo:
-    """What ``host`` offers; :class:`HostError` naming the host and the fix otherwise."""
-    command = ssh_command(host, f"{shlex.quote(python)} -c {shlex.quote(PROBE)}",
-                          identity_file, known_hosts)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise HostError(f"Host {host} did not answer within {timeout:g} s: check that it is "
-                        f"up and that sshd runs there.") from None
-    if done.returncode == 255:
-        raise HostError(_ssh_failure(host, done.stderr, known_hosts))
-    # The shell's own complaint only: a traceback that mentions a missing file is not this.
-    if done.returncode == 127 or f"{python}: No such file or directory" in done.stderr:
-        raise HostError(f"Host {host} has no Python at {python}: install Python 3.11 there, or "
-                        f"name the one it has with python = \"/path/to/python\" in the "
-                        f"profile's [ssh] table.")
-    try:
-        facts = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        said = (done.stderr or done.stdout).strip()[-300:] or "no output"
-        raise HostError(f"Host {host}: {python} did not run cloudlab's probe (exit status "
-                        f"{done.returncode}: {said}).") from None
-    if facts["cloudlab"] is None:
-        raise HostError(f"Host {host} has Python {facts['python_version']} at {python} but not "
-                        f"cloudlab: install it there (pip install cloudlab=={expected_cloudlab}).")
-    if facts["cloudlab"] != expected_cloudlab:
-        raise HostError(f"Host {host} has cloudlab {facts['cloudlab']} and this client "
-                        f"{expected_cloudlab}: install the same version on both.")
-    return HostInfo(host, facts["python"], facts["python_version"], facts["cloudlab"],
-                    int(facts["cores"]), float(facts["memory_mb"]))
-
-
-def _ssh_failure(host: SshHost, stderr: str, known_hosts: str) -> str:
+def ssh_failure(host: SshHost, stderr: str, known_hosts: str) -> str:
     """One sentence for ssh's own failure (exit status 255)."""
     text = stderr.strip()
     where = known_hosts or "~/.ssh/known_hosts"
@@ -139,12 +77,3 @@ def _ssh_failure(host: SshHost, stderr: str, known_hosts: str) -> str:
         return (f"Host {host} cannot be reached over SSH ({reason.lower()}): check its "
                 f"address and port, and that sshd runs there.")
     return f"Host {host}: ssh failed ({text.splitlines()[-1] if text else 'no message'})."
-
-
-def probe_all(hosts: list[SshHost], python: str, expected_cloudlab: str,
-              identity_file: str = "", known_hosts: str = "") -> list[HostInfo]:
-    """Every host probed at once; the first failure (in host order) is raised."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(hosts), 16))) as pool:
-        futures = [pool.submit(probe, h, python, expected_cloudlab, identity_file, known_hosts)
-                   for h in hosts]
-        return [f.result() for f in futures]

@@ -7,7 +7,6 @@ that right, is left stopped, still billed, for gc); after kill -9 of the client,
 no resource group behind; a VM Azure takes away is a classified death, replaced."""
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTestsOnly cloudlab-test
 
 
 @pytest.fixture(scope="module")
-def azure(tmp_path_factory, monkeypatch_module):
+def azure(tmp_path_factory, monkeypatch_module, package_index, host_homes):
     """The replayed Resource Manager, served to this process through the SDK's transport
     and to the VMs over HTTP; VMs playing Azure's; the options a profile would give."""
     from cloud_vms import AzureVms
@@ -38,7 +37,8 @@ def azure(tmp_path_factory, monkeypatch_module):
                         "curl is missing (Debian package curl): the bootstrap uses it")
     if why:
         pytest.skip(f"test VMs cannot be built here: {why}")
-    with HostNetwork(0, tmp_path_factory.mktemp("azure-vms")) as network:
+    with HostNetwork(0, tmp_path_factory.mktemp("azure-vms"), homes=host_homes / "vms",
+                     shared_home=True) as network:
         vms = AzureVms(network, tmp_path_factory.mktemp("azure-fake"), "")
         # Public addresses: the upper end of the host network (a VM's host answers at both).
         arm = FakeArm([f"{network.subnet}.{i}" for i in range(200, 250)],
@@ -48,8 +48,9 @@ def azure(tmp_path_factory, monkeypatch_module):
                                                          "credential": Credential()})
         options = {"backend": "azure", "subscription_id": SUBSCRIPTION,
                    "address_prefix": f"{network.subnet}.0/24", "ssh_user": "root",
-                   "client_cidr": f"{network.client_address}/32", "install": "",
-                   "python": sys.executable, "engines_per_instance": 1, "lease": 3.0,
+                   "client_cidr": f"{network.client_address}/32",
+                   "index_url": package_index.url(network.client_address),
+                   "engines_per_instance": 1, "lease": 3.0,
                    "idle_timeout": 4.0, "price_per_hour": 0.1}
         try:
             with vms:

@@ -40,6 +40,23 @@ def test_the_script_is_small_and_holds_no_secret(tmp_path):
     assert '-gt 2 ]' in script
 
 
+@pytest.mark.parametrize("profile", ["aws-cpu", "aws-gpu-spot", "azure"])
+def test_no_profile_installs_the_name_cloudlab_from_an_index(profile):
+    """On the public index, cloudlab is another project: VMs get this client's own wheel
+    over SSH (backends/environment.py), never a package by that name from an index."""
+    import re
+
+    from cloudlab.profiles import load_profile
+
+    options = load_profile(profile).backend_options
+    script = render_bootstrap(Bootstrap(profile, options.install, options.idle_timeout,
+                                        options.max_hours, "echo i-0abc"))
+    installs = [line for line in script.splitlines() if re.search(r"\b(pip|uv|conda)\b", line)]
+    assert not any(re.search(r"(?<![\w/.+-])cloudlab(?![\w-])", line) for line in installs)
+    assert "pip install" not in script  # nothing from an index at boot: packages come later
+    assert options.packages == "index" and options.environment == "managed"
+
+
 def test_an_install_over_the_user_data_limit_says_so(tmp_path):
     with pytest.raises(ValueError, match="over the 16 KB user-data limit: shorten the "
                                          "profile's install commands"):

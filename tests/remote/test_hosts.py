@@ -1,23 +1,38 @@
-"""The test hosts themselves: namespaces that really are separate machines on a network."""
+"""The test hosts themselves: namespaces that really are separate machines on a network,
+sharing nothing with the client that a real machine would not."""
 
+import os
 import subprocess
 import sys
 
-from hosts import SSH_PORT, reachable
+import cloudlab
+from hosts import CHECKOUT, SSH_PORT, reachable
+from package_index import HOST_PYTHON
 
 
-def test_each_host_answers_ssh_with_its_own_address_and_the_clients_python(test_hosts):
+def test_each_host_answers_ssh_with_its_own_address_and_a_bare_python(test_hosts):
     for host in test_hosts.hosts:
-        done = host.ssh(f"{sys.executable} -c 'import cloudlab, socket; print(cloudlab.__name__)'"
+        done = host.ssh(f"{HOST_PYTHON} -c 'import socket; print(socket.gethostname())'"
                         f" && ip -o -4 addr show eth0")
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith("cloudlab\n") and f"inet {host.address}/24" in done.stdout
+        assert f"inet {host.address}/24" in done.stdout
+        for module in ("cloudlab", "numpy", "ipyparallel", "distributed", "cloudpickle"):
+            missing = host.ssh(f"{HOST_PYTHON} -c 'import {module}'")
+            assert f"No module named '{module}'" in missing.stderr, module
+
+
+def test_a_host_sees_none_of_the_clients_checkout_venv_python_or_scripts(test_hosts):
+    for host in test_hosts.hosts:
+        for path in (CHECKOUT, sys.prefix, sys.base_prefix, os.path.dirname(__file__),
+                     os.path.dirname(cloudlab.__file__), "/etc/xdg/pip"):
+            assert host.ssh(f"ls -A {path}").stdout == "", path
+        assert host.ssh(f"test -e {sys.executable}").returncode == 1
 
 
 def test_a_host_sees_the_client_and_the_other_host_but_not_the_clients_loopback(test_hosts):
     one, two = test_hosts.hosts
     assert reachable(two.address, SSH_PORT)  # from the client
-    check = (f"{sys.executable} -c \"import socket; s = socket.socket(); s.settimeout(2); "
+    check = (f"{HOST_PYTHON} -c \"import socket; s = socket.socket(); s.settimeout(2); "
              f"print(s.connect_ex(('{two.address}', {SSH_PORT})))\"")
     assert one.ssh(check).stdout.strip() == "0"
     # The client's loopback is not the host's: 127.0.0.1 inside the namespace is its own.

@@ -2,7 +2,10 @@
 work and stop there, leave nothing behind, and end themselves when their link stays cut
 longer than the lease."""
 
+import importlib
 import os
+import shutil
+import sys
 import time
 
 import psutil
@@ -11,7 +14,7 @@ import pytest
 import cloudlab
 from cloudlab.backends.ssh_hosts import HostError
 from conftest import wait_until_gone
-from hosts import SSH_PORT, network_of
+from hosts import CHECKOUT, SSH_PORT, network_of
 
 LEASE = 2.0
 
@@ -140,3 +143,37 @@ def test_a_controller_on_a_host_is_reached_through_ssh_tunnels(test_hosts, engin
     assert wait_until_gone(c.name, 10) == []
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])], "a tunnel was left"
+
+
+def test_the_users_own_module_reaches_the_hosts_and_its_edits_follow(test_hosts, engine):
+    # Beside the "script", in a folder of the client's checkout, which no host sees.
+    folder = CHECKOUT / "test-artifacts" / f"usercode-{os.getpid()}-{engine}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"mytools_{engine}"
+    source = folder / f"{name}.py"
+    source.write_text("def triple(x):\n    return 3 * x\n")
+    data = folder / "data.txt"
+    data.write_text("a file of the client's\n")
+    sys.path.insert(0, str(folder))
+    try:
+        mytools = importlib.import_module(name)
+        with cloudlab.Cluster(2, engine=engine, **_options(test_hosts)) as c:
+            assert c.run(os.path.exists, str(source)) == {0: False, 1: False}
+            assert c.map(mytools.triple, range(5)) == [0, 3, 6, 9, 12]
+            assert name in c.code.modules
+            source.write_text("def triple(x):\n    return 30 * x\n")
+            assert name in c.sync().modules
+            assert c.map(mytools.triple, range(5)) == [0, 30, 60, 90, 120]
+            source.write_text("def triple(x):\n    return 300 * x\n")  # seen unasked
+            assert c.submit(mytools.triple, 1).result(timeout=30) == 300
+            assert set(c.run(mytools.triple, 2).values()) == {600}
+            # A data file beside it does not travel: the error says to push it.
+            with pytest.raises(cloudlab.RemoteError, match=r"FileNotFoundError: .*data.txt.*: "
+                               r"that file is on this client, not where the engines run "
+                               r"\(files do not travel with code\): read it here and push "
+                               r"the data, c.push\(name=value\)"):
+                c.run(lambda: open(data).read())
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
+        shutil.rmtree(folder)
