@@ -43,6 +43,12 @@ def store(values: dict[str, Any]) -> None:
                         for name, value in values.items()})
 
 
+def drop(names: list[str]) -> None:
+    ns = namespace()
+    for name in names:
+        ns.pop(name, None)
+
+
 def fetch(name: str) -> Any:
     ns = namespace()
     if name not in ns:

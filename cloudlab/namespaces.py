@@ -117,6 +117,22 @@ class EngineNamespaces:
                 block.close()
         self._shared.clear()
 
+    def forget(self, *names: str) -> None:
+        """Remove pushed or scattered ``names`` from every engine, and from what engines
+        that join later are given (their memory goes with them)."""
+        _aio.run(self._forget(names))
+
+    async def aforget(self, *names: str) -> None:
+        await _aio.wrap(self._forget(names))
+
+    async def _forget(self, names: tuple[str, ...]) -> None:
+        self._require_running()
+        for name in names:
+            self._pushed.pop(name, None)
+            self._scattered.pop(name, None)
+        await self._on(None, _remote.drop, list(names))
+        self._keep_shared(names, {})
+
     def pull(self, name: str) -> dict[int, Any]:
         """The value of ``name`` on each engine, by engine id."""
         return _aio.run(self._pull(name))

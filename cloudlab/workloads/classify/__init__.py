@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .corpus import SHARED_CORPUS, Document, default_corpus, load_arxiv, load_newsgroups, split
 
@@ -103,7 +102,6 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
     queue form, a document a worker took is delivered again if it is not acknowledged
     within ``lease`` seconds (the worker died).
     """
-    from . import work
     from .corpus import held_out
 
     if mode not in ("cluster", "queue"):
@@ -113,14 +111,13 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
     if model is None:
         model = train(cluster, training)
     train_seconds = time.perf_counter() - t0
-    with _saved(model) as ref:
-        cluster.run(_warm_up, ref)  # every engine loads the model before the clock starts
+    with _pushed(cluster, "model", model) as ref:
+        cluster.run(_warm_up, ref)  # every engine has the model before the clock starts
         if mode == "cluster":
             rows, seconds = _in_cluster(cluster, ref, model.classes, docs, on_progress)
         else:
             rows, seconds = _through_queue(cluster, ref, docs, queue_url, table_url, on_progress,
                                            lease)
-        cluster.run(work.forget, ref.id)  # the engines' copies of the model
     test = {d.id for d in docs if held_out(d)}
     scored = [r for r in rows if r.key in test]
     confusion: dict = {}
@@ -134,17 +131,12 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
 
 
 def _in_cluster(cluster, ref, classes, docs, on_progress):
-    """The cluster form: the documents go to the engines once (a private file each engine
-    reads on first use); each task names a range of them and returns label indices, so the
-    client does almost nothing per document."""
-    import pickle
-
+    """The cluster form: the documents go to the engines once (pushed); each task names a
+    range of them and returns label indices, so the client does almost nothing per
+    document."""
     from . import work
 
-    with _private_file("corpus", ".pickle") as path:
-        path.write_bytes(pickle.dumps(docs, protocol=pickle.HIGHEST_PROTOCOL))
-        corpus = work.CorpusRef(path.stem, str(path))
-        cluster.run(_load_corpus, corpus)
+    with _pushed(cluster, "corpus", docs) as corpus:
         ranges = _ranges(len(docs), len(cluster.engine_ids))
         done, t0 = 0, time.perf_counter()
 
@@ -157,7 +149,6 @@ def _in_cluster(cluster, ref, classes, docs, on_progress):
         results = cluster.map(_predict_range, [(ref, corpus, a, b) for a, b in ranges],
                               chunksize=1, on_result=arrived)
         seconds = time.perf_counter() - t0
-        cluster.run(work.forget, corpus.id)
     rows = [work.Row(d.id, worker, d.label, classes[k], d.title, d.date)
             for (a, b), (worker, labels) in zip(ranges, results)
             for d, k in zip(docs[a:b], labels)]
@@ -175,10 +166,6 @@ def _ranges(total: int, engines: int) -> list[tuple[int, int]]:
         ranges.append((start, min(start + size, total)))
         start += size
     return ranges
-
-
-def _load_corpus(corpus) -> None:
-    corpus.get()
 
 
 def _predict_range(item):
@@ -241,35 +228,23 @@ def _serve(slot):
     return work.serve(ref, queue_url, table_url, lease=lease)
 
 
-class _private_file:
-    """A fresh file in cloudlab's private runtime folder, removed afterwards."""
+class _pushed:
+    """``value`` pushed to every engine under a fresh name while the block runs (a
+    :class:`work.Pushed` names it to tasks), then forgotten there."""
 
-    def __init__(self, what: str, suffix: str):
-        self.what, self.suffix = what, suffix
-
-    def __enter__(self) -> Path:
-        from ...security import private_dir
-
-        self.path = Path(private_dir("classify")) / f"{self.what}-{uuid.uuid4().hex[:12]}{self.suffix}"
-        return self.path
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-class _saved(_private_file):
-    """The model in a private file for the engines to load (removed afterwards)."""
-
-    def __init__(self, model):
-        super().__init__("model", ".npz")
-        self.model = model
+    def __init__(self, cluster, what: str, value):
+        self.cluster, self.value = cluster, value
+        self.name = f"_cloudlab_{what}_{uuid.uuid4().hex[:12]}"
 
     def __enter__(self):
-        from .work import ModelRef
+        from .work import Pushed
 
-        path = super().__enter__()
-        self.model.save(path)
-        return ModelRef(path.stem, str(path))
+        self.cluster.push(**{self.name: self.value})
+        return Pushed(self.name)
+
+    def __exit__(self, *exc):
+        if self.cluster.state == "running":
+            self.cluster.forget(self.name)
 
 
 # ------------------------------------------------------------ `cloudlab run classify`

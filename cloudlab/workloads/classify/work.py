@@ -14,23 +14,20 @@ import socket
 from dataclasses import dataclass
 
 from .corpus import Document
-from .model import Model
-
-_MODELS: dict[str, Model] = {}
 
 
 @dataclass(frozen=True)
-class ModelRef:
-    """A model saved where the engines can read it: engines load it on first use, so an
-    engine that replaced a dead one needs nothing sent to it."""
+class Pushed:
+    """A value the client pushed to every engine under ``name`` (``c.push``): a task names
+    it instead of carrying it, and an engine that replaces a dead one is given it too. No
+    path of the client's is involved: engines need not share its files."""
 
-    id: str
-    path: str
+    name: str
 
-    def get(self) -> Model:
-        if self.id not in _MODELS:
-            _MODELS[self.id] = Model.load(self.path)
-        return _MODELS[self.id]
+    def get(self):
+        from ..._remote import fetch
+
+        return fetch(self.name)
 
 
 @dataclass(frozen=True)
@@ -53,39 +50,13 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-_CORPORA: dict[str, list[Document]] = {}
-
-
-@dataclass(frozen=True)
-class CorpusRef:
-    """Documents saved where the engines can read them, loaded once per engine: a task then
-    names a range of them instead of carrying them."""
-
-    id: str
-    path: str
-
-    def get(self) -> list[Document]:
-        if self.id not in _CORPORA:
-            import pickle
-
-            with open(self.path, "rb") as f:
-                _CORPORA[self.id] = pickle.load(f)
-        return _CORPORA[self.id]
-
-
-def predict_range(model: ModelRef, corpus: CorpusRef, start: int, stop: int) -> tuple:
+def predict_range(model: Pushed, corpus: Pushed, start: int, stop: int) -> tuple:
     """(worker, label indices) for documents ``start..stop-1`` of ``corpus``."""
     docs = corpus.get()[start:stop]
     return worker_name(), model.get().predict_index([d.text for d in docs]).astype("uint8")
 
 
-def forget(ref_id: str) -> None:
-    """Drop this engine's copy of a model or corpus (by its ref's id)."""
-    _MODELS.pop(ref_id, None)
-    _CORPORA.pop(ref_id, None)
-
-
-def classify(model: ModelRef, docs: list[Document]) -> list[Row]:
+def classify(model: Pushed, docs: list[Document]) -> list[Row]:
     """Rows for ``docs``, predicted by this engine's copy of the model."""
     predicted = model.get().predict([d.text for d in docs])
     worker = worker_name()
@@ -104,7 +75,7 @@ def features(docs: list[Document], idf):
     return tfidf(counts([d.text for d in docs]), idf)
 
 
-def serve(model: ModelRef, queue_url: str, table_url: str, messages: int = 2,
+def serve(model: Pushed, queue_url: str, table_url: str, messages: int = 2,
           lease: float = 30.0, patience: float = 0.0) -> dict:
     """A worker: take ``messages`` batches of documents from the queue, classify them,
     write their rows, then acknowledge them; until nothing is left unacknowledged, for

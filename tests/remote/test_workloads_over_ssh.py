@@ -1,0 +1,52 @@
+"""The workloads, unchanged, on hosts that share nothing with the client: `cloudlab run`
+with a profile naming the test hosts, as a user runs it. Models, corpora and phantoms
+reach the engines as values (pushed), never as paths of the client's."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from hosts import SSH_PORT
+
+CLOUDLAB = [sys.executable, "-m", "cloudlab.cli"]
+
+
+@pytest.fixture(scope="module")
+def ssh_profile(test_hosts):
+    """A profile of the test hosts in the test run's CLOUDLAB_HOME, as a user writes one."""
+    import os
+    from pathlib import Path
+
+    hosts = ", ".join(f'"root@{h.address}:{SSH_PORT}"' for h in test_hosts.hosts)
+    path = Path(os.environ["CLOUDLAB_HOME"]) / "profiles" / "lab.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'backend = "ssh"\nstart_timeout = 300\n\n[ssh]\nhosts = [{hosts}]\n'
+                    f'identity_file = "{test_hosts.user_key}"\n'
+                    f'known_hosts = "{test_hosts.known_hosts}"\n')
+    yield "lab"
+    path.unlink()
+
+
+def _run(*args: str) -> dict:
+    done = subprocess.run([*CLOUDLAB, "run", *args, "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
+def test_pi_on_the_hosts(ssh_profile, engine):
+    figures = _run("pi", "--engines", "2", "--samples", "2e8", "--engine", engine,
+                   "--profile", ssh_profile)
+    assert figures["backend"] == "ssh" and figures["engines"] == 2
+    assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
+
+
+def test_classify_gives_one_row_per_document_on_the_hosts(ssh_profile):
+    figures = _run("classify", "--engines", "2", "--limit", "4000", "--profile", ssh_profile)
+    assert figures["backend"] == "ssh" and figures["workers"] == 2
+    assert figures["documents"] == figures["rows"] == 4000
+    assert figures["accuracy"] > 0.75
