@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Seconds an interrupted call waits for its coroutine's own cleanup (a cloud start
+#: deleting its VMs).
+CLEANUP_WAIT = 120.0
+
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
@@ -57,7 +61,9 @@ def run(coro: Coroutine[Any, Any, T], drain: Callable[[], None] | None = None) -
     ``drain``, if given, is called in this thread every 50 ms while waiting and
     once at the end (to print engine output in the caller's cell). Ctrl-C
     (KeyboardInterrupt) while waiting cancels the coroutine, so an interrupted
-    ``c.map`` does not keep running behind the user's back.
+    ``c.map`` does not keep running behind the user's back, and waits (up to
+    ``CLEANUP_WAIT`` s; a second Ctrl-C stops waiting) for what it does when cancelled:
+    an interrupted start deletes what it created before the interpreter may exit.
     """
     if in_loop_thread():
         coro.close()
@@ -65,7 +71,15 @@ def run(coro: Coroutine[Any, Any, T], drain: Callable[[], None] | None = None) -
             "A sync cloudlab method was called from cloudlab's own event loop; "
             "await its async twin (the 'a'-prefixed method) instead."
         )
-    future = submit(coro)
+    finished = threading.Event()
+
+    async def tracked() -> T:
+        try:
+            return await coro
+        finally:
+            finished.set()
+
+    future = submit(tracked())
     try:
         if drain is None:
             return future.result()
@@ -76,6 +90,7 @@ def run(coro: Coroutine[Any, Any, T], drain: Callable[[], None] | None = None) -
                 drain()
     except KeyboardInterrupt:
         future.cancel()
+        finished.wait(CLEANUP_WAIT)
         raise
     finally:
         if drain is not None:

@@ -12,6 +12,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 import cloudlab
 from cloudlab.backends import _vm
@@ -114,6 +115,39 @@ def test_after_a_start_killed_half_way_gc_leaves_nothing(ec2_cloud, write_profil
     _gc(write_profile("moto-ec2", options))
     assert _ours(api, name) == []
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+
+
+@pytest.mark.parametrize("moment", ["instances booting", "engines starting"])
+def test_ctrl_c_during_a_start_deletes_what_it_created_before_exiting(ec2_cloud,
+                                                                      write_profile, moment):
+    """`cloudlab start` interrupted (SIGINT, as Ctrl-C sends) at a moment of its start: one
+    sentence, and by the time the process has exited nothing it created is left."""
+    api, vms, options = ec2_cloud
+    name = f"ctrl-c-{moment.split()[0]}"
+    start = subprocess.Popen([sys.executable, "-m", "cloudlab.cli", "start", "2", "--profile",
+                              write_profile("moto-ec2", options), "--name", name],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ours = _ours(api, name)
+            if ours and (moment == "instances booting" or
+                         all(vm.id in vms.booted for vm in ours)):
+                break
+            time.sleep(0.05)
+        assert ours, f"no instance of {name} came to be {moment}"
+        if moment == "engines starting":
+            time.sleep(0.5)  # (the environment on each VM is being checked or installed)
+        start.send_signal(signal.SIGINT)
+        out, err = start.communicate(timeout=150)
+    finally:
+        start.kill()
+    assert start.returncode == 130
+    assert err.strip() == (f"{name}: start interrupted; everything it had started or created "
+                           f"is stopped and deleted."), err
+    assert _ours(api, name) == []
+    assert not [g for g in api.cloudlab_groups() if name in str(g)]
+    assert not [k for k in api.cloudlab_key_pairs() if name in str(k)]
 
 
 def test_an_idle_vm_deletes_itself(ec2_cloud, write_profile):
