@@ -77,6 +77,7 @@ class Watcher:
         self._roots = _installed_roots()
         self._seen = -1  # len(sys.modules) when last scanned
         self._sources: dict[str, Path] = {}  # top-level name -> its file or package folder
+        self._modules: dict[str, object] = {}  # top-level name -> the module, when scanned
         self._stamps: dict[Path, tuple[int, int]] = {}
         self._bundle: Bundle | None = None
 
@@ -110,9 +111,13 @@ class Watcher:
         return files
 
     def _stale(self) -> bool:
-        if len(sys.modules) != self._seen:
+        # A module imported or dropped changes the count; one of ours replaced by another
+        # (the count unchanged) shows in our own modules' entries.
+        if len(sys.modules) != self._seen or any(
+                sys.modules.get(name) is not module for name, module in self._modules.items()):
             self._seen = len(sys.modules)
             sources = self._scan()
+            self._modules = {name: sys.modules[name] for name in sources}
             if sources != self._sources:
                 self._sources = sources
                 return True

@@ -63,6 +63,12 @@ def test_an_edit_or_a_new_import_makes_a_new_archive_and_nothing_else_does(user_
     user_folder("uc_later.py", "Z = 3\n")
     importlib.import_module("uc_later")
     assert "uc_later" in watcher.current().modules
+    # One module dropped and another imported: the count of modules is as it was.
+    del sys.modules["uc_later"]
+    user_folder("uc_instead.py", "W = 4\n")
+    importlib.import_module("uc_instead")
+    assert {"uc_instead"} <= set(watcher.current().modules) and \
+        "uc_later" not in watcher.current().modules
 
 
 @pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
