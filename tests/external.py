@@ -161,9 +161,10 @@ def test_hosts(tmp_path_factory, host_homes):
 
 
 @pytest.fixture(scope="module")
-def test_slurm(tmp_path_factory, monkeypatch_module):
+def test_slurm(tmp_path_factory, monkeypatch_module, host_homes):
     """A Slurm cluster of two network-namespace nodes (tests/slurm.py), SLURM_CONF pointing
-    at it; everything stopped and removed afterwards."""
+    at it, and ``env_dir`` for cloudlab's environment on its nodes; everything stopped and
+    removed afterwards."""
     from slurm import SlurmCluster
     from slurm import missing as slurm_missing
 
@@ -177,6 +178,9 @@ def test_slurm(tmp_path_factory, monkeypatch_module):
     with HostNetwork(2, folder / "hosts") as network, \
             SlurmCluster(network, folder / "slurm") as slurm:
         monkeypatch_module.setenv("SLURM_CONF", str(slurm.conf))
+        # Where the tests keep cloudlab's environments in the nodes' shared home (not the
+        # real home's cache): one for the test run, as a cluster's home keeps it.
+        slurm.env_dir = host_homes / "slurm-envs"
         yield slurm
     assert not network.exists(), "the Slurm test nodes were not torn down"
 

@@ -193,21 +193,10 @@ class HostNetwork(Started):
             "AcceptEnv CLOUDLAB_*", ""]))
         # An absolute config path: sshd re-executes itself from / for each connection.
         sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
-        # Its own mount namespace: its own home over root's, and an empty tmpfs over what a
-        # real machine would not have and over each private folder (what sshd's sessions
-        # write there stays on this host, as on a machine without a shared filesystem).
         home = self.homes / ("shared" if self.shared_home
                              else host.name.replace(f"cl{self.tag}", "host"))
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        mounts = [f"mount --bind {shlex.quote(str(home))} {shlex.quote(str(Path.home()))}"]
-        for folder in (*HIDDEN, *host.private):
-            if folder in host.private:
-                folder.mkdir(parents=True, exist_ok=True)
-            if folder.exists():
-                mounts.append(f"mount -t tmpfs -o mode=700 cloudlab-test "
-                              f"{shlex.quote(str(folder))}")
-        script = f"{' && '.join(mounts)} && exec {shlex.join(sshd)}"
-        _run(*host.inside("unshare", "--mount", "--propagation", "private", "sh", "-c", script))
+        _run(*host.inside(*apart(f"exec {shlex.join(sshd)}", (*HIDDEN, *host.private), home,
+                                 made=host.private)))
         public = (d / "host_key.pub").read_text().split()
         where = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
         return f"{where} {public[0]} {public[1]}\n"
@@ -278,6 +267,24 @@ def _kill_inside(namespace: str) -> None:
             pass
     if rehashing:
         PYENV_LOCK.unlink(missing_ok=True)
+
+
+def apart(command: str, hidden: tuple[Path, ...], home: Path | None = None,
+          made: tuple[Path, ...] = ()) -> list[str]:
+    """``command`` (a shell command) in a mount namespace of its own: an empty tmpfs over
+    each of ``hidden`` (made first where in ``made``), and ``home`` over root's home folder,
+    if given. What it and its children write there stays theirs, as on another machine."""
+    mounts = []
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mounts.append(f"mount --bind {shlex.quote(str(home))} {shlex.quote(str(Path.home()))}")
+    for folder in hidden:
+        if folder in made:
+            folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            mounts.append(f"mount -t tmpfs -o mode=700 cloudlab-test {shlex.quote(str(folder))}")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            " && ".join([*mounts, command])]
 
 
 def network_of(pid: int) -> str:

@@ -1,6 +1,8 @@
 """A Slurm test cluster: Debian's slurmctld on the client, one slurmd in each namespace host.
 
-Built on :class:`hosts.HostNetwork` (the hosts' sshd is not needed, but harmless): munge
+Built on :class:`hosts.HostNetwork` (the hosts' sshd is not needed, but harmless). Each
+slurmd runs apart from the client's checkout, venv and Python, as a compute node would: jobs
+see the home folders (as over NFS) and /tmp, and Debian's bare python3. Munge
 signs the daemons' messages with the key Debian ships, slurmctld runs here on the bridge
 address, and each host runs ``slurmd -N <host>`` inside its network namespace, so a job's
 processes see that host's network and reach the client across the bridge, as jobs on a real
@@ -20,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hosts import HostNetwork, Started
+from hosts import HIDDEN, HostNetwork, Started, apart
 
 CPUS_PER_NODE = 2
 PARTITIONS = ("debug", "exclusive")
@@ -87,7 +89,10 @@ class SlurmCluster(Started):
         self.conf.write_text("\n".join(lines) + "\n")
         self._run("slurmctld", "-i")
         for host in self.network.hosts:
-            self._run(*host.inside("slurmd", "-N", host.name))
+            # A compute node shares the cluster's home folders with the login node (the
+            # client) but not the client's checkout, venv or Python (pyenv's, in that home).
+            self._run(*host.inside(*apart(f"exec slurmd -N {host.name}",
+                                          (*HIDDEN, Path.home() / ".pyenv"))))
         self._wait_for_nodes()
 
     def _start_munge(self) -> None:

@@ -1,7 +1,7 @@
 """The environment engines run in on a host that shares nothing with the client.
 
-Each host is probed over SSH by its own Python (:mod:`cloudlab._hostenv`, standard library
-only). Unless the profile says the host's Python is one the user keeps
+Each host is probed by its own Python (:mod:`cloudlab._hostenv`, standard library only),
+through a *runner*: ssh to that host, or a Slurm job on a node. Unless the profile says the host's Python is one the user keeps
 (``environment = "own"``), cloudlab keeps an environment of its own there, one per client
 cloudlab and pinned versions (the *key*), under ``env_dir``: a venv holding the engines'
 packages at this client's versions and this client's cloudlab, from a wheel of the
@@ -22,6 +22,7 @@ import json
 import shlex
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,6 +36,10 @@ from .ssh_hosts import HostError, SshHost, ssh_failure
 SCRIPT = (Path(__file__).resolve().parent.parent / "_hostenv.py").read_text()
 #: Seconds one host has to install its environment (the first time only).
 INSTALL_TIMEOUT = 900.0
+
+#: Runs a shell command where the engines will run: ``run(command, stdin, timeout)``,
+#: giving its exit status and output (bytes); raises HostError if it cannot get there.
+Runner = Callable[[str, "bytes | None", float], subprocess.CompletedProcess]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class EnvironmentOptions:
 class HostInfo:
     """What a host offers, and the Python its engines run."""
 
-    host: SshHost
+    host: str  # where, as messages name it ("root@lab-pc-1", "Slurm's nodes")
     python: str  # the engines' (the managed environment's, or the user's own)
     python_version: str
     cores: int
@@ -75,12 +80,12 @@ class HostInfo:
     installed: str = ""
 
 
-def probe(host: SshHost, options: EnvironmentOptions, ssh: dict, timeout: float = 30) -> dict:
+def probe(host: str, options: EnvironmentOptions, run: Runner, timeout: float = 30) -> dict:
     """The host's facts (:func:`cloudlab._hostenv.probe`); HostError naming the fix if its
     Python cannot be run."""
     python = options.python
     remote = shlex.join([python, "-c", SCRIPT, "probe", options.env_dir, options.environment])
-    done = _ssh(host, remote, ssh, timeout)
+    done = run(remote, None, timeout)
     # The shell's own complaint only: a traceback that mentions a missing file is not this.
     if done.returncode == 127 or f"{python}: No such file or directory" in done.stderr.decode():
         raise HostError(f"Host {host} has no Python at {python}: install Python 3.11 there, or "
@@ -94,10 +99,10 @@ def probe(host: SshHost, options: EnvironmentOptions, ssh: dict, timeout: float 
                         f"{done.returncode}: {said or 'no output'}).") from None
 
 
-def prepare(host: SshHost, options: EnvironmentOptions, ssh: dict) -> HostInfo:
+def prepare(host: str, options: EnvironmentOptions, run: Runner) -> HostInfo:
     """Probe ``host`` and make sure its engines' Python has this client's cloudlab and
     versions (installing them the first time); HostError with the fix otherwise."""
-    facts = probe(host, options, ssh)
+    facts = probe(host, options, run)
     major_minor = tuple(int(x) for x in facts["python_version"].split(".")[:2])
     if major_minor < (3, 11):
         raise HostError(f"Host {host} has Python {facts['python_version']} at "
@@ -115,11 +120,11 @@ def prepare(host: SshHost, options: EnvironmentOptions, ssh: dict) -> HostInfo:
         python = facts["environments"].get(key)
         if python is None:
             source = package_source(options.packages, markers)
-            python = _install(host, options, ssh, key, own, pins, markers, source)
+            python = _install(host, options, run, key, own, pins, markers, source)
             installed = f"{key} ({len(pins.constraints)} packages from {source})"
         else:
-            _ssh(host, shlex.join([options.python, "-c", SCRIPT, "touch", options.env_dir, key]),
-                 ssh, 30)
+            run(shlex.join([options.python, "-c", SCRIPT, "touch", options.env_dir, key]),
+                None, 30)
     return HostInfo(host, python, facts["python_version"], int(facts["cores"]),
                     float(facts["memory_mb"]), tuple(facts["gpus"]), markers, installed)
 
@@ -147,7 +152,7 @@ def _their_tag(markers: dict) -> str:
            f"{markers['platform_system']}"
 
 
-def _install(host: SshHost, options: EnvironmentOptions, ssh: dict, key: str, own: Path,
+def _install(host: str, options: EnvironmentOptions, run: Runner, key: str, own: Path,
              pins: wheels.Pins, markers: dict, source: str) -> str:
     if source == "client":
         mine, theirs = wheels.python_tag(), _their_tag(markers)
@@ -174,7 +179,7 @@ def _install(host: SshHost, options: EnvironmentOptions, ssh: dict, key: str, ow
         for wheel in [own, *sent]:
             tar.add(str(wheel), arcname=f"wheels/{wheel.name}")
     remote = shlex.join([options.python, "-c", SCRIPT, "install", options.env_dir, key])
-    done = _ssh(host, remote, ssh, INSTALL_TIMEOUT, archive.getvalue())
+    done = run(remote, archive.getvalue(), INSTALL_TIMEOUT)
     if done.returncode != 0:
         said = done.stderr.decode(errors="replace").strip()
         lines = [line for line in said.splitlines() if line.startswith("ERROR")] or \
@@ -187,7 +192,7 @@ def _install(host: SshHost, options: EnvironmentOptions, ssh: dict, key: str, ow
     return json.loads(done.stdout.decode().strip().splitlines()[-1])["env_python"]
 
 
-def _check_versions(host: SshHost, python: str, versions: dict, pins: wheels.Pins) -> None:
+def _check_versions(host: str, python: str, versions: dict, pins: wheels.Pins) -> None:
     """The user's own environment: cloudlab there, and every pinned package at this
     client's version."""
     if "cloudlab" not in versions:
@@ -211,22 +216,24 @@ def _check_versions(host: SshHost, python: str, versions: dict, pins: wheels.Pin
                         f"matching versions there itself.")
 
 
-def _ssh(host: SshHost, remote: str, ssh: dict, timeout: float,
-         stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """``remote`` on ``host``; HostError for ssh's own failures and timeouts."""
+def ssh_runner(host: SshHost, identity_file: str = "", known_hosts: str = "") -> Runner:
+    """Commands run on ``host`` over ssh; HostError for ssh's own failures and timeouts."""
     from .ssh_hosts import ssh_command
 
-    try:
-        done = subprocess.run(ssh_command(host, remote, **ssh), capture_output=True,
-                              timeout=timeout, input=stdin,
-                              stdin=None if stdin is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise HostError(f"Host {host} did not answer within {timeout:g} s: check that it is "
-                        f"up and that sshd runs there.") from None
-    if done.returncode == 255:
-        raise HostError(ssh_failure(host, done.stderr.decode(errors="replace"),
-                                    ssh.get("known_hosts", "")))
-    return done
+    def run(remote: str, stdin: bytes | None, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            done = subprocess.run(ssh_command(host, remote, identity_file, known_hosts),
+                                  capture_output=True, timeout=timeout, input=stdin,
+                                  stdin=None if stdin is not None else subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise HostError(f"Host {host} did not answer within {timeout:g} s: check that it "
+                            f"is up and that sshd runs there.") from None
+        if done.returncode == 255:
+            raise HostError(ssh_failure(host, done.stderr.decode(errors="replace"),
+                                        known_hosts))
+        return done
+
+    return run
 
 
 def check_options(options: EnvironmentOptions) -> None:

@@ -8,6 +8,10 @@ encrypted, as for any remote engine. Every engine is one job::
 
 whose script writes the files the engine reads (connection file, certificates) where they
 are not already (a shared home directory) and starts the engine under cloudlab's agent.
+Before the first engine, one small job probes a node's Python and, the first time, a second
+installs the environment engines run in there (:mod:`.environment`: this client's cloudlab
+and versions), under ``env_dir`` in the home directory the nodes share; what it needs is
+staged in ``log_dir``. The nodes are taken to be alike.
 Scaling adds or cancels jobs; stopping cancels them (scancel). One ``squeue`` per second
 tells the state of every job of the cluster: a pending job's queue reason is shown in the
 widget and quoted if the start times out, and a job that ends on its own is classified from
@@ -38,6 +42,8 @@ from .._agent import LAST_WORDS
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched, last_words_file, read_last_words, read_tail
+from .environment import EnvironmentOptions, check_options
+from .environment import prepare as prepare_environment
 from .local import LocalBackend, LocalOptions
 from .remote import (
     LeaseServer,
@@ -48,9 +54,12 @@ from .remote import (
     parent_folders,
     wait_for_files,
 )
+from .ssh_hosts import HostError
 
 #: Seconds between looks at the queue.
 POLL = 1.0
+#: Seconds cloudlab's setup jobs (a node's probe, the first install) may wait in the queue.
+QUEUE_WAIT = 300.0
 #: Slurm job states in which the job's processes have not ended.
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "RESIZING",
                "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
@@ -72,7 +81,7 @@ ENDED_FOR = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "Prolog": "BOOT_FA
 
 
 @dataclass(frozen=True)
-class SlurmOptions:
+class SlurmOptions(EnvironmentOptions):
     partition: str = option("", "Partition the jobs go to (default: the cluster's default).")
     time_limit: str = option("1:00:00", "Wall time of each engine's job, as sbatch --time "
                              "takes it (minutes, or [days-]hours:minutes:seconds).")
@@ -82,7 +91,6 @@ class SlurmOptions:
     account: str = option("", "Account the jobs are charged to (default: yours).")
     sbatch_args: tuple[str, ...] = option((), "More sbatch options, e.g. "
                                           "[\"--qos=short\", \"--constraint=avx512\"].")
-    python: str = option("", "Python on the nodes (default: the path of this client's).")
     client_address: str = option("", "Address the nodes reach this machine at (default: "
                                  "the one this machine uses towards slurmctld).")
     log_dir: str = option("~/.cloudlab/slurm", "Folder for the jobs' output, which the "
@@ -147,6 +155,7 @@ class SlurmBackend(Backend):
     def __init__(self, options: SlurmOptions, cluster_name: str):
         super().__init__(options, cluster_name)
         check_lease(options.lease)
+        check_options(options)
         if not isinstance(options.cpus_per_engine, int) or options.cpus_per_engine < 1:
             raise ConfigError(f"cpus_per_engine must be a whole number from 1, not "
                               f"{options.cpus_per_engine!r}.")
@@ -163,6 +172,7 @@ class SlurmBackend(Backend):
         self._poller: threading.Thread | None = None
         self._closing = threading.Event()
         self._log_dir = Path(os.path.expanduser(options.log_dir))
+        self._python: str | None = None  # the engines', on the nodes, once prepared
 
     @property
     def controller_ip(self) -> str:
@@ -172,10 +182,6 @@ class SlurmBackend(Backend):
                 host, 6817, f"slurmctld's host {host}",
                 "give client_address in the profile's [slurm] table.")
         return self._address
-
-    @property
-    def python(self) -> str:
-        return self.options.python or sys.executable
 
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         return 1024, "1024 jobs per cluster"
@@ -187,6 +193,10 @@ class SlurmBackend(Backend):
         self._local.workdir = self.workdir
         await self._local.prepare(preload)
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._python is None:
+            info = await asyncio.to_thread(prepare_environment, "Slurm's nodes", self.options,
+                                           self._run_job)
+            self._python = info.python
         if self._lease is None:
             self._lease = LeaseServer(self.controller_ip, self.options.lease / 4)
         if self._watcher is None:
@@ -229,13 +239,9 @@ class SlurmBackend(Backend):
         argv = ["sbatch", "--parsable", "--job-name", self.job_name, "--output", str(log),
                 "--open-mode", "append", "--ntasks", "1",
                 "--cpus-per-task", str(self.options.cpus_per_engine),
-                "--time", self.options.time_limit]
-        for flag, value in (("--partition", self.options.partition),
-                            ("--mem", self.options.memory_per_engine),
-                            ("--account", self.options.account)):
-            if value:
-                argv += [flag, value]
-        argv += list(self.options.sbatch_args)
+                "--time", self.options.time_limit, *self._where()]
+        if self.options.memory_per_engine:
+            argv += ["--mem", self.options.memory_per_engine]
         done = await asyncio.to_thread(_slurm, *argv, input=script)
         if done.returncode != 0:
             raise StartError(f"Slurm refused {command.name}'s job: {done.stderr.strip()[-400:]}"
@@ -256,9 +262,46 @@ class SlurmBackend(Backend):
                       *(archive[i:i + 76] for i in range(0, len(archive), 76)),
                       "CLOUDLAB_FILES"]
         lines.append("exec " + agent_command(
-            self.python, self.cluster_name, command, self.options.lease, self._lease.address,
+            self._python, self.cluster_name, command, self.options.lease, self._lease.address,
             {LAST_WORDS: str(last_words_file(log))}))
         return "\n".join(lines) + "\n"
+
+    def _run_job(self, command: str, stdin: bytes | None,
+                 timeout: float) -> subprocess.CompletedProcess:
+        """``command`` as a job on one node, waited for (sbatch --wait): what it printed
+        (bytes, as ssh gives them). Its input is staged in ``log_dir``, which the nodes see."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"{self.cluster_name}-setup-",
+                                         dir=self._log_dir) as folder:
+            out, err = Path(folder, "out"), Path(folder, "err")
+            if stdin is not None:
+                Path(folder, "in").write_bytes(stdin)
+                command += f" < {shlex.quote(str(Path(folder, 'in')))}"
+            argv = ["sbatch", "--wait", "--parsable", "--job-name", self.job_name,
+                    "--output", str(out), "--error", str(err), "--ntasks", "1",
+                    "--time", self.options.time_limit, *self._where()]
+            done = _slurm(*argv, input=f"#!/bin/sh\n{command}\n", timeout=timeout + QUEUE_WAIT)
+            if isinstance(done, _TimedOut):  # (no engine is queued yet: only this job)
+                _slurm("scancel", "--name", self.job_name)
+                raise HostError(f"cloudlab's setup job on Slurm's nodes did not finish within "
+                                f"{timeout + QUEUE_WAIT:g} s (queued, or a slow node): it is "
+                                f"cancelled; try again, or ask for another partition.")
+            if not out.exists():
+                said = done.stderr.strip()[-300:] or "no reason given"
+                raise HostError(f"Slurm did not run cloudlab's setup job ({said}; sbatch "
+                                f"{shlex.join(argv[1:])}).")
+            return subprocess.CompletedProcess(argv, done.returncode, out.read_bytes(),
+                                               err.read_bytes() if err.exists() else b"")
+
+    def _where(self) -> list[str]:
+        """The sbatch options every job of the cluster gets from the profile."""
+        argv = []
+        for flag, value in (("--partition", self.options.partition),
+                            ("--account", self.options.account)):
+            if value:
+                argv += [flag, value]
+        return argv + list(self.options.sbatch_args)
 
     def _start_poller(self) -> None:
         if self._poller is None:
@@ -321,10 +364,18 @@ class SlurmBackend(Backend):
             self._watcher.wait()
 
 
-def _slurm(*argv: str, input: str | None = None) -> subprocess.CompletedProcess:
+class _TimedOut(subprocess.CompletedProcess):
+    """A Slurm command that did not answer in time."""
+
+
+def _slurm(*argv: str, input: str | None = None, timeout: float = 30
+           ) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, input=input, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        return subprocess.run(argv, capture_output=True, text=True, input=input,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return _TimedOut(argv, 1, "", str(e))
+    except OSError as e:
         return subprocess.CompletedProcess(argv, 1, "", str(e))
 
 

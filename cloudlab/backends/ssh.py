@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from .base import Backend, Command, Launched, read_tail
-from .environment import EnvironmentOptions, HostInfo, check_options
+from .environment import EnvironmentOptions, HostInfo, check_options, ssh_runner
 from .environment import prepare as prepare_host
 from .local import LocalBackend, LocalOptions
 from .remote import (
@@ -148,12 +148,11 @@ class SshBackend(Backend):
         """Every host probed and its environment ready (once; at once for all hosts)."""
         if self._preparing is None:
             hosts = list(dict.fromkeys([*self.hosts, *filter(None, [self.controller_host])]))
-            ssh = {"identity_file": self.options.identity_file,
-                   "known_hosts": self.options.known_hosts}
-
             async def every_host() -> dict[SshHost, HostInfo]:
                 found = await asyncio.gather(*(asyncio.to_thread(
-                    prepare_host, h, self.options, ssh) for h in hosts))
+                    prepare_host, str(h), self.options, ssh_runner(
+                        h, self.options.identity_file, self.options.known_hosts))
+                    for h in hosts))
                 return dict(zip(hosts, found))
 
             self._preparing = asyncio.ensure_future(every_host())

@@ -21,7 +21,8 @@ LEASE = 3.0
 
 def _options(test_slurm, tmp_path, **overrides):
     return {"backend": "slurm", "client_address": test_slurm.network.client_address,
-            "log_dir": str(tmp_path / "logs"), "lease": LEASE, **overrides}
+            "log_dir": str(tmp_path / "logs"), "env_dir": str(test_slurm.env_dir),
+            "lease": LEASE, **overrides}
 
 
 def _live_jobs(test_slurm, cluster: str) -> list[str]:
@@ -45,6 +46,10 @@ def test_engines_run_as_jobs_scale_and_stop(test_slurm, tmp_path, engine):
         assert {r.host for r in rows} <= set(test_slurm.nodes)
         assert [r.host for r in rows] == [c._processes[r.id].host for r in rows]
         assert c.map(lambda x: x + 1, range(30)) == list(range(1, 31))
+        # The engines run cloudlab's environment in the nodes' shared home, made from the
+        # nodes' own Python (they see neither the client's Python nor its venv).
+        pythons = set(c.run(lambda: __import__("sys").executable).values())
+        assert len(pythons) == 1 and pythons.pop().startswith(str(test_slurm.env_dir))
         c.scale(4)
         assert len(_live_jobs(test_slurm, c.name)) == 4 and len(c.status()) == 4
         c.scale(2)

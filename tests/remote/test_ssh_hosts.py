@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from cloudlab import wheels
-from cloudlab.backends.environment import EnvironmentOptions, prepare, probe
+from cloudlab.backends.environment import EnvironmentOptions, prepare, probe, ssh_runner
 from cloudlab.backends.ssh_hosts import HostError, SshHost
 from hosts import SSH_PORT
 from package_index import HOST_PYTHON
@@ -24,12 +24,14 @@ def _ssh(test_hosts, **overrides) -> dict:
 
 
 def _probe(test_hosts, host=None, python=HOST_PYTHON, **ssh):
-    return probe(host or _host(test_hosts.hosts[0]), EnvironmentOptions(python=python),
-                 _ssh(test_hosts, **ssh))
+    host = host or _host(test_hosts.hosts[0])
+    return probe(str(host), EnvironmentOptions(python=python),
+                 ssh_runner(host, **_ssh(test_hosts, **ssh)))
 
 
 def _prepare(test_hosts, i=0, **options):
-    return prepare(_host(test_hosts.hosts[i]), EnvironmentOptions(**options), _ssh(test_hosts))
+    host = _host(test_hosts.hosts[i])
+    return prepare(str(host), EnvironmentOptions(**options), ssh_runner(host, **_ssh(test_hosts)))
 
 
 @pytest.mark.parametrize("spec, parsed", [
