@@ -36,17 +36,21 @@ KEEP = 3  # environments kept per host (the newest used)
 
 
 def _gpus():
-    """GPUs, by nvidia-smi; a stand-in list in CLOUDLAB_FAKE_GPUS (tests) where none exist."""
-    fake = os.environ.get("CLOUDLAB_FAKE_GPUS")
-    if fake is not None:
-        return [g for g in fake.split(";") if g]
+    """This machine's NVIDIA GPUs, as nvidia-smi (the driver's own tool) lists them."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index,name,uuid,memory.total",
+                               "--format=csv,noheader,nounits"],
                               capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in done.stdout.splitlines() if line.strip()] \
-        if done.returncode == 0 else []
+    found = []
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            found.append({"index": int(parts[0]), "name": parts[1], "uuid": parts[2],
+                          "memory_mb": float(parts[3]) if parts[3].replace(".", "").isdigit()
+                          else 0.0})
+    return found
 
 
 def _ready(env):

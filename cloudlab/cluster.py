@@ -107,13 +107,15 @@ class Cluster(EngineNamespaces):
         if opts.mpi:
             self._backend.check_mpi()
         limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)
-        #: The GPUs of a GPU cluster, one per engine (empty: engines on CPU cores).
+        #: The GPUs of a GPU cluster, one per engine (empty: engines on CPU cores); on other
+        #: machines, found there when the start has probed them.
         self.gpus: list[gpus.Gpu] = []
-        wanted = gpus.request(opts.gpus)
-        if wanted is not None:
+        #: --gpus and the engines asked for, until the GPUs are chosen.
+        self._gpus_wanted = gpus.request(opts.gpus)
+        self._gpus_asked = None if n is None else policy.engine_count(n, limit, reason)
+        if self._gpus_wanted is not None and self._backend.same_machine:
             found, why_none = gpus.detect()
-            asked = None if n is None else policy.engine_count(n, limit, reason)
-            self.gpus = gpus.choose(wanted, found, why_none, asked)
+            self.gpus = gpus.choose(self._gpus_wanted, found, why_none, self._gpus_asked)
             n = len(self.gpus)
         if n is None:  # the profile's count; 0: one per core this machine gives us
             n = opts.engines or min(policy.usable_cores(), max(limit, 1))
@@ -250,6 +252,11 @@ class Cluster(EngineNamespaces):
                                      self._backend.reach))
             try:
                 await preparing
+                if self._gpus_wanted is not None and not self.gpus:  # (where engines run)
+                    found, why_none = await self._backend.gpus()
+                    self.gpus = gpus.choose(self._gpus_wanted, found, why_none,
+                                            self._gpus_asked)
+                    self.n = len(self.gpus)
                 await self._add_engines(self.n, deadline, min_engines, connecting)
             finally:
                 if not connecting.done():
@@ -400,12 +407,13 @@ class Cluster(EngineNamespaces):
         if self.gpus:
             gpu = self._gpu_of[eid] = self._free_gpu()  # given back when the engine leaves
             env["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
+            return dataclasses.replace(command, env=env, host=gpu.host)
         return dataclasses.replace(command, env=env)
 
     def _free_gpu(self) -> gpus.Gpu:
         """A GPU no engine holds (a dead engine's goes to its replacement)."""
-        held = {g.index for g in self._gpu_of.values()}
-        free = [g for g in self.gpus if g.index not in held]
+        held = {g.key for g in self._gpu_of.values()}
+        free = [g for g in self.gpus if g.key not in held]
         if not free:
             raise ConfigError(f"Cluster {self.name} runs one engine per GPU and all "
                               f"{len(self.gpus)} GPUs have one.")
@@ -621,7 +629,7 @@ class Cluster(EngineNamespaces):
         ready = await self._engine.ready_ids()
         busy = await self._engine.busy_ids()
         rows = []
-        gpu_usage = gpus.usage([g.index for g in self._gpu_of.values()])
+        gpu_usage = gpus.usage([g.index for g in self._gpu_of.values() if not g.host])
         for eid, proc in sorted(self._processes.items()):
             host, pid = self._identity.get(eid, (proc.host, proc.pid))
             waits = proc.waiting()
@@ -636,7 +644,7 @@ class Cluster(EngineNamespaces):
                                note=waits)
             if eid in self._gpu_of:
                 gpu = self._gpu_of[eid]
-                used = gpu_usage.get(gpu.index)
+                used = None if gpu.host else gpu_usage.get(gpu.index)
                 row = dataclasses.replace(
                     row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
                     gpu_memory_mb=used and used.memory_used_mb)

@@ -17,10 +17,16 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Gpu:
-    index: int  # NVML's index on this machine, what CUDA_VISIBLE_DEVICES names
+    index: int  # NVML's index on its machine, what CUDA_VISIBLE_DEVICES names
     name: str
     uuid: str
     memory_mb: float
+    #: The machine it is in, as its backend names it ("": the client's own).
+    host: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.host, self.index
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,15 @@ def _nvml():
 
 
 def detect() -> tuple[list[Gpu], str]:
-    """The GPUs this process may use, and, when there are none, why (a sentence)."""
+    """The GPUs this process may use, and, when there are none, why (a clause)."""
     nvml = _nvml()
     if nvml is None:
         try:
             import pynvml  # noqa: F401
         except ImportError:
-            return [], "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
-        return [], "no NVIDIA driver answered through NVML"
+            return [], "this machine offers none (nvidia-ml-py is not installed: pip install " \
+                       "nvidia-ml-py)"
+        return [], "this machine offers none (no NVIDIA driver answered through NVML)"
     try:
         found = []
         for index in range(nvml.nvmlDeviceGetCount()):
@@ -80,8 +87,9 @@ def detect() -> tuple[list[Gpu], str]:
         allowed = [v.strip() for v in visible.split(",") if v.strip()]
         found = [g for g in found if str(g.index) in allowed or g.uuid in allowed]
         if not found:
-            return [], f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process"
-    return found, "" if found else "NVML counts no GPU on this machine"
+            return [], (f"this machine offers none (CUDA_VISIBLE_DEVICES={visible!r} hides "
+                        f"every GPU from this process)")
+    return found, "" if found else "this machine offers none (NVML counts no GPU)"
 
 
 def _text(value) -> str:
@@ -92,8 +100,8 @@ def choose(wanted: int | str, found: list[Gpu], why_none: str, engines: int | No
     """The GPUs for a cluster asked for ``wanted`` GPUs and ``engines`` engines (None: one
     per GPU); a sentence naming the fix when that cannot be."""
     if not found:
-        raise ConfigError(f"--gpus {wanted} asks for GPUs, but this machine offers none "
-                          f"({why_none}): drop --gpus to run on CPU cores.")
+        raise ConfigError(f"--gpus {wanted} asks for GPUs, but {why_none}: drop --gpus to run "
+                          f"on CPU cores.")
     count = len(found) if wanted == "all" else wanted
     if count > len(found):
         raise ConfigError(f"--gpus {wanted} asks for {count} GPUs, but only {len(found)} "

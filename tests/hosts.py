@@ -105,11 +105,13 @@ class HostNetwork(Started):
     """``count`` hosts on a bridge, each with sshd on port 2222; a context manager."""
 
     def __init__(self, count: int, folder: Path, private: dict[int, Path] | None = None,
-                 homes: Path | None = None, shared_home: bool = False):
+                 homes: Path | None = None, shared_home: bool = False,
+                 gpus: dict[int, list[str]] | None = None):
         """``private``: host index -> a folder that host has its own empty copy of;
         ``homes``: where each host's home folder is kept (default: inside ``folder``);
         ``shared_home``: one home folder for every host (test VMs: as if their image were
-        made after the first had installed cloudlab's environment)."""
+        made after the first had installed cloudlab's environment); ``gpus``: host index ->
+        the names of the GPUs it has (a stand-in nvidia-smi lists them: no GPU is here)."""
         # Unique per process and per network in it (interface names: 15 characters at most).
         tag = (os.getpid() % 10_000) * 10 + next(_networks) % 10
         self.bridge = f"clbr{tag}"
@@ -121,6 +123,7 @@ class HostNetwork(Started):
         self.tag = tag
         self.homes = homes or folder / "homes"
         self.shared_home = shared_home
+        self.gpus = gpus or {}
         self._added = 0
         self.hosts = [self._host(f"{self.subnet}.{11 + i}", i, tuple(filter(None, [
             (private or {}).get(i)]))) for i in range(count)]
@@ -195,8 +198,10 @@ class HostNetwork(Started):
         sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
         home = self.homes / ("shared" if self.shared_home
                              else host.name.replace(f"cl{self.tag}", "host"))
+        index = int(host.name.rsplit("n", 1)[1])
+        bins = _fake_nvidia_smi(d / "bin", self.gpus[index]) if index in self.gpus else None
         _run(*host.inside(*apart(f"exec {shlex.join(sshd)}", (*HIDDEN, *host.private), home,
-                                 made=host.private)))
+                                 made=host.private, bins=bins)))
         public = (d / "host_key.pub").read_text().split()
         where = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
         return f"{where} {public[0]} {public[1]}\n"
@@ -270,11 +275,12 @@ def _kill_inside(namespace: str) -> None:
 
 
 def apart(command: str, hidden: tuple[Path, ...], home: Path | None = None,
-          made: tuple[Path, ...] = ()) -> list[str]:
+          made: tuple[Path, ...] = (), bins: Path | None = None) -> list[str]:
     """``command`` (a shell command) in a mount namespace of its own: an empty tmpfs over
-    each of ``hidden`` (made first where in ``made``), and ``home`` over root's home folder,
-    if given. What it and its children write there stays theirs, as on another machine."""
-    mounts = []
+    each of ``hidden`` (made first where in ``made``), ``home`` over root's home folder and
+    ``bins`` over /usr/local/bin, if given. What it and its children write there stays
+    theirs, as on another machine."""
+    mounts = [f"mount --bind {shlex.quote(str(bins))} /usr/local/bin"] if bins else []
     if home is not None:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         mounts.append(f"mount --bind {shlex.quote(str(home))} {shlex.quote(str(Path.home()))}")
@@ -285,6 +291,17 @@ def apart(command: str, hidden: tuple[Path, ...], home: Path | None = None,
             mounts.append(f"mount -t tmpfs -o mode=700 cloudlab-test {shlex.quote(str(folder))}")
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             " && ".join([*mounts, command])]
+
+
+def _fake_nvidia_smi(folder: Path, names: list[str]) -> Path:
+    """A folder holding an nvidia-smi that lists GPUs ``names`` as the real one does for
+    ``--query-gpu=index,name,uuid,memory.total --format=csv,noheader,nounits``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{i}, {name}, GPU-{i:08d}-fake, 23028\n" for i, name in enumerate(names))
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{rows}EOF\n")
+    script.chmod(0o755)
+    return folder
 
 
 def network_of(pid: int) -> str:

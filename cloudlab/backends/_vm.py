@@ -390,6 +390,9 @@ class VmBackend(Backend):
     async def prepare(self, preload: tuple[str, ...]) -> None:
         await self._ssh.prepare(preload)
 
+    async def gpus(self) -> tuple[list, str]:
+        return await self._ssh.gpus()
+
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         if not command.controller:
             await self._make_room()

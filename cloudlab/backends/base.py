@@ -38,6 +38,9 @@ class Command:
     #: Files the command writes that the client and the engines read (a controller's
     #: connection files): a backend that runs it on another machine brings them back.
     writes: tuple[Path, ...] = ()
+    #: The host it must run on, as the backend named it (the one holding the engine's GPU);
+    #: "": the backend chooses.
+    host: str = ""
 
 
 def last_words_file(log: Path) -> Path:
@@ -122,6 +125,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         """How many engines this backend can hold, and why no more."""
+
+    async def gpus(self) -> tuple[list, str]:
+        """The GPUs engines can be given (:class:`cloudlab.gpus.Gpu`, with the host each is
+        in), and, where there are none, why (a clause). Called after :meth:`prepare`."""
+        from ..gpus import detect
+
+        return detect()
 
     def auto_memory_limit(self, engines: int) -> int | None:
         """Bytes one of ``engines`` engines may hold when the profile says "auto"

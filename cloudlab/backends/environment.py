@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from .. import wheels
 from ..errors import ConfigError
+from ..gpus import Gpu
 from ..profiles import option
 from .ssh_hosts import HostError, SshHost, ssh_failure
 
@@ -74,7 +75,7 @@ class HostInfo:
     python_version: str
     cores: int
     memory_mb: float
-    gpus: tuple[str, ...]
+    gpus: tuple[Gpu, ...]
     markers: dict
     #: What was installed there for this start ("" where nothing was).
     installed: str = ""
@@ -125,8 +126,10 @@ def prepare(host: str, options: EnvironmentOptions, run: Runner) -> HostInfo:
         else:
             run(shlex.join([options.python, "-c", SCRIPT, "touch", options.env_dir, key]),
                 None, 30)
+    found = tuple(Gpu(g["index"], g["name"], g["uuid"], g["memory_mb"], host)
+                  for g in facts["gpus"])
     return HostInfo(host, python, facts["python_version"], int(facts["cores"]),
-                    float(facts["memory_mb"]), tuple(facts["gpus"]), markers, installed)
+                    float(facts["memory_mb"]), found, markers, installed)
 
 
 def environment_key(own: Path, pins: wheels.Pins, markers: dict) -> str:

@@ -158,6 +158,12 @@ class SshBackend(Backend):
             self._preparing = asyncio.ensure_future(every_host())
         return await asyncio.shield(self._preparing)
 
+    async def gpus(self) -> tuple[list, str]:
+        info = await self.host_info()
+        found = [g for host in self.hosts for g in info[host].gpus]
+        return found, "" if found else (f"no host offers one (nvidia-smi lists none on "
+                                         f"{', '.join(map(str, self.hosts))})")
+
     async def _python_on(self, host: SshHost) -> str:
         info = await self.host_info()
         if host not in info:  # (a host added since: a VM for a replacement)
@@ -177,7 +183,8 @@ class SshBackend(Backend):
             self._copied_to.add(host)
             await asyncio.to_thread(self._send_files, host, _tree(self.workdir))
         else:
-            host = self._assigned[command.name] = self._least_loaded()  # (before any await)
+            host = self._assigned[command.name] = (  # (before any await)
+                self._host_named(command.host) if command.host else self._least_loaded())
             await self._copy_files(host, command.files)
         process = self._start(host, command, await self._python_on(host))
         if command.controller:
@@ -194,6 +201,12 @@ class SshBackend(Backend):
             if host in load and (process is None or process.popen.poll() is None):
                 load[host] += 1
         return load
+
+    def _host_named(self, name: str) -> SshHost:
+        for host in self.hosts:
+            if str(host) == name:
+                return host
+        raise StartError(f"No host {name} in this cluster any more (its VM went away?).")
 
     def _least_loaded(self) -> SshHost:
         """The host running the fewest engines now (the first of those, in the given order)."""
