@@ -29,7 +29,7 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="backend name (default: the profile's)")
     parser.add_argument("--gpus", help="all, or a count: one engine per GPU (default: none)")
     parser.add_argument("--mpi", action="store_true", default=None,
-                        help="the engines are the ranks of one MPI job (local backend)")
+                        help="the engines are the ranks of one MPI job (local and ssh backends)")
 
 
 def build_parser() -> argparse.ArgumentParser:

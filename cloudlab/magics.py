@@ -32,7 +32,7 @@ CLUSTER_HELP = """Start, inspect, resize and stop parallel engines.
         Profiles are profiles/*.toml and ~/.cloudlab/profiles/*.toml (default: local).
         --gpus: one engine per GPU (all of them, or the first N), each seeing only its own.
         --mpi: the engines are the ranks of one MPI job (mpirun; mpi4py's COMM_WORLD),
-        of fixed size (local backend).
+        of fixed size (local and ssh backends).
     %cluster status [NAME]        Each engine: id, host, pid, state (queued/starting/idle/busy/
                                   dead); a queued engine says why it waits (a Slurm reason).
     %cluster scale N [NAME]       Grow or shrink the active (or named) cluster to N engines.

@@ -51,7 +51,7 @@ class ClusterOptions:
                        "\"2\", or \"none\" (engines on CPU cores).")
     mpi: bool = option(False, "Start the engines together as the ranks of one MPI job "
                        "(mpirun), so code on them shares mpi4py's COMM_WORLD; its size is "
-                       "fixed, and a dead rank ends them all. Local backend.")
+                       "fixed, and a dead rank ends them all. Local and ssh backends.")
     description: str = option("", "One line shown by `cloudlab profiles` and `%cluster list`.")
 
 

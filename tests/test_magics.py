@@ -78,7 +78,7 @@ def test_stop_all_stops_every_cluster(ip, capsys):
     ("cluster scale 4", "No cluster is running: start one with %cluster start N first"),
     ("cluster status", "No cluster is running"),
     ("cluster stop", "nothing to stop"),
-    ("cluster", "needs a command: start, status, scale, stop or list"),
+    ("cluster", "needs a command: start, status, scale, stop, list or sync"),
     ("cluster launch 3", "invalid choice: 'launch'"),
     ("push", "needs variable names"),
     ("push undefined_name", "'undefined_name' is not defined in this notebook"),

@@ -161,9 +161,9 @@ class Backend(abc.ABC):
 
     def check_mpi(self) -> None:
         """Raise ConfigError, in one sentence, where engines cannot start as an MPI job."""
-        raise ConfigError(f"MPI engines start on the local backend only; the {self.name} "
-                          f"backend starts each engine on its own: drop mpi, or use "
-                          f"backend=\"local\".")
+        raise ConfigError(f"MPI engines start on the local and ssh backends only; the "
+                          f"{self.name} backend starts each engine on its own: drop mpi, or "
+                          f"use backend=\"local\" or \"ssh\".")
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
         """Start ``commands`` together as the ranks of one MPI job, in order."""

@@ -91,12 +91,18 @@ def agent_command(python: str, cluster: str, command: Command, lease: float,
     No path of the client's goes with it: the user's own modules reach the engines as
     code (:mod:`cloudlab.usercode`), wherever they run.
     """
+    return shlex.join(agent_argv(python, cluster, command, lease, lease_from, env))
+
+
+def agent_argv(python: str, cluster: str, command: Command, lease: float,
+               lease_from: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """:func:`agent_command` as a list of words (``env K=V ... python -m cloudlab._agent``)."""
     env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": cluster,
            **(env or {}), **command.env}
-    return shlex.join([
-        "env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab._agent",
-        "--lease", str(lease), *(("--lease-from", lease_from) if lease_from else ()),
-        "--title", process_title(cluster, command.name), command.entry, "--", *command.args])
+    return ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab._agent",
+            "--lease", str(lease), *(("--lease-from", lease_from) if lease_from else ()),
+            "--title", process_title(cluster, command.name), command.entry, "--",
+            *command.args]
 
 
 class LeaseServer:

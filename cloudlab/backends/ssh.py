@@ -22,6 +22,7 @@ the heartbeats stop arriving and the engine ends itself (:mod:`cloudlab._agent`)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -33,12 +34,14 @@ from pathlib import Path
 
 from ..errors import ConfigError, StartError
 from ..profiles import option
+from . import ssh_mpi
 from .base import Backend, Command, Launched, read_tail
 from .environment import EnvironmentOptions, HostInfo, check_options, ssh_runner
 from .environment import prepare as prepare_host
 from .local import LocalBackend, LocalOptions
 from .remote import (
     FILE_WAIT,
+    LeaseServer,
     address_towards,
     agent_command,
     check_lease,
@@ -68,6 +71,9 @@ class SshOptions(EnvironmentOptions):
     controller_address: str = option("", "With controller_host: the address the controller "
                                      "listens on and the hosts reach it at, where that is not "
                                      "the one you reach it at (a cloud VM's private address).")
+    mpi_args: tuple[str, ...] = option((), "More mpirun options for --mpi across the hosts, "
+                                       "e.g. [\"--mca\", \"btl_tcp_if_include\", "
+                                       "\"10.0.0.0/24\"].")
 
 
 class SshProcess(Launched):
@@ -130,6 +136,9 @@ class SshBackend(Backend):
         self._tunnels: list[subprocess.Popen] = []  # ssh -L to the controller's host
         self._assigned: dict[str, SshHost] = {}  # engine name -> the host it was put on
         self._controller: Launched | None = None
+        self._worlds: list[subprocess.Popen] = []  # mpirun of an MPI cluster (--mpi)
+        self._lease: LeaseServer | None = None  # what its ranks hold a lease on
+        self._mpi = False
 
     @property
     def controller_ip(self) -> str:
@@ -148,9 +157,11 @@ class SshBackend(Backend):
         """Every host probed and its environment ready (once; at once for all hosts)."""
         if self._preparing is None:
             hosts = list(dict.fromkeys([*self.hosts, *filter(None, [self.controller_host])]))
+            options = self.options if not self._mpi else dataclasses.replace(
+                self.options, host_packages=(*self.options.host_packages, "mpi4py"))
             async def every_host() -> dict[SshHost, HostInfo]:
                 found = await asyncio.gather(*(asyncio.to_thread(
-                    prepare_host, str(h), self.options, ssh_runner(
+                    prepare_host, str(h), options, ssh_runner(
                         h, self.options.identity_file, self.options.known_hosts))
                     for h in hosts))
                 return dict(zip(hosts, found))
@@ -191,6 +202,31 @@ class SshBackend(Backend):
             self._controller = process
             self._fetching = asyncio.ensure_future(self._fetch_files(host, command.writes))
         return process
+
+    def check_mpi(self) -> None:
+        import importlib.util
+
+        ssh_mpi.check(self.hosts, importlib.util.find_spec("mpi4py") is not None)
+        self._mpi = True
+
+    async def launch_world(self, commands: list[Command]) -> list[Launched]:
+        """The engines as the ranks of one MPI job, placed on the hosts in turn."""
+        info = await self.host_info()
+        placed = [self.hosts[i % len(self.hosts)] for i in range(len(commands))]
+        for host, command in zip(placed, commands):
+            await self._copy_files(host, command.files)
+        if self._lease is None:
+            self._lease = LeaseServer(self._address, self.options.lease / 4)
+        argv = ssh_mpi.mpirun_argv(
+            [(h, info[h].python) for h in placed], commands, self.cluster_name,
+            self.options.lease, self._lease.address, self.options.identity_file,
+            self.options.known_hosts, tuple(self.options.mpi_args))
+        log = self.workdir / "mpi-world.log"
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+            world = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._worlds.append(world)
+        return [ssh_mpi.RemoteRank(c.name, h, world, log) for c, h in zip(commands, placed)]
 
     def load(self) -> dict[SshHost, int]:
         """Engines on each host now, those still starting included."""
@@ -286,6 +322,11 @@ class SshBackend(Backend):
                         pass
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
+        worlds = list({id(p.world): p.world for p in launched
+                       if isinstance(p, ssh_mpi.RemoteRank)}.values())
+        for world in worlds:  # mpirun ends its ranks on every host
+            world.terminate()
+        launched = [p for p in launched if not isinstance(p, ssh_mpi.RemoteRank)]
         local = [p for p in launched if not isinstance(p, SshProcess)]
         remote = [p for p in launched if isinstance(p, SshProcess)]
         for process in remote:  # a closed input ends the engine's whole group there at once
@@ -303,6 +344,12 @@ class SshBackend(Backend):
             if process in self._engines:
                 self._engines.remove(process)
             self._assigned.pop(process.name, None)
+        for world in worlds:
+            try:
+                await asyncio.to_thread(world.wait, max(grace, 5.0))
+            except subprocess.TimeoutExpired:
+                world.kill()
+                world.wait()
         if local:
             await self._local.terminate(local, grace)
 
@@ -349,6 +396,8 @@ class SshBackend(Backend):
 
     async def close(self) -> None:
         self._closing.set()
+        if self._lease is not None:
+            self._lease.close()
         for tunnel in self._tunnels:
             tunnel.stdin.close()
             tunnel.kill()

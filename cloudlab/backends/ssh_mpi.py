@@ -1,0 +1,74 @@
+"""MPI worlds across SSH hosts: ``--mpi`` on the ssh backend.
+
+The engines start as the ranks of one Open MPI job whose ``mpirun`` runs on the client and
+reaches the hosts with the cluster's own ssh settings (its ``plm_rsh_agent``); ranks go to
+the hosts in turn, so neighbours in the ring are on different hosts. Each rank runs the
+engine under cloudlab's agent with its host's Python (cloudlab's environment there, which
+gets the client's mpi4py), and holds a lease on the client over a TCP connection (as Slurm
+jobs do): it ends when the client dies or the link stays cut. The hosts need Open MPI, the
+version the client's ``mpirun`` has; ``mpi_args`` adds mpirun options (which network to use,
+say: ``["--mca", "btl_tcp_if_include", "10.0.0.0/24"]``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import ConfigError
+from .base import Command, Launched, read_tail
+from .remote import agent_argv
+from .ssh_hosts import SshHost, ssh_command
+
+
+class RemoteRank(Launched):
+    """An engine that is one rank of an MPI job across the hosts: it lives and ends with
+    the job's ``mpirun``, which runs here."""
+
+    def __init__(self, name: str, host: SshHost, world: subprocess.Popen, log: Path):
+        self.name, self.host, self.pid = name, host.address, None
+        self.world, self.log = world, log
+
+    def exit_code(self) -> int | None:
+        return self.world.poll()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return read_tail(self.log, lines)
+
+
+def check(hosts: list[SshHost], client_has_mpi4py: bool) -> None:
+    """One sentence naming the fix where an MPI job cannot span ``hosts`` from here."""
+    if shutil.which("mpirun") is None:
+        raise ConfigError("MPI engines on SSH hosts start through this machine's mpirun, which "
+                          "is not installed: install Open MPI here, the version the hosts "
+                          "have (Debian: apt-get install openmpi-bin libopenmpi-dev).")
+    if not client_has_mpi4py:
+        raise ConfigError("MPI engines need mpi4py, and the hosts get this client's version: "
+                          "pip install mpi4py here (or cloudlab's mpi extra).")
+    if len({(h.user, h.port) for h in hosts}) > 1:
+        raise ConfigError("An MPI job spans hosts that mpirun reaches alike: give every host "
+                          "the same SSH user and port.")
+
+
+def mpirun_argv(placed: list[tuple[SshHost, str]], commands: list[Command], cluster: str,
+                lease: float, lease_from: str, identity_file: str, known_hosts: str,
+                extra: tuple[str, ...]) -> list[str]:
+    """The mpirun command line: rank ``i`` is ``commands[i]`` on ``placed[i]`` (its host and
+    the Python engines run there), one app context each."""
+    host = placed[0][0]
+    # How mpirun reaches each host: the cluster's ssh, less the host and command it adds.
+    agent = ssh_command(host, "", identity_file, known_hosts)[:-2]
+    if host.user:
+        agent += ["-l", host.user]
+    argv = ["mpirun", "--bind-to", "none", "--oversubscribe",
+            "--mca", "plm_rsh_agent", shlex.join(agent), *extra]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    for rank, ((where, python), command) in enumerate(zip(placed, commands)):
+        argv += [":"] if rank else []  # the next app context
+        argv += ["-n", "1", "--host", where.address,
+                 *agent_argv(python, cluster, command, lease, lease_from)]
+    return argv
