@@ -177,3 +177,20 @@ def test_the_users_own_module_reaches_the_hosts_and_its_edits_follow(test_hosts,
         sys.path.remove(str(folder))
         sys.modules.pop(name, None)
         shutil.rmtree(folder)
+
+
+def test_a_python_of_the_users_in_a_bare_venv_is_what_the_environment_is_made_from(
+        test_hosts):
+    # As a user names it: python = the host's own venv, which has nothing installed.
+    for host in test_hosts.hosts:
+        made = host.ssh("rm -rf /root/bare && /usr/bin/python3 -m venv /root/bare && "
+                        "/root/bare/bin/python -c 'import cloudlab'")
+        assert "No module named 'cloudlab'" in made.stderr
+    with cloudlab.Cluster(2, **_options(test_hosts, python="/root/bare/bin/python")) as c:
+        pythons = set(c.run(lambda: __import__("sys").executable).values())
+        assert len(pythons) == 1 and pythons.pop().startswith("/root/.cache/cloudlab/envs/")
+        assert c.map(abs, range(-2, 2)) == [2, 1, 0, 1]
+    for host in test_hosts.hosts:  # the user's venv is left as it was
+        assert host.ssh("/root/bare/bin/python -m pip list --format=freeze").stdout.split() \
+            == host.ssh("/usr/bin/python3 -m venv /tmp/fresh && /tmp/fresh/bin/python -m pip "
+                        "list --format=freeze; rm -rf /tmp/fresh").stdout.split()
