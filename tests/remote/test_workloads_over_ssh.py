@@ -50,3 +50,12 @@ def test_classify_gives_one_row_per_document_on_the_hosts(ssh_profile):
     assert figures["backend"] == "ssh" and figures["workers"] == 2
     assert figures["documents"] == figures["rows"] == 4000
     assert figures["accuracy"] > 0.75
+
+
+def test_a_proton_ct_reconstruction_on_the_hosts(ssh_profile):
+    figures = _run("pct", "--size", "small", "--engines", "2", "--engine", "dask",
+                   "--profile", ssh_profile)
+    assert figures["backend"] == "ssh" and figures["engines"] == 2
+    # The small CTP404 case, scored as on this machine (tests/pct/test_parallel.py).
+    assert figures["max_insert_error_pct"] <= 1.0
+    assert figures["rmse"] <= 0.040 and figures["rmse"] < figures["rmse_fbp"]
