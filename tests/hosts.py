@@ -252,26 +252,15 @@ class HostNetwork(Started):
         return any(h.name in namespaces for h in self.hosts) or f" {self.bridge}:" in links
 
 
-#: pyenv's rehash, which a root login shell of this machine runs (~/.bashrc), holds this lock
-#: while it runs; killed with a host, it leaves the lock behind and every later login waits
-#: for it, a minute each.
-PYENV_LOCK = Path.home() / ".pyenv" / "shims" / ".pyenv-shim"
-
-
 def _kill_inside(namespace: str) -> None:
-    """SIGKILL every process in network namespace ``namespace`` (and drop a lock one of
-    them may have held: PYENV_LOCK)."""
+    """SIGKILL every process in network namespace ``namespace``."""
     pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
                           text=True).stdout.split()
-    rehashing = False
     for pid in pids:
         try:
-            rehashing |= "pyenv-rehash" in Path(f"/proc/{pid}/cmdline").read_text()
             os.kill(int(pid), 9)
         except (OSError, ValueError):
             pass
-    if rehashing:
-        PYENV_LOCK.unlink(missing_ok=True)
 
 
 def apart(command: str, hidden: tuple[Path, ...], home: Path | None = None,
