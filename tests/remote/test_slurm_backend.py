@@ -158,3 +158,18 @@ def test_a_link_cut_longer_than_the_lease_ends_that_nodes_engines(test_slurm, tm
         assert LEASE * 0.75 <= seconds <= LEASE * 2 + 1
         assert network.cloudlab_processes()[network.hosts[0].name]
     assert wait_until_gone(c.name, 10) == []
+
+
+def test_the_workloads_run_unchanged_on_the_nodes(test_slurm, tmp_path, corpus):
+    """pi and the classifier on Slurm jobs: values reach the nodes (pushed), no path."""
+    import math
+
+    from cloudlab.workloads import classify, pi
+
+    with cloudlab.Cluster(2, engine="dask", **_options(test_slurm, tmp_path)) as c:
+        estimate = pi.estimate(c, 2e8)
+        assert abs(estimate.estimate - math.pi) < 5 * estimate.stderr
+        docs = corpus[:3000]
+        run = classify.run_corpus(c, docs)
+        assert run.rows == run.documents == 3000 and run.accuracy > 0.75
+    assert _live_jobs(test_slurm, c.name) == []
