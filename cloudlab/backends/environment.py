@@ -187,6 +187,11 @@ def _install(host: str, options: EnvironmentOptions, run: Runner, key: str, own:
         said = done.stderr.decode(errors="replace").strip()
         lines = [line for line in said.splitlines() if line.startswith("ERROR")] or \
             said.splitlines()[-3:] or ["no output"]
+        if "ensurepip" in said:
+            raise HostError(f"Host {host}: {options.python} cannot make a virtual environment "
+                            f"(no ensurepip): install python3-venv there (Debian, Ubuntu: "
+                            f"apt-get install python3-venv), or name another Python with "
+                            f"python = \"...\".")
         fix = ("check that it reaches its package index (or give index_url), or set packages "
                "= \"client\" to send them from here" if source == "index" else
                "see the log beside the environment there")
