@@ -27,6 +27,8 @@ from hosts import Started
 
 #: The hosts' Python (Debian's, with nothing installed).
 HOST_PYTHON = "/usr/bin/python3"
+#: Packages served beside the engines' own: what tests name in host_packages.
+EXTRA = ("pytest",)
 
 
 def host_markers() -> dict:
@@ -46,7 +48,9 @@ class PackageIndex(Started):
     def _start(self) -> None:
         simple = self.folder / "simple"
         markers = host_markers()
-        for wheel in wheels.client_wheels(wheels.engine_pins(markers=markers), markers):
+        # The engines' packages, and pytest, which the contract suite's module imports there.
+        pins = wheels.engine_pins(EXTRA, markers=markers)
+        for wheel in wheels.client_wheels(pins, markers):
             name = wheels.canonical(wheel.name.split("-")[0])
             (simple / name).mkdir(parents=True, exist_ok=True)
             (simple / name / wheel.name).symlink_to(wheel)

@@ -210,3 +210,20 @@ def test_a_spot_interruption_is_named_as_such():
         "lost its spot instance i-0spot: AWS took it back (Server.SpotInstanceTermination: "
         "Spot instance termination)")
     assert backend._vms == {}  # it takes no more engines
+
+
+def test_the_classifier_runs_unchanged_on_the_vms(ec2_cloud, write_profile):
+    """`cloudlab run classify` on VMs that share nothing with the client: one row per
+    document (the model and corpus are pushed, not read from the client's files)."""
+    import json
+
+    api, vms, options = ec2_cloud
+    done = subprocess.run([sys.executable, "-m", "cloudlab.cli", "run", "classify",
+                           "--engines", "2", "--limit", "3000", "--profile",
+                           write_profile("moto-ec2", options), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["backend"] == "ec2" and figures["workers"] == 2
+    assert figures["documents"] == figures["rows"] == 3000 and figures["accuracy"] > 0.75
+    assert _running(api) == []  # its VMs went with it
