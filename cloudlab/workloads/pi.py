@@ -183,7 +183,8 @@ def estimate(cluster, samples: float, seed: int = 0, tasks: int | None = None,
     engine, or eight per engine with ``plot``). With ``plot=True`` a figure of
     the estimate converging, with its error band, updates as tasks finish. The
     time reported covers the parallel count only; the kernel is compiled once
-    here, so engines load it from Numba's cache. ``device``: ``cpu``, ``gpu``
+    here, so engines on this machine load it from Numba's cache (engines on other
+    machines compile it once there, before the clock starts). ``device``: ``cpu``, ``gpu``
     (one GPU per engine: a cluster started with ``--gpus``) or ``auto`` (gpu
     where the cluster has GPUs); both count exactly the same points.
     """

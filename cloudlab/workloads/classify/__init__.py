@@ -262,7 +262,9 @@ def prepare(args) -> tuple[list[Document], str]:
     """The documents, read before any engine starts (so a bad path starts nothing)."""
     if args.corpus is None:
         docs, about = default_corpus()
-        return docs[:args.limit], about
+        if args.limit is not None and args.limit < len(docs):
+            return docs[:args.limit], f"the first {args.limit:,} of {about}"
+        return docs, about
     return load_arxiv(args.corpus, limit=args.limit), str(args.corpus)
 
 
