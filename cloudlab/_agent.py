@@ -223,6 +223,12 @@ def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
     with ``lease``, on the heartbeats arriving on standard input or from ``lease_from``)."""
     if lease is None and not _alive(owner_pid):
         end_everything(cleanup)
+    if lease is not None:
+        # On another machine: the environment cloudlab keeps there (if this is one) is in
+        # use, so the host keeps it when it removes older ones.
+        from ._hostenv import MARKER
+
+        _touch(os.path.join(sys.prefix, MARKER))
     start_watchdog(owner_pid, cleanup, lease, lease_from)
     os.umask(0o077)  # connection files, keys and logs: the owner's only
     if os.environ.get(MEMORY_LIMIT):

@@ -31,7 +31,7 @@ import sys
 import tarfile
 import time
 
-MARKER = "cloudlab-env.json"
+MARKER = "cloudlab-env.json"  # (cloudlab._agent touches it when an engine starts there)
 KEEP = 3  # environments kept per host (the newest used)
 
 
@@ -107,11 +107,6 @@ def probe(root, own):
         "gpus": _gpus(), "environments": ready,
         "versions": _versions() if own == "own" else None,
     }))
-
-
-def touch(root, key):
-    """The environment ``key`` is used now: kept when older ones go."""
-    os.utime(os.path.join(os.path.expanduser(root), key, MARKER))
 
 
 def _pip(python, args, log):
@@ -198,4 +193,4 @@ def _prune(root, key):
 
 
 if __name__ == "__main__":
-    {"probe": probe, "install": install, "touch": touch}[sys.argv[1]](*sys.argv[2:4])
+    {"probe": probe, "install": install}[sys.argv[1]](*sys.argv[2:4])

@@ -1,8 +1,9 @@
 """The environment engines run in on a host that shares nothing with the client.
 
 Each host is probed by its own Python (:mod:`cloudlab._hostenv`, standard library only),
-through a *runner*: ssh to that host, or a Slurm job on a node. Unless the profile says the host's Python is one the user keeps
-(``environment = "own"``), cloudlab keeps an environment of its own there, one per client
+through a *runner*: ssh to that host, or a Slurm job on a node. Unless the profile says the
+host's Python is one the user keeps (``environment = "own"``), cloudlab keeps an
+environment of its own there, one per client
 cloudlab and pinned versions (the *key*), under ``env_dir``: a venv holding the engines'
 packages at this client's versions and this client's cloudlab, from a wheel of the
 installed copy (:mod:`cloudlab.wheels`). The packages come from the host's package index
@@ -31,7 +32,7 @@ from .. import wheels
 from ..errors import ConfigError
 from ..gpus import Gpu
 from ..profiles import option
-from .ssh_hosts import HostError, SshHost, ssh_failure
+from .ssh_hosts import HostError, SshHost, ssh_command, ssh_failure
 
 #: The script a host's Python runs: this module's sibling, sent as source.
 SCRIPT = (Path(__file__).resolve().parent.parent / "_hostenv.py").read_text()
@@ -123,9 +124,6 @@ def prepare(host: str, options: EnvironmentOptions, run: Runner) -> HostInfo:
             source = package_source(options.packages, markers)
             python = _install(host, options, run, key, own, pins, markers, source)
             installed = f"{key} ({len(pins.constraints)} packages from {source})"
-        else:
-            run(shlex.join([options.python, "-c", SCRIPT, "touch", options.env_dir, key]),
-                None, 30)
     found = tuple(Gpu(g["index"], g["name"], g["uuid"], g["memory_mb"], host)
                   for g in facts["gpus"])
     return HostInfo(host, python, facts["python_version"], int(facts["cores"]),
@@ -226,7 +224,6 @@ def _check_versions(host: str, python: str, versions: dict, pins: wheels.Pins) -
 
 def ssh_runner(host: SshHost, identity_file: str = "", known_hosts: str = "") -> Runner:
     """Commands run on ``host`` over ssh; HostError for ssh's own failures and timeouts."""
-    from .ssh_hosts import ssh_command
 
     def run(remote: str, stdin: bytes | None, timeout: float) -> subprocess.CompletedProcess:
         try:
