@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import importlib.metadata as metadata
 import io
@@ -78,11 +79,30 @@ def _installed() -> dict[str, metadata.Distribution]:
 def engine_pins(extra: tuple[str, ...] = (), markers: dict[str, str] | None = None) -> Pins:
     """cloudlab's dependencies that engines import (and ``extra``, more packages the user's
     engines need), each with everything it needs, at the versions installed here; what is
-    needed is judged by the host's environment ``markers`` (default: this one's)."""
+    needed is judged by the host's environment ``markers`` (default: this one's).
+
+    Worked out once per set of markers (every host of a cluster asks) until a package is
+    installed or removed here (a site-packages folder changes)."""
+    return _engine_pins(tuple(extra), tuple(sorted((markers or {}).items())), _site_stamp())
+
+
+def _site_stamp() -> tuple[int, ...]:
+    """What changes when a distribution is installed or removed here."""
+    import site
+
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return tuple(os.stat(f).st_mtime_ns for f in folders if os.path.isdir(f))
+
+
+@functools.lru_cache(maxsize=16)
+def _engine_pins(extra: tuple[str, ...], markers: tuple[tuple[str, str], ...],
+                 _stamp: tuple[int, ...]) -> Pins:
     from packaging.requirements import Requirement
 
+    environment = {**dict(markers), "extra": ""}
+
     def applies(req: Requirement) -> bool:
-        return req.marker is None or req.marker.evaluate({**(markers or {}), "extra": ""})
+        return req.marker is None or req.marker.evaluate(environment)
 
     installed = _installed()
     own = installed.get(OWN)
