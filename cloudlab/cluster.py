@@ -758,17 +758,19 @@ class Cluster(EngineNamespaces):
 
     def _code_current(self) -> bool:
         """Whether the engines have the user's modules as they are now (a cheap look)."""
-        bundle = usercode.watcher().current()
+        return self._engines_have(usercode.watcher().current())
+
+    def _engines_have(self, bundle: usercode.Bundle | None) -> bool:
         return bundle is None or (self.code is not None and bundle.digest == self.code.digest)
 
     async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None:
         self._require_running()
         bundle = await _aio.to_thread(usercode.watcher().current, rescan) \
             if rescan else usercode.watcher().current()
-        if bundle is None or (self.code is not None and bundle.digest == self.code.digest):
+        if self._engines_have(bundle):
             return self.code
         async with self._code_lock:
-            if self.code is None or bundle.digest != self.code.digest:
+            if not self._engines_have(bundle):
                 ids = sorted(self._ready & set(self._processes))
                 if ids:
                     await self._install_code(ids, bundle)

@@ -136,7 +136,6 @@ class SshBackend(Backend):
         self._tunnels: list[subprocess.Popen] = []  # ssh -L to the controller's host
         self._assigned: dict[str, SshHost] = {}  # engine name -> the host it was put on
         self._controller: Launched | None = None
-        self._worlds: list[subprocess.Popen] = []  # mpirun of an MPI cluster (--mpi)
         self._lease: LeaseServer | None = None  # what its ranks hold a lease on
         self._mpi = False
 
@@ -159,6 +158,7 @@ class SshBackend(Backend):
             hosts = list(dict.fromkeys([*self.hosts, *filter(None, [self.controller_host])]))
             options = self.options if not self._mpi else dataclasses.replace(
                 self.options, host_packages=(*self.options.host_packages, "mpi4py"))
+
             async def every_host() -> dict[SshHost, HostInfo]:
                 found = await asyncio.gather(*(asyncio.to_thread(
                     prepare_host, str(h), options, ssh_runner(
@@ -225,7 +225,6 @@ class SshBackend(Backend):
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             world = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self._worlds.append(world)
         return [ssh_mpi.RemoteRank(c.name, h, world, log) for c, h in zip(commands, placed)]
 
     def load(self) -> dict[SshHost, int]:
@@ -288,11 +287,12 @@ class SshBackend(Backend):
         # read the same files (two tars writing one file at once fail).
         async with self._copying.setdefault(host, asyncio.Lock()):
             sent = self._sent.setdefault(host, {})
-            new = tuple(f for f in files if sent.get(f) != Path(f).stat().st_mtime_ns)
+            stamps = {f: Path(f).stat().st_mtime_ns for f in files}
+            new = tuple(f for f in files if sent.get(f) != stamps[f])
             if new:
                 self._copied_to.add(host)
                 await asyncio.to_thread(self._send_files, host, new)
-                sent.update({f: Path(f).stat().st_mtime_ns for f in new})
+                sent.update({f: stamps[f] for f in new})
 
     def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
         folders = " ".join(map(shlex.quote, parent_folders(files)))
