@@ -84,8 +84,11 @@ class Launched(abc.ABC):
         """The last lines the process wrote, for error messages."""
 
     def last_line(self) -> str:
-        """The last line the process wrote ("(no output)" if none), for one-line errors."""
-        return (self.log_tail(5).splitlines() or ["(no output)"])[-1].strip()
+        """The last line the process wrote ("(no output)" if none), for one-line errors;
+        rules of dashes or stars (mpirun's boxes) are not lines that say anything."""
+        said = [line.strip() for line in self.log_tail(10).splitlines()
+                if any(c.isalnum() for c in line)]
+        return (said or ["(no output)"])[-1]
 
     def waiting(self) -> str | None:
         """Why the process has not started yet, where it waits its turn (a batch queue's
