@@ -610,6 +610,11 @@ class Cluster(EngineNamespaces):
             job.cancel(why)
         return len(jobs)
 
+    def service_place(self):
+        """Where a service for the engines (a work queue) can live so that every engine
+        reaches it (:class:`~cloudlab.backends.base.ServicePlace`)."""
+        return self._backend.service_place()
+
     # ------------------------------------------------------------------ status
     def cost(self):
         """What this cluster's cloud VMs cost: ``instances`` running, ``dollars_per_hour``

@@ -155,17 +155,21 @@ class FakeVms(TestVms):
         reply = self.ec2.describe_instances(Filters=[
             {"Name": "tag-key", "Values": [_vm.TAG_CLUSTER]}])
         for reservation in reply["Reservations"]:
+            # EC2 gives every instance of a launch its instance profile; moto records it for
+            # the first one only.
+            profile = next(filter(None, (i.get("IamInstanceProfile")
+                                         for i in reservation["Instances"])), None)
             for i in reservation["Instances"]:
                 vm, state = i["InstanceId"], i["State"]["Name"]
                 if state in ("pending", "running") and vm not in self.seen:
                     self.seen.add(vm)  # (booted once, even if that fails)
-                    self._boot(i)
+                    self._boot(i, profile)
                 elif state in ("shutting-down", "terminated") and vm in self.hosts:
                     self.remove(vm)
                 if vm in self.hosts and self.shut_down(vm):
                     self.ec2.terminate_instances(InstanceIds=[vm])
 
-    def _boot(self, instance: dict) -> None:
+    def _boot(self, instance: dict, profile: dict | None) -> None:
         from botocore.exceptions import ClientError
 
         vm = instance["InstanceId"]
@@ -176,7 +180,23 @@ class FakeVms(TestVms):
             return  # its cluster was deleted (by gc) before it booted: it is being terminated
         data = self.ec2.describe_instance_attribute(InstanceId=vm, Attribute="userData")
         self.boot(vm, instance["PrivateIpAddress"], key,
-                  base64.b64decode(data["UserData"]["Value"]), ["ec2", vm])
+                  base64.b64decode(data["UserData"]["Value"]),
+                  ["ec2", vm, *self._role(vm, profile)])
+
+    def _role(self, vm: str, profile: dict | None) -> list[str]:
+        """The instance profile's role and credentials for it, as EC2 gets them (STS)."""
+        if not profile:
+            return []
+        import boto3
+
+        endpoint, region = self.ec2.meta.endpoint_url, self.ec2.meta.region_name
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name=region)
+        role = iam.get_instance_profile(InstanceProfileName=profile["Arn"].split("/")[-1])[
+            "InstanceProfile"]["Roles"][0]
+        sts = boto3.client("sts", endpoint_url=endpoint, region_name=region)
+        credentials = sts.assume_role(RoleArn=role["Arn"], RoleSessionName=vm)["Credentials"]
+        credentials["Expiration"] = credentials["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
+        return [role["RoleName"], json.dumps(credentials)]
 
 
 class AzureVms(TestVms):

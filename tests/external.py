@@ -40,14 +40,15 @@ def redis_url():
 
 @pytest.fixture(scope="module")
 def moto_endpoint(monkeypatch_module):
-    """A real EC2/SQS/DynamoDB-compatible HTTP endpoint on loopback (moto_server)."""
+    """A real EC2/IAM/STS/SQS/DynamoDB-compatible HTTP endpoint (moto_server), at loopback
+    here; test VMs reach it on the host network's client address."""
     binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(binary).exists():
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
+    process = subprocess.Popen([binary, "-H", "0.0.0.0", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for name, value in (("AWS_ACCESS_KEY_ID", "AKIACLOUDLABTESTKEY1"),
@@ -112,7 +113,9 @@ def ec2_cloud(moto_endpoint, tmp_path_factory, package_index, host_homes):
         vpc = api.client.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
         subnet = api.client.create_subnet(VpcId=vpc, CidrBlock=f"{network.subnet}.0/24")
         with FakeVms(network, api.client, tmp_path_factory.mktemp("fake")) as vms:
-            options = {"backend": "ec2", "endpoint_url": moto_endpoint, "image": ami,
+            # (The endpoint where the VMs reach it too: their role's queues are there.)
+            endpoint = moto_endpoint.replace("127.0.0.1", network.client_address)
+            options = {"backend": "ec2", "endpoint_url": endpoint, "image": ami,
                        "subnet_id": subnet["Subnet"]["SubnetId"], "ssh_user": "root",
                        "client_cidr": f"{network.client_address}/32",
                        "index_url": package_index.url(network.client_address),

@@ -1,11 +1,12 @@
 """A VM's instance metadata service, as the cloud serves it, for one test host:
 
-    nsenter --net=/run/netns/HOST python tests/imds.py ec2 INSTANCE_ID
+    nsenter --net=/run/netns/HOST python tests/imds.py ec2 INSTANCE_ID [ROLE CREDENTIALS]
     nsenter --net=/run/netns/HOST python tests/imds.py azure NAME RESOURCE_ID TOKEN
 
 serves http://169.254.169.254/... inside that host's network (the address is the host's
 own, on its loopback). EC2 (IMDSv2): a session token, then the instance's id with that
-token. Azure (header Metadata: true on every request): the VM's name and resource id, and
+token, and for an instance with a profile its role's name and credentials (CREDENTIALS:
+the JSON that STS's AssumeRole gave, as EC2 itself gets them for the instance). Azure (header Metadata: true on every request): the VM's name and resource id, and
 an access token of its managed identity for Azure Resource Manager.
 """
 
@@ -16,6 +17,7 @@ import sys
 
 CLOUD = sys.argv[1]
 SESSION = secrets.token_hex(16)
+ROLES = "/latest/meta-data/iam/security-credentials/"
 
 
 class Metadata(http.server.BaseHTTPRequestHandler):
@@ -30,6 +32,8 @@ class Metadata(http.server.BaseHTTPRequestHandler):
                 return self._reply(401, "")
             if self.path == "/latest/meta-data/instance-id":
                 return self._reply(200, sys.argv[2])
+            if len(sys.argv) > 3 and self.path.startswith(ROLES):
+                return self._role(self.path[len(ROLES):].strip("/"))
             return self._reply(404, "")
         if self.headers.get("Metadata") != "true":
             return self._reply(400, '{"error": "Bad request. Required metadata header not specified"}')
@@ -44,6 +48,18 @@ class Metadata(http.server.BaseHTTPRequestHandler):
                 "resource": "https://management.azure.com/", "token_type": "Bearer"},
                 separators=(",", ":")))
         self._reply(404, "")
+
+    def _role(self, name: str):
+        role, credentials = sys.argv[3], json.loads(sys.argv[4])
+        if not name:
+            return self._reply(200, role)
+        if name != role:
+            return self._reply(404, "")
+        self._reply(200, json.dumps({
+            "Code": "Success", "LastUpdated": credentials["Expiration"], "Type": "AWS-HMAC",
+            "AccessKeyId": credentials["AccessKeyId"],
+            "SecretAccessKey": credentials["SecretAccessKey"],
+            "Token": credentials["SessionToken"], "Expiration": credentials["Expiration"]}))
 
     def _reply(self, status: int, body: str):
         self.send_response(status)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from .base import Backend, Command, Launched
+from .base import AwsScope, Backend, Command, Launched, ServicePlace
 from .environment import EnvironmentOptions
 from .ssh_hosts import SshHost, ssh_command
 
@@ -305,6 +305,14 @@ class VmBackend(Backend):
 
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         return 1024, "1024 engines per cluster"
+
+    def service_place(self) -> ServicePlace:
+        # The VMs' network rules let in nothing from outside but SSH: not this client.
+        return ServicePlace(None, self.aws_scope())
+
+    def aws_scope(self) -> AwsScope | None:
+        """The AWS services the VMs may use by a role of their own (None: none)."""
+        return None
 
     def _address(self, vm) -> str:
         return vm.public_ip if vm.public_ip and not self.options.use_private_ip else vm.private_ip

@@ -17,6 +17,27 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
+class AwsScope:
+    """AWS services the engines may use by their machines' role, not by any credential of
+    the client's: SQS queues and DynamoDB tables whose names start with ``prefix``."""
+
+    region: str
+    endpoint: str | None  # an AWS-compatible endpoint instead of AWS's own
+    prefix: str
+
+
+@dataclass(frozen=True)
+class ServicePlace:
+    """Where a service this client starts for its engines (a work queue, a results table)
+    can live so that every engine reaches it."""
+
+    #: An address of this machine that every engine reaches (None: engines cannot reach the
+    #: client, e.g. VMs behind their controller).
+    address: str | None
+    aws: AwsScope | None = None
+
+
+@dataclass(frozen=True)
 class Command:
     """What to run: ``entry`` (``module:function``) under cloudlab's agent, with ``args``."""
 
@@ -150,6 +171,11 @@ class Backend(abc.ABC):
         """Where this client connects to reach the controller's ``addresses``: there
         directly, unless the backend tunnels (a controller behind SSH)."""
         return addresses
+
+    def service_place(self) -> ServicePlace:
+        """Where services for the engines can live: on this client, at the address the
+        engines reach the controller on (this backend runs the controller here)."""
+        return ServicePlace(self.controller_ip)
 
     def cost(self) -> Any:
         """What the machines cost (:class:`._vm.Cost`), where the backend pays for them."""

@@ -3,8 +3,9 @@
 A cluster's resources on AWS, each tagged with its cluster, owner and expiry
 (:mod:`._vm`): one key pair (the public half of a key made on the client for this cluster
 only), one security group (SSH from the client's own address only, and any traffic between
-the cluster's own instances), and its instances, started so that a shutdown from inside
-terminates them. :meth:`Ec2.create` deletes whatever it created if any step fails;
+the cluster's own instances), an instance role for its own queues and tables
+(:mod:`.ec2_role`), and its instances, started so that a shutdown from inside terminates
+them. :meth:`Ec2.create` deletes whatever it created if any step fails;
 :meth:`Ec2.delete` terminates (never merely stops) and removes the rest. What the VMs run
 and how engines reach them is the cloud-independent part (:mod:`._vm`).
 """
@@ -17,10 +18,13 @@ from dataclasses import dataclass, field
 from ..errors import StartError
 from ..profiles import option
 from . import _vm
+from .base import AwsScope
+from .ec2_role import InstanceRole, scope
 
 #: Ubuntu 24.04 LTS for x86-64, as Canonical publishes it through SSM (EC2 resolves it).
 UBUNTU = "resolve:ssm:/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
+PROFILE_PROPAGATION = 60.0  # seconds to wait for EC2 to know a new instance profile
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,10 @@ class Ec2Options(_vm.VmOptions):
     subnet_id: str = option("", "Subnet to start instances in (default: the default VPC's).")
     endpoint_url: str = option("", "An EC2-compatible endpoint instead of AWS's.")
     ssh_user: str = option("ubuntu", "User to log in as on the instances.")
+    instance_role: bool = option(True, "Give the instances a role of their own that may use "
+                                 "this cluster's SQS queues and DynamoDB tables only (the "
+                                 "classifier's queue form); false where you may not create "
+                                 "IAM roles.")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Created:
     cluster: str
     key_name: str | None = None
     group_id: str | None = None
+    instance_profile: str | None = None  # its ARN
     instances: list[str] = field(default_factory=list)
 
 
@@ -77,6 +86,8 @@ class Ec2:
                 KeyName=created.key_name, PublicKeyMaterial=public_key.encode(),
                 TagSpecifications=[_tag_spec("key-pair", tags)])
             created.group_id = self._security_group(cluster, client_cidr, tags)
+            if self.options.instance_role:
+                created.instance_profile = self._instance_role(cluster)
             created.instances = self.add_instances(cluster, count, user_data, created)
         except BaseException:
             self.delete(created)
@@ -98,6 +109,26 @@ class Ec2:
             {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}])
         return group
 
+    def _instance_role(self, cluster: str) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.role.create(cluster, self.options.max_hours)
+        except ClientError as e:
+            if "AccessDenied" in e.response["Error"]["Code"]:
+                raise StartError("You may not create IAM roles here (iam:CreateRole), which "
+                                 "the instances' own access to the cluster's queues needs: "
+                                 "set instance_role = false in the profile's [ec2] table, or "
+                                 "ask your administrator for IAM rights.") from None
+            raise
+
+    @property
+    def role(self) -> InstanceRole:
+        return InstanceRole(self.options.region, self.options.endpoint_url)
+
+    def scope(self, cluster: str) -> AwsScope:
+        return scope(cluster, self.options.region, self.options.endpoint_url)
+
     def add_instances(self, cluster: str, count: int, user_data: str,
                       created: Created) -> list[str]:
         o = self.options
@@ -113,18 +144,31 @@ class Ec2:
         }
         if o.subnet_id:
             arguments["SubnetId"] = o.subnet_id
+        if created.instance_profile:
+            arguments["IamInstanceProfile"] = {"Arn": created.instance_profile}
         if o.spot:
             spot = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
             if o.max_price:
                 spot["MaxPrice"] = f"{o.max_price:.4f}"
             arguments["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
-        try:
-            reply = self.client.run_instances(**arguments)
-        except Exception as e:
-            raise self.explain(e, count) from None
+        reply = self._run_instances(arguments, count)
         ids = [i["InstanceId"] for i in reply["Instances"]]
         created.instances.extend(ids)
         return ids
+
+    def _run_instances(self, arguments: dict, count: int) -> dict:
+        # IAM is eventually consistent: for some seconds after it is made, EC2 may not know
+        # the instance profile yet.
+        deadline = time.monotonic() + PROFILE_PROPAGATION
+        while True:
+            try:
+                return self.client.run_instances(**arguments)
+            except Exception as e:
+                unknown_profile = ("InvalidParameterValue" in str(e) and
+                                   "instance profile" in str(e).lower())
+                if not unknown_profile or time.monotonic() > deadline:
+                    raise self.explain(e, count) from None
+                time.sleep(2)
 
     # ------------------------------------------------------------------ look
     def describe(self, ids: list[str] | None = None, filters: list | None = None) -> list[Vm]:
@@ -225,6 +269,9 @@ class Ec2:
         if created.key_name:
             self.client.delete_key_pair(KeyName=created.key_name)
             created.key_name = None
+        if created.instance_profile:
+            self.role.delete(created.cluster)
+            created.instance_profile = None
 
 
 class Ec2Backend(_vm.VmBackend):
@@ -252,6 +299,11 @@ class Ec2Backend(_vm.VmBackend):
         if self.options.spot and self.cloud is not None:
             return self.cloud.spot_price()
         return None
+
+    def aws_scope(self) -> AwsScope | None:
+        if self.created is None or not self.created.instance_profile:
+            return None
+        return self.cloud.scope(self.cluster_name)
 
     def lost(self, vm: Vm) -> str:
         if vm.reason.startswith("Server.SpotInstanceTermination"):
@@ -298,4 +350,11 @@ def collect_garbage(ec2: Ec2, live_clusters: set[str], dry_run: bool = False) ->
             said.append(f"{what}: {why}")
             if not dry_run:
                 delete()
+    role = ec2.role
+    for cluster, tags in role.clusters().items():
+        why = _vm.why_garbage(tags, live_clusters)
+        if why and cluster not in keep:
+            said.append(f"instance role cloudlab-{cluster}: {why}")
+            if not dry_run:
+                role.delete(cluster)
     return said

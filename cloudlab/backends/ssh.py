@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import ConfigError, StartError
 from ..profiles import option
 from . import ssh_mpi
-from .base import Backend, Command, Launched, read_tail
+from .base import Backend, Command, Launched, ServicePlace, read_tail
 from .environment import EnvironmentOptions, HostInfo, check_options, ssh_runner
 from .environment import prepare as prepare_host
 from .local import LocalBackend, LocalOptions
@@ -142,6 +142,10 @@ class SshBackend(Backend):
     @property
     def controller_ip(self) -> str:
         return self._address
+
+    def service_place(self) -> ServicePlace:
+        # With the controller on a host of its own, the hosts may have no route to the client.
+        return ServicePlace(self._address if self.controller_host is None else None)
 
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         return 64 * len(self.hosts), f"64 engines per host on {len(self.hosts)} hosts"

@@ -1,5 +1,7 @@
 """At-least-once queues and idempotent tables: Redis and SQLite here, SQS and DynamoDB
-against moto_server; then the whole queue form with a worker killed mid-run."""
+against moto_server; then the whole queue form with a worker killed mid-run. (The queue
+form on ssh hosts and EC2 VMs: tests/remote/test_workloads_over_ssh.py and
+tests/cloud/test_ec2_backend.py.)"""
 
 import dataclasses
 import os
@@ -10,7 +12,7 @@ import time
 import pytest
 
 import cloudlab
-from cloudlab.workloads.classify import queues, run_corpus, tables
+from cloudlab.workloads.classify import queues, run_corpus, services, tables
 from cloudlab.workloads.classify.work import Row
 from conftest import launched, wait_until_gone
 
@@ -68,6 +70,24 @@ def test_sqlite_table_keeps_one_row_per_document(tmp_path):
     assert [(r.key, r.predicted) for r in table.rows()] == [("a", "cs"), ("b", "math")]
 
 
+def test_a_redis_for_other_machines_answers_to_its_password_and_keeps_rows(redis_url):
+    import psutil
+    import redis
+
+    with services.redis_server(password="pw-for-this-test") as url:
+        assert url.startswith("redis://:pw-for-this-test@127.0.0.1:")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(url.replace(":pw-for-this-test@", "")).ping()
+        on_command_lines = [p.pid for p in psutil.process_iter(["cmdline"])
+                            if "pw-for-this-test" in " ".join(p.info["cmdline"] or [])]
+        assert on_command_lines == []  # (the password came on its stdin)
+        table = tables.open_table(f"{url}?name=rows")
+        table.put([_row("a"), _row("b")])
+        table.put([_row("a", predicted="cs")])
+        assert table.count() == 2
+        assert [(r.key, r.predicted) for r in table.rows()] == [("a", "cs"), ("b", "math")]
+
+
 def test_unknown_queue_or_table_urls_say_what_to_use():
     with pytest.raises(ValueError, match="Unknown queue 'kafka://x': use redis://"):
         queues.open_queue("kafka://x")
@@ -82,6 +102,9 @@ def test_sqs_and_dynamodb_through_a_real_http_endpoint(moto_endpoint):
     again = queue.take(10)
     assert sorted(m.body for m in again) == sorted(f"doc-{k}" for k in range(10))
     queue.acknowledge(again)
+    big = [f"{k:02d}" + "x" * (queues.MESSAGE_BYTES - 2) for k in range(12)]
+    queue.put(big)  # (SQS takes batches of up to 256 KiB, here one message each)
+    assert sorted(m.body[:2] for m in queue.take(20)) == [f"{k:02d}" for k in range(12)]
     table = tables.open_table(tables.DynamoTable.create("results", moto_endpoint))
     table.put([_row(f"k{k}") for k in range(60)])
     table.put([_row("k5", predicted="cs")])

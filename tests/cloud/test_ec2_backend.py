@@ -53,6 +53,7 @@ def test_engines_start_on_instances_that_booted_from_their_user_data(ec2_cloud, 
     assert wait_until_gone(c.name, 10) == []
     assert [vm for vm in _running(api) if vm.tags[_vm.TAG_CLUSTER] == c.name] == []
     assert api.cloudlab_groups() == [] and api.cloudlab_key_pairs() == []
+    assert api.role.clusters() == {}  # (its instance role)
 
 
 def _client(options, n: int) -> subprocess.Popen:
@@ -227,3 +228,44 @@ def test_the_classifier_runs_unchanged_on_the_vms(ec2_cloud, write_profile):
     assert figures["backend"] == "ec2" and figures["workers"] == 2
     assert figures["documents"] == figures["rows"] == 3000 and figures["accuracy"] > 0.75
     assert _running(api) == []  # its VMs went with it
+
+
+def test_the_queue_form_works_the_clusters_own_queue_by_the_instances_role(ec2_cloud, corpus):
+    """The classifier's queue form on VMs: an SQS queue and a DynamoDB table made for the
+    run, which the engines use with their instance role's credentials (from the metadata
+    service), never the client's. moto does not enforce IAM policies, so the policy itself
+    is checked: this cluster's queues and tables only."""
+    import boto3
+
+    from cloudlab.backends import ec2_role
+    from cloudlab.workloads import classify
+
+    api, vms, options = ec2_cloud
+    endpoint = options["endpoint_url"]
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
+    with cloudlab.Cluster(2, **options) as c:
+        role = iam.get_role(RoleName=f"cloudlab-{c.name}")["Role"]
+        assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {
+            "Service": "ec2.amazonaws.com"}
+        policy = iam.get_role_policy(RoleName=role["RoleName"], PolicyName=ec2_role.POLICY)
+        assert policy["PolicyDocument"]["Statement"][0]["Resource"] == [
+            f"arn:aws:sqs:us-east-1:*:cloudlab-{c.name}-*",
+            f"arn:aws:dynamodb:us-east-1:*:table/cloudlab-{c.name}-*"]
+
+        def credentials():
+            import os
+
+            import boto3
+
+            return (sorted(k for k in os.environ if k.startswith("AWS_")),
+                    boto3.Session().get_credentials().method)
+
+        assert list(c.run(credentials).values()) == [([], "iam-role")] * 2
+        run = classify.run_corpus(c, corpus[:3000], mode="queue")
+        assert run.documents == run.rows == 3000 and len(run.workers) == 2
+        assert run.accuracy > 0.75
+        # The run's queue and table went with it.
+        assert sqs.list_queues(QueueNamePrefix=f"cloudlab-{c.name}-").get("QueueUrls", []) == []
+    assert api.role.clusters() == {}
+    assert iam.list_instance_profiles(PathPrefix="/cloudlab/")["InstanceProfiles"] == []

@@ -112,6 +112,7 @@ def test_capacity_and_quota_refusals_are_one_sentence_and_leave_nothing(ec2, cod
         ec2.client.run_instances = real
     assert str(error.value) == sentence
     assert ec2.cloudlab_groups() == [] and ec2.cloudlab_key_pairs() == []
+    assert ec2.role.clusters() == {}
 
 
 def test_gc_removes_expired_and_orphaned_resources_and_nothing_else(ec2, monkeypatch):
@@ -131,13 +132,15 @@ def test_gc_removes_expired_and_orphaned_resources_and_nothing_else(ec2, monkeyp
          f"instance {expired.instances[0]} (running, cluster gc-expired)",
          f"security group {orphan.group_id} (cloudlab-gc-orphan)",
          f"security group {expired.group_id} (cloudlab-gc-expired)",
-         "key pair cloudlab-gc-orphan", "key pair cloudlab-gc-expired"])
+         "key pair cloudlab-gc-orphan", "key pair cloudlab-gc-expired",
+         "instance role cloudlab-gc-orphan", "instance role cloudlab-gc-expired"])
     assert any("expired at 2020-01-01T00:00:00Z" in line for line in listed)
     assert any("its cluster gc-orphan no longer runs on this machine" in line for line in listed)
 
     assert sorted(collect_garbage(ec2, live)) == sorted(listed)
     left = {vm.tags[_vm.TAG_CLUSTER] for vm in ec2.cloudlab_instances()}
     assert left == {"gc-running", "gc-elsewhere"}
+    assert set(ec2.role.clusters()) == {"gc-running", "gc-elsewhere"}
     assert collect_garbage(ec2, live) == []
     ec2.delete(running)
     ec2.delete(elsewhere)

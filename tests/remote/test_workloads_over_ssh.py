@@ -4,8 +4,10 @@ reach the engines as values (pushed), never as paths of the client's."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,19 +16,32 @@ from hosts import SSH_PORT
 CLOUDLAB = [sys.executable, "-m", "cloudlab.cli"]
 
 
-@pytest.fixture(scope="module")
-def ssh_profile(test_hosts):
+def _write_profile(name: str, test_hosts, more: str = "") -> Path:
     """A profile of the test hosts in the test run's CLOUDLAB_HOME, as a user writes one."""
-    import os
-    from pathlib import Path
-
     hosts = ", ".join(f'"root@{h.address}:{SSH_PORT}"' for h in test_hosts.hosts)
-    path = Path(os.environ["CLOUDLAB_HOME"]) / "profiles" / "lab.toml"
+    path = Path(os.environ["CLOUDLAB_HOME"]) / "profiles" / f"{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'backend = "ssh"\nstart_timeout = 300\n\n[ssh]\nhosts = [{hosts}]\n'
                     f'identity_file = "{test_hosts.user_key}"\n'
-                    f'known_hosts = "{test_hosts.known_hosts}"\n')
+                    f'known_hosts = "{test_hosts.known_hosts}"\n{more}')
+    return path
+
+
+@pytest.fixture(scope="module")
+def ssh_profile(test_hosts):
+    path = _write_profile("lab", test_hosts)
     yield "lab"
+    path.unlink()
+
+
+@pytest.fixture(scope="module")
+def controller_on_a_host(test_hosts):
+    """The same hosts, with the controller on the first of them (the client's files are
+    not there either)."""
+    first = test_hosts.hosts[0]
+    path = _write_profile("lab-controller", test_hosts,
+                          f'controller_host = "root@{first.address}:{SSH_PORT}"\n')
+    yield "lab-controller"
     path.unlink()
 
 
@@ -37,6 +52,21 @@ def _run(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def test_the_workloads_with_the_controller_on_a_host(controller_on_a_host, test_hosts):
+    figures = _run("classify", "--engines", "2", "--limit", "2000", "--profile",
+                   controller_on_a_host)
+    assert figures["documents"] == figures["rows"] == 2000 and figures["accuracy"] > 0.7
+    figures = _run("pi", "--engines", "2", "--samples", "1e8", "--profile", controller_on_a_host)
+    assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
+    # The queue form needs a queue the hosts reach, and they may not reach this machine.
+    done = subprocess.run([*CLOUDLAB, "run", "classify", "--engines", "2", "--limit", "500",
+                           "--mode", "queue", "--profile", controller_on_a_host],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "pass queue_url and table_url" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
+
+
 @pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
 def test_pi_on_the_hosts(ssh_profile, engine):
     figures = _run("pi", "--engines", "2", "--samples", "2e8", "--engine", engine,
@@ -45,8 +75,11 @@ def test_pi_on_the_hosts(ssh_profile, engine):
     assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
 
 
-def test_classify_gives_one_row_per_document_on_the_hosts(ssh_profile):
-    figures = _run("classify", "--engines", "2", "--limit", "4000", "--profile", ssh_profile)
+@pytest.mark.parametrize("mode", ["cluster", "queue"])
+def test_classify_gives_one_row_per_document_on_the_hosts(ssh_profile, mode):
+    # The queue form's Redis listens where the hosts reach this machine, with a password.
+    figures = _run("classify", "--engines", "2", "--limit", "4000", "--mode", mode,
+                   "--profile", ssh_profile)
     assert figures["backend"] == "ssh" and figures["workers"] == 2
     assert figures["documents"] == figures["rows"] == 4000
     assert figures["accuracy"] > 0.75

@@ -95,8 +95,9 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
     """Train on the training split, then classify every document of ``docs`` on
     ``cluster``; accuracy is measured on the held-out split's rows.
 
-    ``mode="queue"`` needs ``queue_url`` and ``table_url`` (see ``queues``/``tables``);
-    without them a local Redis and a SQLite file are started for the run.
+    ``mode="queue"`` takes ``queue_url`` and ``table_url`` (see ``queues``/``tables``);
+    without them, a queue and a table every engine reaches are made for the run and
+    removed after it (``services``: Redis, SQLite, or SQS and DynamoDB on EC2).
     ``model`` (from :func:`train`) skips the training. ``on_progress(done, seconds)``
     sees the count of documents classified so far. In the
     queue form, a document a worker took is delivered again if it is not acknowledged
@@ -106,6 +107,13 @@ def run_corpus(cluster, docs: list[Document], mode: str = "cluster",
 
     if mode not in ("cluster", "queue"):
         raise ValueError(f"Unknown mode {mode!r}: choose cluster or queue.")
+    if (queue_url is None) != (table_url is None):
+        raise ValueError("queue_url and table_url go together: give both, or neither for a "
+                         "queue and table made for the run.")
+    if mode == "queue" and queue_url is None:
+        from .services import check_place
+
+        check_place(cluster.service_place())  # before the training, not after
     training, _ = split(docs)
     t0 = time.perf_counter()
     if model is None:
@@ -180,17 +188,14 @@ def _warm_up(ref) -> None:
 
 def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease):
     import contextlib
-    import tempfile
     import threading
 
     from . import queues, services, tables
 
     with contextlib.ExitStack() as stack:
         if queue_url is None:
-            queue_url = stack.enter_context(services.redis_server()) + f"?name={uuid.uuid4().hex[:8]}"
-        if table_url is None:
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="cloudlab-classify-"))
-            table_url = f"sqlite:///{folder}/results.db"
+            queue_url, table_url = stack.enter_context(
+                services.queue_and_table(cluster.service_place()))
         queue, table = queues.open_queue(queue_url, lease), tables.open_table(table_url)
         stack.callback(table.close)
         bodies = queues.pack(docs)
@@ -253,9 +258,16 @@ def add_arguments(parser) -> None:
                         help="arXiv metadata file, JSON lines (default: the shared 25k "
                              "corpus, or 20 Newsgroups where it is absent)")
     parser.add_argument("--mode", default="cluster", choices=["cluster", "queue"],
-                        help="cluster: the cluster's scheduler is the queue; queue: a local "
-                             "Redis queue and SQLite table (default cluster)")
+                        help="cluster: the cluster's scheduler is the queue; queue: a Redis "
+                             "queue and table the engines reach, SQS and DynamoDB on EC2 "
+                             "(default cluster)")
     parser.add_argument("--limit", type=int, default=None, help="read only the first N documents")
+    parser.add_argument("--queue-url", default=None,
+                        help="queue mode: a queue the engines reach (redis://... or sqs://...) "
+                             "instead of one made for the run")
+    parser.add_argument("--table-url", default=None,
+                        help="queue mode: the results table (sqlite:///..., redis://... or "
+                             "dynamodb://...) that goes with --queue-url")
 
 
 def prepare(args) -> tuple[list[Document], str]:
@@ -270,7 +282,9 @@ def prepare(args) -> tuple[list[Document], str]:
 
 def run(cluster, args) -> dict:
     docs, corpus = args.inputs
-    return {"corpus": corpus, **run_corpus(cluster, docs, mode=args.mode).to_dict()}
+    return {"corpus": corpus, **run_corpus(cluster, docs, mode=args.mode,
+                                           queue_url=args.queue_url,
+                                           table_url=args.table_url).to_dict()}
 
 
 def summary(figures: dict) -> str:

@@ -1,18 +1,75 @@
-"""A local Redis for the queue form: started on a free loopback port, stopped on exit.
+"""The queue and table of the queue form, where every engine of a cluster reaches them.
 
-For notebooks and tests on one machine (``with redis_server() as url: ...``). It keeps
-nothing on disk and answers only on 127.0.0.1; the process ends with the ``with`` block, or
-with this process if that dies first (it is this process's child, told to exit when its
-parent does).
+- Engines on this machine: a private Redis on loopback and a SQLite file.
+- Engines that reach this machine (ssh hosts, Slurm nodes): a Redis on the address they
+  reach the controller at, with a password made for the run; the rows go into it too.
+- EC2 VMs: an SQS queue and a DynamoDB table named for the cluster, which the VMs use by
+  the instance role their cluster made for exactly such names (:class:`AwsScope`), never
+  by a copy of the client's credentials.
+
+Each is made for one run and removed after it. A Redis keeps nothing on disk; it ends
+with the ``with`` block, or with this process if that dies first (it is this process's
+child, told to exit when its parent does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import secrets
 import shutil
 import socket
 import subprocess
 import time
+import uuid
+
+from ...backends.base import AwsScope, ServicePlace
+from ...errors import ConfigError
+
+NO_PLACE = ("The queue form needs a queue that every engine reaches, and this cluster's "
+            "engines cannot reach this machine (their controller runs on a host of its own): "
+            "pass queue_url and table_url (--queue-url, --table-url) naming a Redis they reach "
+            "(redis://:PASSWORD@HOST:PORT/0?name=NAME), or use the cluster mode.")
+
+
+def check_place(place: ServicePlace) -> None:
+    """Raise ConfigError, before anything runs, where no queue can be made for the engines."""
+    if place.aws is None and place.address is None:
+        raise ConfigError(NO_PLACE)
+
+
+@contextlib.contextmanager
+def queue_and_table(place: ServicePlace):
+    """Yield ``(queue URL, table URL)`` for one run, both reachable from every engine."""
+    check_place(place)
+    run = uuid.uuid4().hex[:8]
+    if place.aws is not None:
+        with _aws_queue_and_table(place.aws, run) as urls:
+            yield urls
+        return
+    local = ipaddress.ip_address(place.address).is_loopback
+    with redis_server(bind=place.address, password=None if local else secrets.token_urlsafe(24)) as url:
+        if local:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="cloudlab-classify-") as folder:
+                yield f"{url}?name=docs-{run}", f"sqlite:///{folder}/results.db"
+        else:
+            yield f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"
+
+
+@contextlib.contextmanager
+def _aws_queue_and_table(scope: AwsScope, run: str):
+    from .queues import SqsQueue
+    from .tables import DynamoTable
+
+    name = f"{scope.prefix}classify-{run}"
+    with contextlib.ExitStack() as stack:
+        queue_url = SqsQueue.create(name, scope.endpoint, scope.region)
+        stack.callback(SqsQueue.delete, queue_url)
+        table_url = DynamoTable.create(name, scope.endpoint, scope.region)
+        stack.callback(DynamoTable.delete, table_url)
+        yield queue_url, table_url
 
 
 def redis_available() -> bool:
@@ -20,20 +77,25 @@ def redis_available() -> bool:
 
 
 @contextlib.contextmanager
-def redis_server(timeout: float = 10.0):
-    """Yield ``redis://127.0.0.1:PORT/0`` while a private redis-server runs."""
+def redis_server(timeout: float = 10.0, bind: str = "127.0.0.1", password: str | None = None):
+    """Yield ``redis://[:PASSWORD@]ADDRESS:PORT/0`` while a private redis-server runs,
+    answering on ``bind`` only (and to ``password`` only, where one is given)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("The queue form needs redis-server, which is not installed: "
                            "install it (Debian: apt-get install redis-server) or pass queue_url.")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((bind, 0))
         port = s.getsockname()[1]
+    # The configuration comes on stdin ("-"), so the password is on no command line.
     process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--protected-mode", "yes"],
+        [binary, "-", "--bind", bind, "--port", str(port), "--save", "", "--appendonly", "no",
+         "--protected-mode", "yes"], stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    url = f"redis://127.0.0.1:{port}/0"
+    process.stdin.write(f"requirepass {password}\n".encode() if password else b"")
+    process.stdin.close()
+    host = f"[{bind}]" if ":" in bind else bind
+    url = f"redis://{f':{password}@' if password else ''}{host}:{port}/0"
     try:
         _wait_until_answering(url, process, timeout)
         yield url

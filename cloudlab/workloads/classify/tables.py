@@ -1,12 +1,15 @@
-"""Results tables: SQLite (local) and DynamoDB (AWS), one row per document, keyed by it.
+"""Results tables: SQLite (local), Redis (engines on other machines) and DynamoDB (AWS),
+one row per document, keyed by it.
 
 Writing a row whose key is already there replaces it, so a document classified twice
 (delivered again after its worker died) still has one row. A table is described by a URL:
-``sqlite:///path/results.db`` or ``dynamodb://TABLE?region=...&endpoint=...``.
+``sqlite:///path/results.db``, ``redis://[:PASSWORD@]HOST:PORT/0?name=TABLE`` or
+``dynamodb://TABLE?region=...&endpoint=...``.
 """
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs, urlsplit
 
 from .work import COLUMNS, Row
@@ -44,6 +47,32 @@ class SqliteTable:
         self.db.close()
 
 
+class RedisTable:
+    """Rows in one Redis hash (``NAME:rows``), document key to the row's values as JSON."""
+
+    def __init__(self, url: str):
+        import redis
+
+        self.url = url
+        self.key = parse_qs(urlsplit(url).query).get("name", ["cloudlab"])[0] + ":rows"
+        self.redis = redis.Redis.from_url(url.split("?")[0], socket_timeout=10)
+
+    def put(self, rows: list[Row]) -> None:
+        if rows:
+            self.redis.hset(self.key, mapping={r.key: json.dumps(r.values()) for r in rows})
+
+    def count(self) -> int:
+        return self.redis.hlen(self.key)
+
+    def rows(self, limit: int | None = None) -> list[Row]:
+        rows = sorted((Row(*json.loads(v)) for v in self.redis.hvals(self.key)),
+                      key=lambda r: r.key)
+        return rows[:limit] if limit else rows
+
+    def close(self) -> None:
+        self.redis.close()
+
+
 class DynamoTable:
     def __init__(self, url: str):
         import boto3
@@ -65,6 +94,12 @@ class DynamoTable:
                             KeySchema=[{"AttributeName": "key", "KeyType": "HASH"}])
         client.get_waiter("table_exists").wait(TableName=name)
         return f"dynamodb://{name}?region={region}" + (f"&endpoint={endpoint}" if endpoint else "")
+
+    @staticmethod
+    def delete(url: str) -> None:
+        """Delete the table of ``url`` (from :meth:`create`)."""
+        table = DynamoTable(url)
+        table.client.delete_table(TableName=table.name)
 
     def put(self, rows: list[Row]) -> None:
         # A batch may hold a document twice (SQS delivers at least once), which DynamoDB's
@@ -103,7 +138,9 @@ def open_table(url: str):
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         return SqliteTable(url)
+    if scheme == "redis":
+        return RedisTable(url)
     if scheme == "dynamodb":
         return DynamoTable(url)
-    raise ValueError(f"Unknown table {url!r}: use sqlite:///PATH or a dynamodb:// URL from "
-                     f"DynamoTable.create.")
+    raise ValueError(f"Unknown table {url!r}: use sqlite:///PATH, redis://HOST:PORT/0?name="
+                     f"NAME or a dynamodb:// URL from DynamoTable.create.")
