@@ -112,7 +112,7 @@ def cmd_start(args) -> int:
     try:
         cluster.start()
     except KeyboardInterrupt:
-        print(interrupted(cluster), file=sys.stderr, flush=True)
+        print(cluster.why_start_interrupted(), file=sys.stderr, flush=True)
         return 130
     with cluster:
         print(f"{cluster.name}: {len(cluster.engine_ids)} {cluster.engine_kind} engines on "
@@ -130,15 +130,6 @@ def cmd_start(args) -> int:
         return 1
     print(f"Stopped {cluster.name}.")
     return 0
-
-
-def interrupted(cluster) -> str:
-    """One sentence for a start stopped by Ctrl-C: whether its cleanup has finished."""
-    if cluster.state == "failed":
-        return (f"{cluster.name}: start interrupted; everything it had started or created "
-                f"is stopped and deleted.")
-    return (f"{cluster.name}: start interrupted while it still cleans up; run cloudlab gc "
-            f"to delete anything it created in a cloud.")
 
 
 def cmd_list(args) -> int:

@@ -540,6 +540,14 @@ class Cluster(EngineNamespaces):
                 f"%cluster start)." if self.state == "new" else
                 f"Cluster {self.name} is {self.state}: start a new one with %cluster start N.")
 
+    def why_start_interrupted(self) -> str:
+        """One sentence for a start stopped by Ctrl-C: whether its cleanup has finished."""
+        if self.state == "failed":
+            return (f"{self.name}: start interrupted; everything it had started or created "
+                    f"is stopped and deleted.")
+        return (f"{self.name}: start interrupted while it still cleans up; run cloudlab gc "
+                f"to delete anything it created in a cloud.")
+
     def _require_running(self) -> None:
         if self.state == "running" and self._controller is not None and not self._controller.alive():
             # Ended from outside (`cloudlab stop --all`, a killed controller), not yet noticed.

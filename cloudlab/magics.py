@@ -123,7 +123,10 @@ class ClusterMagics(Magics):
         c = Cluster(args.n, engine=args.engine, backend=args.backend, profile=args.profile,
                     name=args.name, gpus=args.gpus, mpi=True if args.mpi else None)
         print(f"Starting {c.n} {c.engine_kind} engines on {c.backend_kind}...", flush=True)
-        c.start()
+        try:
+            c.start()
+        except KeyboardInterrupt:  # (Kernel > Interrupt): a sentence, not a traceback
+            raise UsageError(c.why_start_interrupted()) from None
         self._activate(c)
         print(f"Started {c.name}: {len(c.engine_ids)} {c.engine_kind} engines on "
               f"{c.backend_kind} in {time.perf_counter() - t0:.1f} s; it is the active "

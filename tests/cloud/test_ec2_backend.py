@@ -151,6 +151,50 @@ def test_ctrl_c_during_a_start_deletes_what_it_created_before_exiting(ec2_cloud,
     assert not [k for k in api.cloudlab_key_pairs() if name in str(k)]
 
 
+def test_a_kernel_interrupt_during_a_start_deletes_what_it_created(ec2_cloud, write_profile):
+    """Kernel > Interrupt while the cell's VMs boot: the cell ends in one sentence, and by
+    then nothing the start created is left."""
+    import threading
+
+    from jupyter_client.manager import start_new_kernel
+
+    from kernels import execute
+
+    api, vms, options = ec2_cloud
+    name = "kernel-interrupted"
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        execute(client, "%load_ext cloudlab")
+        ended: list = []
+        cell = threading.Thread(target=lambda: ended.append(_ends(execute, client, (
+            f"%cluster start 2 --profile {write_profile('moto-ec2', options)} --name {name}"))))
+        cell.start()
+        deadline = time.monotonic() + 120
+        while not _ours(api, name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ours(api, name), "no instance was started"
+        manager.interrupt_kernel()
+        cell.join(200)
+        # IPython shows a UsageError as its one line, on the cell's stderr.
+        assert ended == [f"Starting 2 ipyparallel engines on ec2...\nUsageError: {name}: start "
+                         f"interrupted; everything it had started or created is stopped and "
+                         f"deleted.\n"], ended
+        assert _ours(api, name) == []
+        assert name not in api.role.clusters()
+        assert not [g for g in api.cloudlab_groups() if name in str(g)]
+        assert execute(client, "print(1 + 1)").strip() == "2"  # the kernel goes on
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def _ends(execute, client, code: str):
+    try:
+        return execute(client, code, timeout=300)
+    except Exception as e:
+        return e
+
+
 def test_an_idle_vm_deletes_itself(ec2_cloud, write_profile):
     """The VM's own expiry, without any client: its engines gone, it powers itself off
     idle_timeout later, and (started with shutdown behaviour "terminate") is deleted."""
