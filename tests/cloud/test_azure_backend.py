@@ -93,6 +93,38 @@ def test_engines_start_on_vms_that_booted_from_their_custom_data(azure, engine):
     assert _hosts_gone(vms, ours)
 
 
+def test_the_workloads_run_unchanged_on_the_vms(azure):
+    """pi, the classifier and a pCT reconstruction as `cloudlab run` runs them, on one
+    cluster of VMs that share nothing with the client (inputs travel as values). The
+    queue form has no queue the VMs reach here (no AWS role, no route to the client):
+    one sentence, before any training."""
+    import importlib
+    import math
+
+    from cloudlab.cli import build_parser
+    from cloudlab.workloads import WORKLOADS
+
+    def run(cluster, *argv: str) -> dict:
+        args = build_parser().parse_args(["run", *argv])
+        module = importlib.import_module(WORKLOADS[args.workload])
+        if hasattr(module, "prepare"):
+            args.inputs = module.prepare(args)
+        return module.run(cluster, args)
+
+    arm, vms, options = azure
+    with cloudlab.Cluster(2, engine="dask", **options) as c:
+        figures = run(c, "pi", "--samples", "1e8")
+        assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
+        figures = run(c, "classify", "--limit", "2000")
+        assert figures["documents"] == figures["rows"] == 2000 and figures["accuracy"] > 0.7
+        assert figures["workers"] == 2
+        figures = run(c, "pct", "--size", "small")
+        assert figures["max_insert_error_pct"] <= 1.0 and figures["rmse"] <= 0.040
+        with pytest.raises(cloudlab.ConfigError, match="pass queue_url and table_url"):
+            run(c, "classify", "--limit", "500", "--mode", "queue")
+    assert wait_until_gone(c.name, 10) == []
+
+
 def _hosts_gone(vms, resources: list[dict], timeout: float = 10) -> bool:
     """Whether the hosts playing these VMs are removed (as soon as their deletion is seen)."""
     deadline = time.monotonic() + timeout
