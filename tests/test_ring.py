@@ -78,11 +78,11 @@ def test_the_ring_needs_an_mpi_cluster(engine):
             ring.measure(c)
 
 
-def test_mpi_needs_the_local_or_ssh_backend():
-    with pytest.raises(ConfigError, match="MPI engines start on the local and ssh backends "
-                                          "only; the slurm backend starts each engine on its "
-                                          "own"):
-        cloudlab.Cluster(2, mpi=True, backend="slurm")
+def test_mpi_needs_the_local_ssh_or_slurm_backend():
+    with pytest.raises(ConfigError, match="MPI engines start on the local, ssh and slurm "
+                                          "backends only; the ec2 backend starts each engine "
+                                          "on its own"):
+        cloudlab.Cluster(2, mpi=True, backend="ec2")
 
 
 def test_mpi_without_mpi4py_names_the_install(monkeypatch):

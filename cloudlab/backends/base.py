@@ -190,9 +190,9 @@ class Backend(abc.ABC):
 
     def check_mpi(self) -> None:
         """Raise ConfigError, in one sentence, where engines cannot start as an MPI job."""
-        raise ConfigError(f"MPI engines start on the local and ssh backends only; the "
+        raise ConfigError(f"MPI engines start on the local, ssh and slurm backends only; the "
                           f"{self.name} backend starts each engine on its own: drop mpi, or "
-                          f"use backend=\"local\" or \"ssh\".")
+                          f"use one of those backends.")
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
         """Start ``commands`` together as the ranks of one MPI job, in order."""

@@ -12,7 +12,10 @@ Before the first engine, one small job probes a node's Python and, the first tim
 installs the environment engines run in there (:mod:`.environment`: this client's cloudlab
 and versions), under ``env_dir`` in the home directory the nodes share; what it needs is
 staged in ``log_dir``. The nodes are taken to be alike.
-Scaling adds or cancels jobs; stopping cancels them (scancel). One ``squeue`` per second
+With ``--mpi`` the engines are instead the ranks of one job (``--ntasks N --spread-job``)
+whose ``mpirun`` starts them through Slurm on the job's nodes (Open MPI on the nodes), in
+blocks: rank 0 and its neighbours fill the first node's share, and so on. Scaling adds or cancels jobs; stopping cancels them
+(scancel). One ``squeue`` per second
 tells the state of every job of the cluster: a pending job's queue reason is shown in the
 widget and quoted if the start times out, and a job that ends on its own is classified from
 its Slurm state (time limit reached, cancelled, node failure, out of memory).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import re
 import shlex
@@ -48,6 +52,7 @@ from .local import LocalBackend, LocalOptions
 from .remote import (
     LeaseServer,
     address_towards,
+    agent_argv,
     agent_command,
     check_lease,
     files_archive,
@@ -97,6 +102,9 @@ class SlurmOptions(EnvironmentOptions):
                           "nodes and this machine both see (a shared home directory).")
     lease: float = option(30.0, "Seconds an engine lives on without hearing from this "
                           "client (a cut link) before it ends itself.")
+    mpi_args: tuple[str, ...] = option((), "More mpirun options for MPI engines (--mpi), "
+                                       "e.g. the network: [\"--mca\", \"btl_tcp_if_include\", "
+                                       "\"10.0.0.0/24\"].")
 
 
 @dataclass
@@ -148,6 +156,29 @@ class SlurmJob(Launched):
         return read_tail(self.log, lines)
 
 
+class SlurmRank(Launched):
+    """An engine that is one rank of the cluster's MPI job: it lives and ends with it."""
+
+    def __init__(self, name: str, job: SlurmJob):
+        self.name, self.job, self.pid = name, job, None
+
+    @property
+    def host(self) -> str:
+        return self.job.host
+
+    def exit_code(self) -> int | None:
+        return self.job.exit_code()
+
+    def waiting(self) -> str | None:
+        return self.job.waiting()
+
+    def last_words(self) -> str | None:
+        return self.job.last_words()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return self.job.log_tail(lines)
+
+
 class SlurmBackend(Backend):
     name = "slurm"
     Options = SlurmOptions
@@ -173,6 +204,7 @@ class SlurmBackend(Backend):
         self._closing = threading.Event()
         self._log_dir = Path(os.path.expanduser(options.log_dir))
         self._python: str | None = None  # the engines', on the nodes, once prepared
+        self._mpi = False
 
     @property
     def controller_ip(self) -> str:
@@ -194,7 +226,9 @@ class SlurmBackend(Backend):
         await self._local.prepare(preload)
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self._python is None:
-            info = await asyncio.to_thread(prepare_environment, "Slurm's nodes", self.options,
+            options = self.options if not self._mpi else dataclasses.replace(
+                self.options, host_packages=(*self.options.host_packages, "mpi4py"))
+            info = await asyncio.to_thread(prepare_environment, "Slurm's nodes", options,
                                            self._run_job)
             self._python = info.python
         if self._lease is None:
@@ -223,6 +257,36 @@ class SlurmBackend(Backend):
                               f"{', '.join(partitions)}: set partition in the profile's "
                               f"[slurm] table to one of them.")
 
+    def check_mpi(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("mpi4py") is None:
+            raise ConfigError("MPI engines need mpi4py, and Slurm's nodes get this client's "
+                              "version: pip install mpi4py here (or cloudlab's mpi extra).")
+        self._mpi = True
+
+    async def launch_world(self, commands: list[Command]) -> list[Launched]:
+        """The engines as the ranks of one job, over as many nodes as Slurm gives it."""
+        for command in commands:
+            await wait_for_files(command.files, self._controller)
+        while self._lease is None:
+            await asyncio.sleep(0.01)
+        log = self._log_dir / f"{self.cluster_name}-mpi-world.log"
+        mpirun = ["mpirun", "--bind-to", "none",
+                  *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+                  *self.options.mpi_args]
+        for rank, command in enumerate(commands):
+            mpirun += [":"] if rank else []  # the next app context
+            mpirun += ["-n", "1", *agent_argv(self._python, self.cluster_name, command,
+                                              self.options.lease, self._lease.address)]
+        files = sorted({f for c in commands for f in c.files})
+        script = "\n".join([*self._files_lines(files), "exec " + shlex.join(mpirun)]) + "\n"
+        argv = ["--ntasks", str(len(commands)), "--spread-job",
+                "--cpus-per-task", str(self.options.cpus_per_engine)]
+        job = await self._submit("mpi-world", f"the MPI job of {len(commands)} ranks", argv,
+                                 script, log)
+        return [SlurmRank(c.name, job) for c in commands]
+
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         if command.controller:
             if self._local is None:
@@ -235,36 +299,47 @@ class SlurmBackend(Backend):
         while self._lease is None:  # prepare runs while the controller starts
             await asyncio.sleep(0.01)
         log = self._log_dir / f"{self.cluster_name}-{command.name}.log"
-        script = self._script(command, log)
+        argv = ["--ntasks", "1", "--cpus-per-task", str(self.options.cpus_per_engine)]
+        return await self._submit(command.name, f"{command.name}'s job", argv,
+                                  self._script(command, log), log)
+
+    async def _submit(self, name: str, what: str, sizes: list[str], script: str,
+                      log: Path) -> SlurmJob:
         argv = ["sbatch", "--parsable", "--job-name", self.job_name, "--output", str(log),
-                "--open-mode", "append", "--ntasks", "1",
-                "--cpus-per-task", str(self.options.cpus_per_engine),
-                "--time", self.options.time_limit, *self._where()]
+                "--open-mode", "append", *sizes, "--time", self.options.time_limit,
+                *self._where()]
         if self.options.memory_per_engine:
             argv += ["--mem", self.options.memory_per_engine]
         done = await asyncio.to_thread(_slurm, *argv, input=script)
         if done.returncode != 0:
-            raise StartError(f"Slurm refused {command.name}'s job: {done.stderr.strip()[-400:]}"
+            raise StartError(f"Slurm refused {what}: {done.stderr.strip()[-400:]}"
                              f" (sbatch {shlex.join(argv[1:])}).")
-        job = SlurmJob(command.name, done.stdout.strip().split(";")[0], log, self)
+        job = SlurmJob(name, done.stdout.strip().split(";")[0], log, self)
         self._jobs[job.job_id] = job
         self._start_poller()
         return job
 
     def _script(self, command: Command, log: Path) -> str:
         """The job: write the engine's files where the node lacks them, start the engine."""
-        lines = ["#!/bin/sh", "umask 077"]
-        if command.files:
-            archive = base64.b64encode(files_archive(command.files)).decode()
-            folders = " ".join(map(shlex.quote, parent_folders(command.files)))
-            lines += [f"mkdir -p {folders}",
-                      "base64 -d <<'CLOUDLAB_FILES' | tar -x --skip-old-files -C / -f -",
-                      *(archive[i:i + 76] for i in range(0, len(archive), 76)),
-                      "CLOUDLAB_FILES"]
+        lines = self._files_lines(command.files)
         lines.append("exec " + agent_command(
             self._python, self.cluster_name, command, self.options.lease, self._lease.address,
             {LAST_WORDS: str(last_words_file(log))}))
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _files_lines(files) -> list[str]:
+        """A job script's start: write ``files`` where the node lacks them (a home folder
+        the nodes share has them already)."""
+        lines = ["#!/bin/sh", "umask 077"]
+        if files:
+            archive = base64.b64encode(files_archive(files)).decode()
+            folders = " ".join(map(shlex.quote, parent_folders(files)))
+            lines += [f"mkdir -p {folders}",
+                      "base64 -d <<'CLOUDLAB_FILES' | tar -x --skip-old-files -C / -f -",
+                      *(archive[i:i + 76] for i in range(0, len(archive), 76)),
+                      "CLOUDLAB_FILES"]
+        return lines
 
     def _run_job(self, command: str, stdin: bytes | None,
                  timeout: float) -> subprocess.CompletedProcess:
@@ -336,8 +411,9 @@ class SlurmBackend(Backend):
                 job.state = JobState("COMPLETED", "", job.state.node, _exit_code(job_id))
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
-        jobs = [p for p in launched if isinstance(p, SlurmJob)]
-        local = [p for p in launched if not isinstance(p, SlurmJob)]
+        ranks = {id(p.job): p.job for p in launched if isinstance(p, SlurmRank)}
+        jobs = [p for p in launched if isinstance(p, SlurmJob)] + list(ranks.values())
+        local = [p for p in launched if not isinstance(p, (SlurmJob, SlurmRank))]
         if jobs:
             await asyncio.to_thread(_slurm, "scancel", *(j.job_id for j in jobs))
             deadline = time.monotonic() + max(grace, 10.0)
