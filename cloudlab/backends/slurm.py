@@ -257,6 +257,12 @@ class SlurmBackend(Backend):
                               f"{', '.join(partitions)}: set partition in the profile's "
                               f"[slurm] table to one of them.")
 
+    async def gpus(self) -> tuple[list, str]:
+        # Not this client's GPUs: the nodes' are Slurm's to hand out (--gres), not built yet.
+        return [], ("cloudlab does not ask Slurm for GPUs yet (sbatch_args = "
+                    "[\"--gpus-per-task=1\"] in the profile's [slurm] table does, without "
+                    "--gpus)")
+
     def check_mpi(self) -> None:
         import importlib.util
 

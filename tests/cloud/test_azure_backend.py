@@ -98,18 +98,9 @@ def test_the_workloads_run_unchanged_on_the_vms(azure):
     cluster of VMs that share nothing with the client (inputs travel as values). The
     queue form has no queue the VMs reach here (no AWS role, no route to the client):
     one sentence, before any training."""
-    import importlib
     import math
 
-    from cloudlab.cli import build_parser
-    from cloudlab.workloads import WORKLOADS
-
-    def run(cluster, *argv: str) -> dict:
-        args = build_parser().parse_args(["run", *argv])
-        module = importlib.import_module(WORKLOADS[args.workload])
-        if hasattr(module, "prepare"):
-            args.inputs = module.prepare(args)
-        return module.run(cluster, args)
+    from workload_runs import run_workload as run
 
     arm, vms, options = azure
     with cloudlab.Cluster(2, engine="dask", **options) as c:

@@ -162,16 +162,10 @@ def test_a_link_cut_longer_than_the_lease_ends_that_nodes_engines(test_slurm, tm
     assert wait_until_gone(c.name, 10) == []
 
 
-def test_the_workloads_run_unchanged_on_the_nodes(test_slurm, tmp_path, corpus):
-    """pi and the classifier on Slurm jobs: values reach the nodes (pushed), no path."""
-    import math
-
-    from cloudlab.workloads import classify, pi
-
-    with cloudlab.Cluster(2, engine="dask", **_options(test_slurm, tmp_path)) as c:
-        estimate = pi.estimate(c, 2e8)
-        assert abs(estimate.estimate - math.pi) < 5 * estimate.stderr
-        docs = corpus[:3000]
-        run = classify.run_corpus(c, docs)
-        assert run.rows == run.documents == 3000 and run.accuracy > 0.75
+def test_gpus_on_slurm_say_how_to_ask_slurm_for_them(test_slurm, tmp_path):
+    # (Not this client's GPUs: the test machine's stand-in would not be the nodes' either.)
+    c = cloudlab.Cluster(2, gpus="all", **_options(test_slurm, tmp_path))
+    with pytest.raises(ConfigError, match=r"--gpus all asks for GPUs, but cloudlab does not "
+                                          r"ask Slurm for GPUs yet \(sbatch_args"):
+        c.start()
     assert _live_jobs(test_slurm, c.name) == []
