@@ -308,7 +308,7 @@ class VmBackend(Backend):
 
     def service_place(self) -> ServicePlace:
         # The VMs' network rules let in nothing from outside but SSH: not this client.
-        return ServicePlace(None, self.aws_scope())
+        return ServicePlace(None, self.aws_scope(), tunnel=self._ssh.reverse_tunnel)
 
     def aws_scope(self) -> AwsScope | None:
         """The AWS services the VMs may use by a role of their own (None: none)."""

@@ -9,6 +9,8 @@ cloudlab's loop.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +37,9 @@ class ServicePlace:
     #: client, e.g. VMs behind their controller).
     address: str | None
     aws: AwsScope | None = None
+    #: Where engines cannot reach this machine: ``tunnel(port)``, a context manager yielding
+    #: the port at which 127.0.0.1 on every engine's machine reaches 127.0.0.1:``port`` here.
+    tunnel: Callable[[int], AbstractContextManager[int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from . import ssh_mpi
+from . import ssh_mpi, ssh_tunnels
 from .base import Backend, Command, Launched, ServicePlace, read_tail
 from .environment import EnvironmentOptions, HostInfo, check_options, ssh_runner
 from .environment import prepare as prepare_host
@@ -144,8 +144,16 @@ class SshBackend(Backend):
         return self._address
 
     def service_place(self) -> ServicePlace:
+        if self.controller_host is None:
+            return ServicePlace(self._address)
         # With the controller on a host of its own, the hosts may have no route to the client.
-        return ServicePlace(self._address if self.controller_host is None else None)
+        return ServicePlace(None, tunnel=self.reverse_tunnel)
+
+    def reverse_tunnel(self, port: int):
+        """This client's 127.0.0.1:``port`` on every engine host's loopback (a context
+        manager yielding the port there; :mod:`.ssh_tunnels`)."""
+        return ssh_tunnels.reverse(list(self.hosts), port, self.options.identity_file,
+                                   self.options.known_hosts)
 
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
         return 64 * len(self.hosts), f"64 engines per host on {len(self.hosts)} hosts"

@@ -58,12 +58,11 @@ def test_the_workloads_with_the_controller_on_a_host(controller_on_a_host, test_
     assert figures["documents"] == figures["rows"] == 2000 and figures["accuracy"] > 0.7
     figures = _run("pi", "--engines", "2", "--samples", "1e8", "--profile", controller_on_a_host)
     assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
-    # The queue form needs a queue the hosts reach, and they may not reach this machine.
-    done = subprocess.run([*CLOUDLAB, "run", "classify", "--engines", "2", "--limit", "500",
-                           "--mode", "queue", "--profile", controller_on_a_host],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2 and "pass queue_url and table_url" in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    # The queue form: the hosts may not reach this machine, so its Redis reaches them
+    # through SSH forwards, on each host's own loopback.
+    figures = _run("classify", "--engines", "2", "--limit", "2000", "--mode", "queue",
+                   "--profile", controller_on_a_host)
+    assert figures["documents"] == figures["rows"] == 2000 and figures["workers"] == 2
     assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
 
 

@@ -194,8 +194,10 @@ def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease)
 
     with contextlib.ExitStack() as stack:
         if queue_url is None:
-            queue_url, table_url = stack.enter_context(
+            (queue_url, table_url), engines_reach = stack.enter_context(
                 services.queue_and_table(cluster.service_place()))
+        else:
+            engines_reach = queue_url, table_url
         queue, table = queues.open_queue(queue_url, lease), tables.open_table(table_url)
         stack.callback(table.close)
         bodies = queues.pack(docs)
@@ -216,7 +218,7 @@ def _through_queue(cluster, ref, docs, queue_url, table_url, on_progress, lease)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
-            slots = [(ref, queue_url, table_url, lease) for _ in cluster.engine_ids]
+            slots = [(ref, *engines_reach, lease) for _ in cluster.engine_ids]
             cluster.map(_serve, slots, chunksize=1)
         finally:
             finished.set()

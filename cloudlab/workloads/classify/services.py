@@ -3,6 +3,8 @@
 - Engines on this machine: a private Redis on loopback and a SQLite file.
 - Engines that reach this machine (ssh hosts, Slurm nodes): a Redis on the address they
   reach the controller at, with a password made for the run; the rows go into it too.
+- Engines that do not (behind a controller host, Azure VMs): the same Redis on loopback,
+  which every engine's machine reaches on its own loopback through an SSH forward.
 - EC2 VMs: an SQS queue and a DynamoDB table named for the cluster, which the VMs use by
   the instance role their cluster made for exactly such names (:class:`AwsScope`), never
   by a copy of the client's credentials.
@@ -27,25 +29,33 @@ from ...backends.base import AwsScope, ServicePlace
 from ...errors import ConfigError
 
 NO_PLACE = ("The queue form needs a queue that every engine reaches, and this cluster's "
-            "engines cannot reach this machine (their controller runs on a host of its own): "
-            "pass queue_url and table_url (--queue-url, --table-url) naming a Redis they reach "
+            "backend offers no way from its engines to this machine: pass queue_url and table_url (--queue-url, --table-url) naming a Redis they reach "
             "(redis://:PASSWORD@HOST:PORT/0?name=NAME), or use the cluster mode.")
 
 
 def check_place(place: ServicePlace) -> None:
     """Raise ConfigError, before anything runs, where no queue can be made for the engines."""
-    if place.aws is None and place.address is None:
+    if place.aws is None and place.address is None and place.tunnel is None:
         raise ConfigError(NO_PLACE)
 
 
 @contextlib.contextmanager
 def queue_and_table(place: ServicePlace):
-    """Yield ``(queue URL, table URL)`` for one run, both reachable from every engine."""
+    """Yield ``((queue URL, table URL) here, (queue URL, table URL) on the engines)`` for
+    one run: the same queue and table, as this client and as every engine reaches them."""
     check_place(place)
     run = uuid.uuid4().hex[:8]
     if place.aws is not None:
         with _aws_queue_and_table(place.aws, run) as urls:
-            yield urls
+            yield urls, urls
+        return
+    if place.address is None:  # through SSH: this machine's loopback on every engine's
+        with redis_server(password=secrets.token_urlsafe(24)) as url:
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            with place.tunnel(port) as there:
+                remote = url.replace(f":{port}/", f":{there}/")
+                yield ((f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"),
+                       (f"{remote}?name=docs-{run}", f"{remote}?name=rows-{run}"))
         return
     local = ipaddress.ip_address(place.address).is_loopback
     with redis_server(bind=place.address, password=None if local else secrets.token_urlsafe(24)) as url:
@@ -53,9 +63,11 @@ def queue_and_table(place: ServicePlace):
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="cloudlab-classify-") as folder:
-                yield f"{url}?name=docs-{run}", f"sqlite:///{folder}/results.db"
+                urls = f"{url}?name=docs-{run}", f"sqlite:///{folder}/results.db"
+                yield urls, urls
         else:
-            yield f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"
+            urls = f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"
+            yield urls, urls
 
 
 @contextlib.contextmanager
