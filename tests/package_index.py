@@ -27,8 +27,8 @@ from hosts import Started
 
 #: The hosts' Python (Debian's, with nothing installed).
 HOST_PYTHON = "/usr/bin/python3"
-#: Packages served beside the engines' own: what tests name in host_packages.
-EXTRA = ("pytest",)
+#: Packages served beside the engines' own: what tests name in host_packages, and mpi4py
+EXTRA = ("pytest", "mpi4py")  # (mpi4py: what --mpi adds)
 
 
 def host_markers() -> dict:

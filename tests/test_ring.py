@@ -78,11 +78,17 @@ def test_the_ring_needs_an_mpi_cluster(engine):
             ring.measure(c)
 
 
-def test_mpi_needs_the_local_ssh_or_slurm_backend():
-    with pytest.raises(ConfigError, match="MPI engines start on the local, ssh and slurm "
-                                          "backends only; the ec2 backend starts each engine "
-                                          "on its own"):
-        cloudlab.Cluster(2, mpi=True, backend="ec2")
+def test_mpi_on_a_backend_that_cannot_start_a_job_says_which_can():
+    from cloudlab.backends.base import Backend
+
+    class OneByOne(Backend):  # (a third-party backend without launch_world)
+        name, controller_ip = "one-by-one", "127.0.0.1"
+        max_engines = launch = terminate = None
+
+    with pytest.raises(ConfigError, match="MPI engines need a backend that starts them as "
+                                          "one job, and the one-by-one backend starts each "
+                                          "engine on its own"):
+        OneByOne(None, "x").check_mpi()
 
 
 def test_mpi_without_mpi4py_names_the_install(monkeypatch):

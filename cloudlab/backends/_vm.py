@@ -56,6 +56,9 @@ TAG_CLUSTER, TAG_OWNER, TAG_EXPIRES = "cloudlab:cluster", "cloudlab:owner", "clo
 #: (:mod:`.environment`): its own cloudlab, never a name looked up on an index.
 DEFAULT_INSTALL = ("python3 -c 'import ensurepip' 2>/dev/null || "
                    "{ apt-get update -q && apt-get install -y -q python3-venv; }")
+#: Open MPI for an MPI cluster's VMs (--mpi): its mpirun runs on the first VM.
+MPI_INSTALL = ("command -v mpirun >/dev/null || "
+               "{ apt-get update -q && apt-get install -y -q openmpi-bin; }")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class VmOptions(EnvironmentOptions):
                                   "inside the same network, or over a VPN).")
     lease: float = option(30.0, "Seconds an engine lives on without hearing from this client "
                           "(a cut link) before it ends itself.")
+    mpi_args: tuple[str, ...] = option((), "More mpirun options for --mpi (it runs on the "
+                                       "first VM), e.g. [\"--mca\", \"btl_tcp_if_include\", "
+                                       "\"10.0.0.0/16\"].")
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,7 @@ class VmBackend(Backend):
         self._slots = 1
         self._creating: asyncio.Future | None = None
         self._price: float | None = None  # $/h of one VM, read at provision
+        self._mpi = False
 
     # Subclasses: the cloud's SDK object, its vCPUs per VM, its price per hour.
     def make_cloud(self) -> Any:
@@ -287,6 +294,24 @@ class VmBackend(Backend):
 
     def price_per_hour(self) -> float | None:
         return self.options.price_per_hour or None
+
+    def check_mpi(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("mpi4py") is None:
+            raise ConfigError("MPI engines need mpi4py, and the VMs get this client's "
+                              "version: pip install mpi4py here (or cloudlab's mpi extra).")
+        self._mpi = True
+
+    async def launch_world(self, commands: list[Command]) -> list[Launched]:
+        """The ranks of one MPI job across the VMs, its mpirun on the first VM."""
+        return await self._ssh.launch_world([self._with_lease_file(c) for c in commands])
+
+    @staticmethod
+    def _with_lease_file(command: Command) -> Command:
+        # Each heartbeat an engine hears also keeps its VM from expiring.
+        return dataclasses.replace(command, env={**command.env,
+                                                 LEASE_FILE_ENV: f"{STATE_DIR}/lease"})
 
     def check_options(self) -> None:
         o = self.options
@@ -330,8 +355,9 @@ class VmBackend(Backend):
         self._known_hosts.touch(mode=0o600)
         count = -(-engines // self._slots)
         cidr = self.options.client_cidr or await asyncio.to_thread(public_cidr)
+        install = "\n".join(filter(None, [self.options.install, self._mpi and MPI_INSTALL]))
         self._user_data = render_bootstrap(Bootstrap(
-            self.cluster_name, self.options.install, self.options.idle_timeout,
+            self.cluster_name, install, self.options.idle_timeout,
             self.options.max_hours, self.instance_id_command,
             check_every=min(15.0, max(0.5, self.options.idle_timeout / 4)),
             boot_grace=timeout, on_expiry=self.on_expiry()))
@@ -355,9 +381,12 @@ class VmBackend(Backend):
             hosts=tuple(hosts), **environment, identity_file=str(key),
             known_hosts=str(self._known_hosts), lease=self.options.lease,
             controller_host=hosts[0], tunnel=not self.options.use_private_ip,
-            controller_address=next(iter(self._vms.values())).private_ip or ""),
-            self.cluster_name)
+            controller_address=next(iter(self._vms.values())).private_ip or "",
+            mpi_args=self.options.mpi_args), self.cluster_name)
         self._ssh.workdir = self.workdir
+        if self._mpi:  # the VMs may not reach this client: mpirun runs on the first VM
+            self._ssh.mpi_launcher = self._ssh.hosts[0]
+            self._ssh.check_mpi()
 
     def _ssh_target(self, vm) -> str:
         return f"{self.options.ssh_user}@{self._address(vm)}"
@@ -404,8 +433,7 @@ class VmBackend(Backend):
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         if not command.controller:
             await self._make_room()
-            command = dataclasses.replace(command, env={**command.env,
-                                                        LEASE_FILE_ENV: f"{STATE_DIR}/lease"})
+            command = self._with_lease_file(command)
         process = await self._ssh.launch(command, cleanup)
         vm = next((v for v in self._vms.values() if self._address(v) == process.host), None)
         if vm is not None:

@@ -195,9 +195,9 @@ class Backend(abc.ABC):
 
     def check_mpi(self) -> None:
         """Raise ConfigError, in one sentence, where engines cannot start as an MPI job."""
-        raise ConfigError(f"MPI engines start on the local, ssh and slurm backends only; the "
+        raise ConfigError(f"MPI engines need a backend that starts them as one job, and the "
                           f"{self.name} backend starts each engine on its own: drop mpi, or "
-                          f"use one of those backends.")
+                          f"use the local, ssh, slurm, ec2 or azure backend.")
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
         """Start ``commands`` together as the ranks of one MPI job, in order."""

@@ -22,6 +22,7 @@ the heartbeats stop arriving and the engine ends itself (:mod:`cloudlab._agent`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -138,6 +139,9 @@ class SshBackend(Backend):
         self._controller: Launched | None = None
         self._lease: LeaseServer | None = None  # what its ranks hold a lease on
         self._mpi = False
+        #: Where mpirun runs for --mpi: here (None), or a host (the hosts cannot reach here).
+        self.mpi_launcher: SshHost | None = None
+        self._forwards = contextlib.ExitStack()  # the ranks' leases, through SSH
 
     @property
     def controller_ip(self) -> str:
@@ -218,7 +222,8 @@ class SshBackend(Backend):
     def check_mpi(self) -> None:
         import importlib.util
 
-        ssh_mpi.check(self.hosts, importlib.util.find_spec("mpi4py") is not None)
+        ssh_mpi.check(self.hosts, importlib.util.find_spec("mpi4py") is not None,
+                      mpirun_here=self.mpi_launcher is None)
         self._mpi = True
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
@@ -227,16 +232,37 @@ class SshBackend(Backend):
         placed = [self.hosts[i % len(self.hosts)] for i in range(len(commands))]
         for host, command in zip(placed, commands):
             await self._copy_files(host, command.files)
-        if self._lease is None:
-            self._lease = LeaseServer(self._address, self.options.lease / 4)
+        launcher = self.mpi_launcher
+        extra = {}
+        if launcher is None:
+            if self._lease is None:
+                self._lease = LeaseServer(self._address, self.options.lease / 4)
+            lease_from = self._lease.address
+            identity, known_hosts = self.options.identity_file, self.options.known_hosts
+        else:  # mpirun on a host: the cluster's key there, the leases through SSH
+            key = Path(self.options.identity_file)
+            await self._copy_files(launcher, (key,))
+            identity, known_hosts = str(key), str(key.with_name("mpi_known_hosts"))
+            extra = {"host_keys": "accept-new", "as_root": launcher.user == "root"}
+            if self._lease is None:
+                self._lease = LeaseServer("127.0.0.1", self.options.lease / 4)
+            port = int(self._lease.address.rsplit(":", 1)[1])
+            there = await asyncio.to_thread(self._forwards.enter_context, ssh_tunnels.reverse(
+                list(dict.fromkeys(placed)), port, self.options.identity_file,
+                self.options.known_hosts))
+            lease_from = f"127.0.0.1:{there}"
         argv = ssh_mpi.mpirun_argv(
             [(h, info[h].python) for h in placed], commands, self.cluster_name,
-            self.options.lease, self._lease.address, self.options.identity_file,
-            self.options.known_hosts, tuple(self.options.mpi_args))
+            self.options.lease, lease_from, identity, known_hosts,
+            tuple(self.options.mpi_args), **extra)
+        if launcher is not None:
+            argv = ssh_command(launcher, ssh_mpi.from_a_host(argv), self.options.identity_file,
+                               self.options.known_hosts)
         log = self.workdir / "mpi-world.log"
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
-            world = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            world = subprocess.Popen(argv, stdin=subprocess.PIPE if launcher else subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         return [ssh_mpi.RemoteRank(c.name, h, world, log) for c, h in zip(commands, placed)]
 
     def load(self) -> dict[SshHost, int]:
@@ -337,6 +363,8 @@ class SshBackend(Backend):
         worlds = list({id(p.world): p.world for p in launched
                        if isinstance(p, ssh_mpi.RemoteRank)}.values())
         for world in worlds:  # mpirun ends its ranks on every host
+            if world.stdin is not None:  # (mpirun on a host: its session's input ends it)
+                world.stdin.close()
             world.terminate()
         launched = [p for p in launched if not isinstance(p, ssh_mpi.RemoteRank)]
         local = [p for p in launched if not isinstance(p, SshProcess)]
@@ -408,6 +436,7 @@ class SshBackend(Backend):
 
     async def close(self) -> None:
         self._closing.set()
+        await asyncio.to_thread(self._forwards.close)
         if self._lease is not None:
             self._lease.close()
         for tunnel in self._tunnels:

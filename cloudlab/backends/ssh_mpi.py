@@ -8,6 +8,11 @@ gets the client's mpi4py), and holds a lease on the client over a TCP connection
 jobs do): it ends when the client dies or the link stays cut. The hosts need Open MPI, the
 version the client's ``mpirun`` has; ``mpi_args`` adds mpirun options (which network to use,
 say: ``["--mca", "btl_tcp_if_include", "10.0.0.0/24"]``).
+
+Where the hosts cannot reach the client (cloud VMs), ``mpirun`` runs on a host instead (the
+controller's VM), over one SSH session from the client that ends it when the client goes;
+it reaches the other hosts with the cluster's own key, copied into the cluster's folder
+there, and the ranks hold their lease on the client through SSH forwards.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ class RemoteRank(Launched):
         return read_tail(self.log, lines)
 
 
-def check(hosts: list[SshHost], client_has_mpi4py: bool) -> None:
+def check(hosts: list[SshHost], client_has_mpi4py: bool, mpirun_here: bool = True) -> None:
     """One sentence naming the fix where an MPI job cannot span ``hosts`` from here."""
-    if shutil.which("mpirun") is None:
+    if mpirun_here and shutil.which("mpirun") is None:
         raise ConfigError("MPI engines on SSH hosts start through this machine's mpirun, which "
                           "is not installed: install Open MPI here, the version the hosts "
                           "have (Debian: apt-get install openmpi-bin libopenmpi-dev).")
@@ -55,20 +60,31 @@ def check(hosts: list[SshHost], client_has_mpi4py: bool) -> None:
 
 def mpirun_argv(placed: list[tuple[SshHost, str]], commands: list[Command], cluster: str,
                 lease: float, lease_from: str, identity_file: str, known_hosts: str,
-                extra: tuple[str, ...]) -> list[str]:
+                extra: tuple[str, ...], host_keys: str = "yes",
+                as_root: bool | None = None) -> list[str]:
     """The mpirun command line: rank ``i`` is ``commands[i]`` on ``placed[i]`` (its host and
-    the Python engines run there), one app context each."""
+    the Python engines run there), one app context each. ``as_root``: whether mpirun runs as
+    root (default: whether this process does)."""
     host = placed[0][0]
     # How mpirun reaches each host: the cluster's ssh, less the host and command it adds.
-    agent = ssh_command(host, "", identity_file, known_hosts)[:-2]
+    agent = ssh_command(host, "", identity_file, known_hosts, host_keys)[:-2]
     if host.user:
         agent += ["-l", host.user]
     argv = ["mpirun", "--bind-to", "none", "--oversubscribe",
             "--mca", "plm_rsh_agent", shlex.join(agent), *extra]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 if as_root is None else as_root:
         argv.append("--allow-run-as-root")
     for rank, ((where, python), command) in enumerate(zip(placed, commands)):
         argv += [":"] if rank else []  # the next app context
         argv += ["-n", "1", "--host", where.address,
                  *agent_argv(python, cluster, command, lease, lease_from)]
     return argv
+
+
+def from_a_host(argv: list[str]) -> str:
+    """The shell command that runs ``argv`` (an mpirun) on a host for as long as the SSH
+    session that started it reads input: when the client dies, its input closes and the
+    job is ended."""
+    # (A background job's input is /dev/null unless redirected: the session's goes by fd 3.)
+    return (f"exec 3<&0; {shlex.join(argv)} </dev/null & world=$!; "
+            f"(cat <&3 >/dev/null; kill $world) >/dev/null 2>&1 & wait $world")

@@ -313,3 +313,24 @@ def test_the_queue_form_works_the_clusters_own_queue_by_the_instances_role(ec2_c
         assert sqs.list_queues(QueueNamePrefix=f"cloudlab-{c.name}-").get("QueueUrls", []) == []
     assert api.role.clusters() == {}
     assert iam.list_instance_profiles(PathPrefix="/cloudlab/")["InstanceProfiles"] == []
+
+
+def test_cloudlab_run_ring_spans_the_vms_with_mpirun_on_the_first(ec2_cloud, write_profile):
+    """--mpi on VMs that cannot reach the client: mpirun runs on the first VM (Open MPI from
+    the bootstrap, the cluster's key copied there), one rank per VM, the hop measured."""
+    import json
+
+    api, vms, options = ec2_cloud
+    subnet = options["client_cidr"].rsplit(".", 1)[0] + ".0/24"
+    # The test VMs share a hostname and /dev/shm (TESTING.md): TCP only, on their network.
+    mpi_args = ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", subnet,
+                "--mca", "oob_tcp_if_include", subnet]
+    done = subprocess.run([sys.executable, "-m", "cloudlab.cli", "run", "ring", "--ranks", "2",
+                           "--profile", write_profile("moto-ec2-mpi", {**options,
+                                                                      "mpi_args": mpi_args}),
+                           "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["backend"] == "ec2" and figures["ranks"] == 2 and figures["went_around"]
+    assert all(us > 0 for us in figures["latency_us"])
+    assert _running(api) == []  # its VMs went with it
