@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from .base import AwsScope, Backend, Command, Launched, ServicePlace
+from .base import AwsScope, Backend, Command, Launched, ServicePlace, check_mpi4py
 from .environment import EnvironmentOptions
 from .ssh_hosts import SshHost, ssh_command
 
@@ -296,11 +296,7 @@ class VmBackend(Backend):
         return self.options.price_per_hour or None
 
     def check_mpi(self) -> None:
-        import importlib.util
-
-        if importlib.util.find_spec("mpi4py") is None:
-            raise ConfigError("MPI engines need mpi4py, and the VMs get this client's "
-                              "version: pip install mpi4py here (or cloudlab's mpi extra).")
+        check_mpi4py("the VMs")
         self._mpi = True
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:

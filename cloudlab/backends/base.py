@@ -91,6 +91,15 @@ def read_last_words(log: Path) -> str | None:
         return None
 
 
+def check_mpi4py(where: str) -> None:
+    """MPI engines get this client's mpi4py: one sentence where it has none."""
+    import importlib.util
+
+    if importlib.util.find_spec("mpi4py") is None:
+        raise ConfigError(f"MPI engines need mpi4py, and {where} get this client's version: "
+                          f"pip install mpi4py here (or cloudlab's mpi extra).")
+
+
 class Launched(abc.ABC):
     """A started process, as the cluster sees it."""
 

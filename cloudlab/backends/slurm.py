@@ -45,7 +45,15 @@ from pathlib import Path
 from .._agent import LAST_WORDS
 from ..errors import ConfigError, StartError
 from ..profiles import option
-from .base import Backend, Command, Launched, last_words_file, read_last_words, read_tail
+from .base import (
+    Backend,
+    Command,
+    Launched,
+    check_mpi4py,
+    last_words_file,
+    read_last_words,
+    read_tail,
+)
 from .environment import EnvironmentOptions, check_options
 from .environment import prepare as prepare_environment
 from .local import LocalBackend, LocalOptions
@@ -264,11 +272,7 @@ class SlurmBackend(Backend):
                     "--gpus)")
 
     def check_mpi(self) -> None:
-        import importlib.util
-
-        if importlib.util.find_spec("mpi4py") is None:
-            raise ConfigError("MPI engines need mpi4py, and Slurm's nodes get this client's "
-                              "version: pip install mpi4py here (or cloudlab's mpi extra).")
+        check_mpi4py("Slurm's nodes")
         self._mpi = True
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
