@@ -58,6 +58,8 @@ def test_the_workloads_with_the_controller_on_a_host(controller_on_a_host, test_
     assert figures["documents"] == figures["rows"] == 2000 and figures["accuracy"] > 0.7
     figures = _run("pi", "--engines", "2", "--samples", "1e8", "--profile", controller_on_a_host)
     assert abs(figures["estimate"] - math.pi) < 5 * figures["stderr"]
+    figures = _run("pct", "--size", "small", "--engines", "2", "--profile", controller_on_a_host)
+    assert figures["max_insert_error_pct"] <= 1.0 and figures["rmse"] <= 0.040
     # The queue form: the hosts may not reach this machine, so its Redis reaches them
     # through SSH forwards, on each host's own loopback.
     figures = _run("classify", "--engines", "2", "--limit", "2000", "--mode", "queue",
