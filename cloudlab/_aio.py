@@ -109,3 +109,9 @@ async def wrap(coro: Coroutine[Any, Any, T]) -> T:
     if in_loop_thread():
         return await coro
     return await asyncio.wrap_future(submit(coro))
+
+
+def mark_seen(task: asyncio.Future) -> None:
+    """A done callback: mark a background task's error as seen (its consequences are
+    reported elsewhere, or nobody needs it), so asyncio does not log it as never retrieved."""
+    task.cancelled() or task.exception()

@@ -242,7 +242,7 @@ class Cluster(EngineNamespaces):
             # process what its client needs (a no-op after prewarm).
             preparing = asyncio.ensure_future(asyncio.gather(
                 self._backend.prepare(self._engine.preload), _import_client(self._engine_cls)))
-            preparing.add_done_callback(_retrieve)
+            preparing.add_done_callback(_aio.mark_seen)
             self._controller = await self._backend.launch(
                 self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
             self._save_record()
@@ -312,7 +312,7 @@ class Cluster(EngineNamespaces):
             self._joining = asyncio.create_task(
                 self._join_rest(new_ids, new_ids[len(first):], deadline))
             self._joining.add_done_callback(lambda _: self.engines_changed.notify())
-            self._joining.add_done_callback(_retrieve)  # its error is wait_for_engines' to raise
+            self._joining.add_done_callback(_aio.mark_seen)  # its error is wait_for_engines' to raise
         else:
             await self._learn_identity(new_ids)
 
@@ -871,11 +871,6 @@ def _call(fn, *args) -> None:
 
 def _tell(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    """Mark a background task's error as seen (it is reported elsewhere, or not needed)."""
-    task.cancelled() or task.exception()
 
 
 def prewarm(engine: str | None = None, profile: str | None = None) -> concurrent.futures.Future:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .deaths import Death
 from .errors import Cancelled, ClusterStateError, TaskLost
@@ -231,7 +231,3 @@ def describe_items(starts: list[int], sizes: list[int]) -> Callable[[int], str]:
         return f"item {first}" if size == 1 else f"items {first}-{first + size - 1}"
 
     return describe
-
-
-def first_line(text: Any) -> str:
-    return str(text).split("\n", 1)[0]

@@ -32,9 +32,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-#: The permissions cloudlab's processes create files with: the owner's only.
-UMASK = 0o077
-
 
 def runtime_dir() -> Path:
     """This user's directory for running clusters, created 0700 and checked."""

@@ -21,6 +21,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from . import _aio
 from .deaths import Death, cause_of, oom_kills
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class Supervisor:
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._watch())
-        self._task.add_done_callback(_seen)
+        self._task.add_done_callback(_aio.mark_seen)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self.replacing)
@@ -132,8 +133,3 @@ class Supervisor:
         if not task.cancelled() and task.exception() is not None:
             self.not_replaced = f"a replacement engine failed to start ({task.exception()})"
         self.cluster.engines_changed.notify()
-
-
-def _seen(task: asyncio.Task) -> None:
-    """Mark a background task's error as seen: the cluster reports its consequences."""
-    task.cancelled() or task.exception()

@@ -157,7 +157,7 @@ class IPyParallelEngine(Engine):
         # Shielded: a cancel must not reach ipyparallel's own future, which its IO thread
         # still completes when the reply (or the engine's death) arrives.
         reply = asyncio.wrap_future(view.apply_async(call, fn, *args))
-        reply.add_done_callback(_seen)  # an abandoned task's late error is nobody's to raise
+        reply.add_done_callback(_aio.mark_seen)  # an abandoned task's late error is nobody's to raise
         return await asyncio.shield(reply)
 
     async def gone(self, ids: list[int]) -> None:
@@ -229,10 +229,6 @@ class IPyParallelEngine(Engine):
 
 #: Seconds a scale-down waits for the hub to unregister the engines it shuts down.
 FORGET_WAIT = 2.0
-
-
-def _seen(future: asyncio.Future) -> None:
-    future.cancelled() or future.exception()
 
 
 def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:
