@@ -193,7 +193,12 @@ class HostNetwork(Started):
             f"AuthorizedKeysFile {authorized}", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
             "StrictModes no", "UsePAM no", f"PidFile {d / 'sshd.pid'}",
-            "AcceptEnv CLOUDLAB_*", ""]))
+            "AcceptEnv CLOUDLAB_*",
+            # The hosts share /tmp and a hostname, so Open MPI's session folders
+            # (/tmp/ompi.HOSTNAME.UID) would be one for all: one job's clean-up could remove
+            # what another host's daemon is making. A folder of its own, as on a machine.
+            f"SetEnv OMPI_MCA_orte_tmpdir_base={d / 'tmp'}", ""]))
+        (d / "tmp").mkdir(mode=0o1777)
         # An absolute config path: sshd re-executes itself from / for each connection.
         sshd = ["/usr/sbin/sshd", "-f", str(config.resolve()), "-E", str(d / "log")]
         home = self.homes / ("shared" if self.shared_home

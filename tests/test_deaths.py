@@ -43,3 +43,27 @@ def test_a_death_reads_as_a_sentence_about_its_engine():
 def test_oom_kills_reads_this_machines_cgroup_or_says_it_cannot():
     count = oom_kills()
     assert count is None or count >= 0
+
+
+def test_an_ended_process_is_quoted_by_its_last_line_or_its_error_box():
+    from cloudlab.backends.base import Launched
+
+    class Ended(Launched):
+        def __init__(self, text: str):
+            self.text = text
+
+        def log_tail(self, lines: int = 20) -> str:
+            return self.text
+
+        def exit_code(self) -> int:
+            return 1
+
+    rule = "-" * 74
+    box = (f"ssh: connect to host 10.0.0.2 port 22: Connection refused\n{rule}\n"
+           f"ORTE was unable to reliably start one or more daemons.\nThis usually is caused "
+           f"by:\n\n* not finding the required libraries\n  and network routing requirements)."
+           f"\n{rule}\n")
+    assert Ended(box).last_line() == "ORTE was unable to reliably start one or more daemons."
+    assert Ended(box + "Traceback ... Error: later\n").last_line() == "Traceback ... Error: later"
+    assert Ended("first\nlast\n\n").last_line() == "last"
+    assert Ended("").last_line() == "(no output)"

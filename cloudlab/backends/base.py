@@ -91,6 +91,10 @@ def read_last_words(log: Path) -> str | None:
         return None
 
 
+def _says(line: str) -> bool:
+    return any(c.isalnum() for c in line)
+
+
 def check_mpi4py(where: str) -> None:
     """MPI engines get this client's mpi4py: one sentence where it has none."""
     import importlib.util
@@ -119,10 +123,16 @@ class Launched(abc.ABC):
         """The last lines the process wrote, for error messages."""
 
     def last_line(self) -> str:
-        """The last line the process wrote ("(no output)" if none), for one-line errors;
-        rules of dashes or stars (mpirun's boxes) are not lines that say anything."""
-        said = [line.strip() for line in self.log_tail(10).splitlines()
-                if any(c.isalnum() for c in line)]
+        """The last line the process wrote ("(no output)" if none), for one-line errors.
+        Where it ended with a box between rules of dashes (mpirun's errors), the box's first
+        line, which says what happened (the rest is advice)."""
+        lines = [line.strip() for line in self.log_tail(40).splitlines()]
+        rules = [i for i, line in enumerate(lines) if len(line) > 8 and set(line) <= set("-*=")]
+        if len(rules) >= 2 and rules[-1] == max(i for i, line in enumerate(lines) if line):
+            boxed = [line for line in lines[rules[-2] + 1:rules[-1]] if _says(line)]
+            if boxed:
+                return boxed[0]
+        said = [line for line in lines if _says(line)]
         return (said or ["(no output)"])[-1]
 
     def waiting(self) -> str | None:
