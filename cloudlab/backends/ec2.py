@@ -12,6 +12,7 @@ and how engines reach them is the cloud-independent part (:mod:`._vm`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -122,7 +123,7 @@ class Ec2:
                                  "ask your administrator for IAM rights.") from None
             raise
 
-    @property
+    @functools.cached_property
     def role(self) -> InstanceRole:
         return InstanceRole(self.options.region, self.options.endpoint_url)
 

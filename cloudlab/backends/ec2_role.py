@@ -95,21 +95,18 @@ class InstanceRole:
         import boto3
         from botocore.exceptions import ClientError
 
+        sqs = boto3.client("sqs", region_name=self.region, endpoint_url=self.endpoint)
+        dynamodb = boto3.client("dynamodb", region_name=self.region, endpoint_url=self.endpoint)
         try:
-            self._delete_queues_and_tables(boto3, cluster)
+            for url in sqs.list_queues(QueueNamePrefix=prefix(cluster)).get("QueueUrls", []):
+                sqs.delete_queue(QueueUrl=url)
+            for page in dynamodb.get_paginator("list_tables").paginate():
+                for table in page["TableNames"]:
+                    if table.startswith(prefix(cluster)):
+                        dynamodb.delete_table(TableName=table)
         except ClientError as e:  # a client without SQS or DynamoDB rights made none
             if "AccessDenied" not in e.response["Error"]["Code"]:
                 raise
-
-    def _delete_queues_and_tables(self, boto3, cluster: str) -> None:
-        sqs = boto3.client("sqs", region_name=self.region, endpoint_url=self.endpoint)
-        for url in sqs.list_queues(QueueNamePrefix=prefix(cluster)).get("QueueUrls", []):
-            sqs.delete_queue(QueueUrl=url)
-        dynamodb = boto3.client("dynamodb", region_name=self.region, endpoint_url=self.endpoint)
-        for page in dynamodb.get_paginator("list_tables").paginate():
-            for table in page["TableNames"]:
-                if table.startswith(prefix(cluster)):
-                    dynamodb.delete_table(TableName=table)
 
     def clusters(self) -> dict[str, dict[str, str]]:
         """Cluster name -> the tags of every role cloudlab made in the account."""

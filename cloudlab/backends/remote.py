@@ -105,6 +105,19 @@ def agent_argv(python: str, cluster: str, command: Command, lease: float,
             *command.args]
 
 
+def mpirun_argv(ranks: list[tuple[list[str], str, Command]], cluster: str, lease: float,
+                lease_from: str, options: list[str], as_root: bool) -> list[str]:
+    """An mpirun command line whose rank ``i`` runs ``ranks[i]``'s command under cloudlab's
+    agent: (where it goes, as mpirun options; the Python there; the command), one app
+    context each. ``options`` go to mpirun itself; ``as_root``: mpirun runs as root."""
+    argv = ["mpirun", "--bind-to", "none", *options,
+            *(["--allow-run-as-root"] if as_root else [])]
+    for rank, (where, python, command) in enumerate(ranks):
+        argv += [":"] if rank else []  # the next app context
+        argv += ["-n", "1", *where, *agent_argv(python, cluster, command, lease, lease_from)]
+    return argv
+
+
 class LeaseServer:
     """Heartbeats for engines that connect to the client (``_agent --lease-from``).
 

@@ -14,8 +14,8 @@ and versions), under ``env_dir`` in the home directory the nodes share; what it 
 staged in ``log_dir``. The nodes are taken to be alike.
 With ``--mpi`` the engines are instead the ranks of one job (``--ntasks N --spread-job``)
 whose ``mpirun`` starts them through Slurm on the job's nodes (Open MPI on the nodes), in
-blocks: rank 0 and its neighbours fill the first node's share, and so on. Scaling adds or cancels jobs; stopping cancels them
-(scancel). One ``squeue`` per second
+blocks: rank 0 and its neighbours fill the first node's share, and so on.
+Scaling adds or cancels jobs; stopping cancels them (scancel). One ``squeue`` per second
 tells the state of every job of the cluster: a pending job's queue reason is shown in the
 widget and quoted if the start times out, and a job that ends on its own is classified from
 its Slurm state (time limit reached, cancelled, node failure, out of memory).
@@ -60,10 +60,10 @@ from .local import LocalBackend, LocalOptions
 from .remote import (
     LeaseServer,
     address_towards,
-    agent_argv,
     agent_command,
     check_lease,
     files_archive,
+    mpirun_argv,
     parent_folders,
     wait_for_files,
 )
@@ -282,13 +282,9 @@ class SlurmBackend(Backend):
         while self._lease is None:
             await asyncio.sleep(0.01)
         log = self._log_dir / f"{self.cluster_name}-mpi-world.log"
-        mpirun = ["mpirun", "--bind-to", "none",
-                  *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
-                  *self.options.mpi_args]
-        for rank, command in enumerate(commands):
-            mpirun += [":"] if rank else []  # the next app context
-            mpirun += ["-n", "1", *agent_argv(self._python, self.cluster_name, command,
-                                              self.options.lease, self._lease.address)]
+        mpirun = mpirun_argv([([], self._python, c) for c in commands], self.cluster_name,
+                             self.options.lease, self._lease.address,
+                             list(self.options.mpi_args), os.geteuid() == 0)
         files = sorted({f for c in commands for f in c.files})
         script = "\n".join([*self._files_lines(files), "exec " + shlex.join(mpirun)]) + "\n"
         argv = ["--ntasks", str(len(commands)), "--spread-job",

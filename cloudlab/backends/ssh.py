@@ -220,10 +220,7 @@ class SshBackend(Backend):
         return process
 
     def check_mpi(self) -> None:
-        import importlib.util
-
-        ssh_mpi.check(self.hosts, importlib.util.find_spec("mpi4py") is not None,
-                      mpirun_here=self.mpi_launcher is None)
+        ssh_mpi.check(self.hosts, mpirun_here=self.mpi_launcher is None)
         self._mpi = True
 
     async def launch_world(self, commands: list[Command]) -> list[Launched]:
@@ -260,7 +257,7 @@ class SshBackend(Backend):
                                self.options.known_hosts)
         log = self.workdir / "mpi-world.log"
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
-            world = subprocess.Popen(argv, stdin=subprocess.PIPE if launcher else subprocess.DEVNULL,
+            world = subprocess.Popen(argv, stdin=subprocess.DEVNULL if launcher is None else subprocess.PIPE,
                                      stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return [ssh_mpi.RemoteRank(c.name, h, world, log) for c, h in zip(commands, placed)]

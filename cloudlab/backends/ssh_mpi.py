@@ -24,8 +24,8 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import Command, Launched, read_tail
-from .remote import agent_argv
+from .base import Command, Launched, check_mpi4py, read_tail
+from .remote import mpirun_argv as remote_mpirun_argv
 from .ssh_hosts import SshHost, ssh_command
 
 
@@ -44,15 +44,13 @@ class RemoteRank(Launched):
         return read_tail(self.log, lines)
 
 
-def check(hosts: list[SshHost], client_has_mpi4py: bool, mpirun_here: bool = True) -> None:
+def check(hosts: list[SshHost], mpirun_here: bool = True) -> None:
     """One sentence naming the fix where an MPI job cannot span ``hosts`` from here."""
     if mpirun_here and shutil.which("mpirun") is None:
         raise ConfigError("MPI engines on SSH hosts start through this machine's mpirun, which "
                           "is not installed: install Open MPI here, the version the hosts "
                           "have (Debian: apt-get install openmpi-bin libopenmpi-dev).")
-    if not client_has_mpi4py:
-        raise ConfigError("MPI engines need mpi4py, and the hosts get this client's version: "
-                          "pip install mpi4py here (or cloudlab's mpi extra).")
+    check_mpi4py("the hosts")
     if len({(h.user, h.port) for h in hosts}) > 1:
         raise ConfigError("An MPI job spans hosts that mpirun reaches alike: give every host "
                           "the same SSH user and port.")
@@ -70,15 +68,12 @@ def mpirun_argv(placed: list[tuple[SshHost, str]], commands: list[Command], clus
     agent = ssh_command(host, "", identity_file, known_hosts, host_keys)[:-2]
     if host.user:
         agent += ["-l", host.user]
-    argv = ["mpirun", "--bind-to", "none", "--oversubscribe",
-            "--mca", "plm_rsh_agent", shlex.join(agent), *extra]
-    if os.geteuid() == 0 if as_root is None else as_root:
-        argv.append("--allow-run-as-root")
-    for rank, ((where, python), command) in enumerate(zip(placed, commands)):
-        argv += [":"] if rank else []  # the next app context
-        argv += ["-n", "1", "--host", where.address,
-                 *agent_argv(python, cluster, command, lease, lease_from)]
-    return argv
+    return remote_mpirun_argv(
+        [(["--host", where.address], python, command)
+         for (where, python), command in zip(placed, commands)],
+        cluster, lease, lease_from,
+        ["--oversubscribe", "--mca", "plm_rsh_agent", shlex.join(agent), *extra],
+        os.geteuid() == 0 if as_root is None else as_root)
 
 
 def from_a_host(argv: list[str]) -> str:
