@@ -29,7 +29,8 @@ from ...backends.base import AwsScope, ServicePlace
 from ...errors import ConfigError
 
 NO_PLACE = ("The queue form needs a queue that every engine reaches, and this cluster's "
-            "backend offers no way from its engines to this machine: pass queue_url and table_url (--queue-url, --table-url) naming a Redis they reach "
+            "backend offers no way from its engines to this machine: pass queue_url and "
+            "table_url (--queue-url, --table-url) naming a Redis they reach "
             "(redis://:PASSWORD@HOST:PORT/0?name=NAME), or use the cluster mode.")
 
 
@@ -49,25 +50,22 @@ def queue_and_table(place: ServicePlace):
         with _aws_queue_and_table(place.aws, run) as urls:
             yield urls, urls
         return
-    if place.address is None:  # through SSH: this machine's loopback on every engine's
-        with redis_server(password=secrets.token_urlsafe(24)) as url:
-            port = int(url.rsplit(":", 1)[1].split("/")[0])
-            with place.tunnel(port) as there:
-                remote = url.replace(f":{port}/", f":{there}/")
-                yield ((f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"),
-                       (f"{remote}?name=docs-{run}", f"{remote}?name=rows-{run}"))
-        return
-    local = ipaddress.ip_address(place.address).is_loopback
-    with redis_server(bind=place.address, password=None if local else secrets.token_urlsafe(24)) as url:
+    tunnelled = place.address is None  # through SSH: this machine's loopback on theirs
+    bind = "127.0.0.1" if tunnelled else place.address
+    local = not tunnelled and ipaddress.ip_address(bind).is_loopback
+    with redis_server(bind=bind, password=None if local else secrets.token_urlsafe(24)) as url:
         if local:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="cloudlab-classify-") as folder:
                 urls = f"{url}?name=docs-{run}", f"sqlite:///{folder}/results.db"
                 yield urls, urls
-        else:
-            urls = f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"
-            yield urls, urls
+            return
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with place.tunnel(port) if tunnelled else contextlib.nullcontext(port) as there:
+            theirs = url.replace(f":{port}/", f":{there}/")  # (where the engines reach it)
+            yield ((f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"),
+                   (f"{theirs}?name=docs-{run}", f"{theirs}?name=rows-{run}"))
 
 
 @contextlib.contextmanager
