@@ -115,3 +115,20 @@ def mark_seen(task: asyncio.Future) -> None:
     """A done callback: mark a background task's error as seen (its consequences are
     reported elsewhere, or nobody needs it), so asyncio does not log it as never retrieved."""
     task.cancelled() or task.exception()
+
+
+class Signal:
+    """Wakes every coroutine waiting on it, each time it is notified."""
+
+    def __init__(self) -> None:
+        self._waiters: asyncio.Future | None = None
+
+    def notify(self) -> None:
+        if self._waiters is not None and not self._waiters.done():
+            self._waiters.set_result(None)
+        self._waiters = None
+
+    def wait(self) -> asyncio.Future:
+        if self._waiters is None:
+            self._waiters = asyncio.get_running_loop().create_future()
+        return self._waiters

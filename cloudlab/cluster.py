@@ -17,7 +17,6 @@ import atexit
 import concurrent.futures
 import dataclasses
 import importlib
-import itertools
 import os
 import re
 import secrets
@@ -31,19 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _aio, _remote, gpus, policy, usercode
-from ._agent import MEMORY_LIMIT
-from .backends.base import Launched
 from .deaths import Death
-from .dispatch import Job, Signal, describe_items
+from .dispatch import Job, describe_items
 from .engines.base import OutputSink, raise_failures
-from .errors import (
-    Cancelled,
-    ClusterStateError,
-    ConfigError,
-    ProvisionTimeout,
-    RemoteError,
-    StartError,
-)
+from .errors import Cancelled, ClusterStateError, ConfigError, RemoteError, StartError
+from .membership import Membership
 from .namespaces import EngineNamespaces
 from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
@@ -119,33 +110,22 @@ class Cluster(EngineNamespaces):
             n = len(self.gpus)
         if n is None:  # the profile's count; 0: one per core this machine gives us
             n = opts.engines or min(policy.usable_cores(), max(limit, 1))
-        self.n = policy.engine_count(n, limit, reason)
+        #: Engines wanted until the start hands the count to the membership.
+        self._n = policy.engine_count(n, limit, reason)
         self.state = "new"
         self.started_at: float | None = None
         self._engine = None
-        self._controller: Launched | None = None
-        self._processes: dict[int, Launched] = {}
-        self._identity: dict[int, tuple[str, int]] = {}
+        #: The engines, once the start has begun: their one owner.
+        self._members: Membership | None = None
         self._pushed = {}
         self._scattered = {}
         self._shared = {}
         #: Items of work (map items, submits) each engine has finished, by engine id.
         self.tasks_done: Counter[int] = Counter()
-        self._next_id = itertools.count()
-        self._record: Record | None = None
         self._workdir: Path | None = None
-        self._lock: asyncio.Lock | None = None
         self._code_lock: asyncio.Lock | None = None
-        #: Engines still joining after ``start(min_engines=...)`` returned early.
-        self._joining: asyncio.Task | None = None
-        #: Engines the controller has counted as usable (and that are still ours).
-        self._ready: set[int] = set()
-        #: Notified whenever engines join, die or leave: jobs hand out work again.
-        self.engines_changed = Signal()
         self._supervisor: Supervisor | None = None
         self._jobs: set[Job] = set()
-        self._memory_limit: int | None = None  # bytes per engine
-        self._gpu_of: dict[int, gpus.Gpu] = {}  # engine id -> its GPU
         #: Why the cluster died (its controller ended), once it has.
         self.end_cause: str | None = None
         #: The user's modules as the engines have them (None: none sent yet).
@@ -153,7 +133,7 @@ class Cluster(EngineNamespaces):
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
-                f"{len(self._processes)} engines, {self.state}>")
+                f"{len(self.engine_ids)} engines, {self.state}>")
 
     # ----------------------------------------------------------------- lifecycle
     def start(self, min_engines: int | None = None) -> Cluster:
@@ -209,8 +189,13 @@ class Cluster(EngineNamespaces):
         return self._engine.client
 
     @property
+    def n(self) -> int:
+        """How many engines the cluster wants (scale changes it)."""
+        return self._n if self._members is None else self._members.wanted
+
+    @property
     def engine_ids(self) -> list[int]:
-        return sorted(self._processes)
+        return [] if self._members is None else sorted(self._members.processes)
 
     async def _start(self, min_engines: int | None = None) -> Cluster:
         if min_engines is not None and not (isinstance(min_engines, int) and min_engines >= 1):
@@ -219,7 +204,6 @@ class Cluster(EngineNamespaces):
         if self.state != "new":
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
-        self._lock = asyncio.Lock()
         self._code_lock = asyncio.Lock()
         self.state = "starting"
         _live.add(self)
@@ -228,36 +212,40 @@ class Cluster(EngineNamespaces):
             self._workdir = private_dir(f"{self.name}-")
             self._backend.workdir = self._workdir
             # Cloud VMs, before their addresses are used.
-            await self._backend.provision(self.n, deadline - time.monotonic())
+            await self._backend.provision(self._n, deadline - time.monotonic())
             self._engine = self._engine_cls(self._workdir, self._backend.controller_ip,
                                             self.profile.cluster.task_retries,
                                             remote=not self._backend.same_machine)
             limit = memory_limit_bytes(self.profile.cluster.memory_limit)
-            self._memory_limit = (self._backend.auto_memory_limit(self.n) if limit == "auto"
-                                  else limit)
-            self._record = Record(self.name, self.engine_kind, self.backend_kind,
-                                  os.getpid(), this_process_started(), str(self._workdir))
-            self._record.save()
+            if limit == "auto":
+                limit = self._backend.auto_memory_limit(self._n)
+            record = Record(self.name, self.engine_kind, self.backend_kind, os.getpid(),
+                            this_process_started(), str(self._workdir))
+            members = self._members = Membership(
+                self.name, self._backend, self._engine, self.profile.cluster, record, limit,
+                self._welcome, self._why_stopped)
+            record.save()
+            members.gpus = self.gpus
             # The fork server imports the engine while the controller starts, and this
             # process what its client needs (a no-op after prewarm).
             preparing = asyncio.ensure_future(asyncio.gather(
                 self._backend.prepare(self._engine.preload), _import_client(self._engine_cls)))
             preparing.add_done_callback(_aio.mark_seen)
-            self._controller = await self._backend.launch(
-                self._engine.controller_command(), cleanup=(self._workdir, self._record.path))
-            self._save_record()
+            members.controller = await self._backend.launch(
+                self._engine.controller_command(), cleanup=(self._workdir, record.path))
+            members.save_record()
             # Engines start while the controller does (they wait for its connection file).
             connecting = asyncio.ensure_future(
-                self._engine.connect(self._controller.alive, deadline - time.monotonic(),
+                self._engine.connect(members.controller.alive, deadline - time.monotonic(),
                                      self._backend.reach))
             try:
                 await preparing
                 if self._gpus_wanted is not None and not self.gpus:  # (where engines run)
                     found, why_none = await self._backend.gpus()
-                    self.gpus = gpus.choose(self._gpus_wanted, found, why_none,
-                                            self._gpus_asked)
-                    self.n = len(self.gpus)
-                await self._add_engines(self.n, deadline, min_engines, connecting)
+                    self.gpus = members.gpus = gpus.choose(self._gpus_wanted, found, why_none,
+                                                           self._gpus_asked)
+                    self._n = len(self.gpus)
+                await members.start(self._n, min_engines, connecting, deadline)
             finally:
                 if not connecting.done():
                     connecting.cancel()
@@ -271,207 +259,22 @@ class Cluster(EngineNamespaces):
                              f"{error}); nothing is left running.") from error
         self.state = "running"
         self.started_at = time.time()
-        self._supervisor = Supervisor(self)
+        self._supervisor = Supervisor(members, self._die)
         self._supervisor.start()
         return self
 
-    async def _add_engines(self, count: int, deadline: float, enough: int | None = None,
-                           connecting: asyncio.Future | None = None) -> None:
-        """Launch ``count`` engines and wait for them (or for ``enough`` of them, the rest
-        joining in the background); if any fails, none of them stays.
-
-        The error ends by saying what is left: nothing during a start, the engines
-        the cluster had before during a scale.
-        """
-        new_ids = [next(self._next_id) for _ in range(count)]
-        enough = count if enough is None else min(enough, count)
-        # Engines wanted first start alone (with as many more as there are cores to run
-        # them): sixteen initialising together on two cores would each be usable only as
-        # late as the last.
-        head = max(enough, os.cpu_count() or 1)
-        first = (new_ids[:head] if head < count and self._backend.same_machine
-                 and not self.profile.cluster.mpi else new_ids)  # an MPI world starts whole
-        try:
-            await self._launch_engines(first)
-            outcome = ("nothing is left running" if self.state == "starting" else
-                       f"{self.name} keeps its other {len(self._processes) - count} engines")
-            if connecting is not None:
-                try:
-                    await connecting
-                except StartError as error:
-                    if self._controller.alive():
-                        raise
-                    raise StartError(f"{error} (exit code {self._controller.exit_code()}, last "
-                                     f"output: {self._controller.last_line()}); {outcome}."
-                                     ) from None
-            await self._wait_ready(first, deadline, outcome, enough)
-        except BaseException:
-            await self._drop_engines(new_ids)
-            raise
-        if enough < count:
-            self._joining = asyncio.create_task(
-                self._join_rest(new_ids, new_ids[len(first):], deadline))
-            self._joining.add_done_callback(lambda _: self.engines_changed.notify())
-            self._joining.add_done_callback(_aio.mark_seen)  # its error is wait_for_engines' to raise
-        else:
-            await self._learn_identity(new_ids)
-
-    async def _join_rest(self, ids: list[int], unlaunched: list[int], deadline: float) -> None:
-        """Launch and wait for engines still to join; drop those that fail, keep the others."""
-        try:
-            await self._launch_engines(unlaunched)
-            await self._wait_ready(ids, deadline, f"{self.name} keeps the engines that started")
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            ready = await self._engine.ready_ids()
-            await self._drop_engines([eid for eid in ids if eid not in ready])
-            self.n = len(self._processes)
-            await self._learn_identity([eid for eid in ids if eid in self._processes])
-            raise
-        await self._learn_identity(ids)
-
     async def _joined(self) -> None:
         """Let engines still joining finish (their failure is wait_for_engines' to report)."""
-        if self._joining is not None:
-            await asyncio.wait([self._joining])
+        await self._members.joined()
 
     async def _wait_for_engines(self, n: int | None, timeout: float | None) -> None:
         self._require_running()
-        loop = asyncio.get_running_loop()
-        timeout = self.profile.cluster.start_timeout if timeout is None else timeout
-        deadline = loop.time() + timeout
-        if n is None:
-            if self._joining is not None:
-                await asyncio.wait_for(asyncio.shield(self._joining), timeout)
-            return
-        while len(await self._engine.ready_ids() & set(self._processes)) < n:
-            if loop.time() > deadline:
-                raise ProvisionTimeout(len(await self._engine.ready_ids()), n, timeout,
-                                       f"{self.name} keeps its engines")
-            await asyncio.sleep(0.02)
-
-    async def _learn_identity(self, ids: list[int]) -> None:
-        """Ask engines their host and pid, where the backend's handles do not tell them."""
-        if ids and not self._backend.knows_engine_pids:
-            results = await self._engine.run_on(ids, _remote.identity)
-            self._identity.update({eid: r.value for eid, r in results.items()})
-
-    async def _drop_engines(self, ids: list[int]) -> None:
-        leaving = [eid for eid in ids if eid in self._processes]
-        self._ready.difference_update(leaving)
-        self.engines_changed.notify()
-        await self._engine.forget([eid for eid in leaving if self._processes[eid].alive()])
-        await self._backend.terminate([self._processes.pop(eid) for eid in leaving])
-        for eid in ids:
-            self._gpu_of.pop(eid, None)
-        for eid in leaving:
-            self._identity.pop(eid, None)
-        self._save_record()
-        # An engine can finish registering while it is being stopped: return once the
-        # controller has noticed it is gone, so no task is sent to it.
-        deadline = time.monotonic() + self._engine.notices_death_within
-        while set(leaving) & await self._engine.ready_ids() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
-    async def _launch_engines(self, ids: list[int]) -> None:
-        """Launch engines ``ids`` together and record each process started, also when
-        this is cancelled (a process asked for starts anyway), so a teardown stops it."""
-        if not ids:
-            return
-        if self.profile.cluster.mpi:
-            world = await self._backend.launch_world([self._engine_command(e) for e in ids])
-            self._processes.update(zip(ids, world))
-            self._save_record()
-            return
-        launches = {eid: asyncio.ensure_future(self._backend.launch(self._engine_command(eid)))
-                    for eid in ids}
-        all_done = asyncio.ensure_future(asyncio.wait(launches.values()))
-        try:
-            await asyncio.shield(all_done)
-        finally:
-            await all_done
-            for eid, launch in launches.items():
-                if launch.exception() is None:
-                    self._processes[eid] = launch.result()
-            self._save_record()
-        for launch in launches.values():
-            if launch.exception() is not None:
-                raise launch.exception()
-
-    def _engine_command(self, eid: int):
-        command = self._engine.engine_command(eid)
-        env = dict(command.env)
-        if self._memory_limit is not None:
-            env[MEMORY_LIMIT] = f"{self._memory_limit / 1e6:.0f}"
-        if self.gpus:
-            gpu = self._gpu_of[eid] = self._free_gpu()  # given back when the engine leaves
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
-            return dataclasses.replace(command, env=env, host=gpu.host)
-        return dataclasses.replace(command, env=env)
-
-    def _free_gpu(self) -> gpus.Gpu:
-        """A GPU no engine holds (a dead engine's goes to its replacement)."""
-        held = {g.key for g in self._gpu_of.values()}
-        free = [g for g in self.gpus if g.key not in held]
-        if not free:
-            raise ConfigError(f"Cluster {self.name} runs one engine per GPU and all "
-                              f"{len(self.gpus)} GPUs have one.")
-        return free[0]
-
-    async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
-                          enough: int | None = None) -> None:
-        """Until ``enough`` (default: all) of ``ids`` are usable, by ``deadline`` (monotonic)."""
-        wanted = set(ids)
-        enough = len(wanted) if enough is None else enough
-        deadline = max(deadline, time.monotonic() + 1.0)
-        while True:
-            # An engine that died once usable is the supervisor's to replace: stop waiting for it.
-            wanted &= set(self._processes)
-            ready = await self._engine.ready_ids() & wanted
-            if ready - self._ready:
-                await self._welcome(sorted(ready - self._ready))
-                self._ready |= ready
-                self.engines_changed.notify()
-            if len(ready) >= min(enough, len(wanted)):
-                return
-            dead = [eid for eid in sorted(wanted - ready) if not self._processes[eid].alive()]
-            if dead or not self._controller.alive():
-                proc = self._processes[dead[0]] if dead else self._controller
-                raise StartError(
-                    f"{proc.name} of cluster {self.name} exited during start (exit code "
-                    f"{proc.exit_code()}, last output: {proc.last_line()}); {outcome}.")
-            if time.monotonic() > deadline:
-                queued = [why for eid in sorted(wanted - ready)
-                          if (why := self._processes[eid].waiting())]
-                hint = (f"{len(queued)} still wait: {'; '.join(queued[:3])}. Ask for fewer or "
-                        f"smaller engines, or raise start_timeout in the profile."
-                        if queued else "")
-                raise ProvisionTimeout(len(ready), enough, self.profile.cluster.start_timeout,
-                                       outcome, hint)
-            await asyncio.sleep(0.05)
+        await self._members.wait_for(
+            n, self.profile.cluster.start_timeout if timeout is None else timeout)
 
     async def _scale(self, n: int) -> None:
         self._require_running()
-        await self._joined()
-        async with self._lock:
-            limit, reason = self._backend.max_engines(self._engine.mb_per_engine)
-            n = policy.engine_count(n, limit + len(self._processes), reason)
-            if self.profile.cluster.mpi and n != len(self._processes):
-                raise ConfigError(f"Cluster {self.name} is one MPI job of "
-                                  f"{len(self._processes)} ranks, whose size is fixed: stop "
-                                  f"it and start one of {n} engines.")
-            if self.gpus and n > len(self.gpus):
-                raise ConfigError(f"Cluster {self.name} runs one engine per GPU on "
-                                  f"{len(self.gpus)} GPUs: scale it to {len(self.gpus)} "
-                                  f"engines at most.")
-            current = sorted(self._processes)
-            if n > len(current):
-                await self._add_engines(n - len(current),
-                                        time.monotonic() + self.profile.cluster.start_timeout)
-            elif n < len(current):
-                await self._drop_engines(current[n:])
-            self.n = n
+        await self._members.scale(n)
 
     async def _stop(self) -> None:
         if self.state in ("new", "stopped", "failed"):
@@ -487,41 +290,18 @@ class Cluster(EngineNamespaces):
         """Stop everything this cluster started, whatever state it reached."""
         if self._supervisor is not None:
             await self._supervisor.stop()
-        self.engines_changed.notify()  # jobs waiting for engines see the cluster go
-        if self._joining is not None and not self._joining.done():
-            self._joining.cancel()
-            await asyncio.wait([self._joining])
-        if self._engine is not None:
-            try:
-                await asyncio.wait_for(self._engine.close(), 5)
-            except Exception:
-                pass
+        if self._members is not None:
+            # By force after a short grace: nothing they hold outlives the cluster (its
+            # workdir goes next).
+            await self._members.stop(grace=STOP_GRACE)
         if self._backend.workdir is not None:
-            # Engines first, while their controller is there to say goodbye to (a Dask worker
-            # whose scheduler is gone can hang in its goodbye); then the controller. Each
-            # politely, then by force after a short grace: nothing they hold outlives the
-            # cluster (its workdir goes next).
-            await self._backend.terminate(list(self._processes.values()), grace=STOP_GRACE)
-            if self._controller is not None:  # it has no engine left to wait for
-                await self._backend.terminate([self._controller], grace=STOP_GRACE / 2)
             await self._backend.close()
-        self._processes.clear()
-        self._ready.clear()
-        self._controller = None
         self._release_namespaces()
-        if self._record is not None:
-            self._record.remove()
+        if self._members is not None:
+            self._members.record.remove()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         _live.discard(self)
-
-    def _save_record(self) -> None:
-        if not self._record.path.exists():
-            return  # stopped from outside (`cloudlab stop`): do not bring the record back
-        procs = list(self._processes.values()) + [self._controller]
-        self._record.engines = len(self._processes)
-        self._record.pids = [p.pid for p in procs if p is not None and p.pid]
-        self._record.save()
 
     async def _die(self, cause: str) -> None:
         """The controller ended: stop the engines, remove the files, say why from now on."""
@@ -548,57 +328,30 @@ class Cluster(EngineNamespaces):
         return (f"{self.name}: start interrupted while it still cleans up; run cloudlab gc "
                 f"to delete anything it created in a cloud.")
 
+    def _why_stopped(self) -> str | None:
+        """Why the cluster takes no work now; None while it runs."""
+        return None if self.state == "running" else self.why_not_running()
+
     def _require_running(self) -> None:
-        if self.state == "running" and self._controller is not None and not self._controller.alive():
+        controller = self._members.controller if self._members is not None else None
+        if self.state == "running" and controller is not None and not controller.alive():
             # Ended from outside (`cloudlab stop --all`, a killed controller), not yet noticed.
-            cause = f"its controller {self._supervisor.cause(self._controller)}"
+            cause = f"its controller {self._supervisor.cause(controller)}"
             _aio.submit(self._die(cause))  # kill what is left and remove its files
             self.state, self.end_cause = "dead", cause
         if self.state != "running":
             raise ClusterStateError(self.why_not_running())
 
-    # ------------------------------------------------------------ engines, for jobs
-    def usable_engines(self) -> list[int]:
-        """Engines that take work now: counted by the controller, process alive."""
-        return sorted(eid for eid in self._ready
-                      if eid in self._processes and self._processes[eid].alive())
-
-    def engine_state(self, eid: int) -> str | Death:
-        """"alive"; "dying" (its process ended, the supervisor has yet to say why); or
-        how it left the cluster."""
-        if eid in self._processes:
-            return "alive" if self._processes[eid].alive() else "dying"
-        return self.death_of(eid) or Death(eid, "left the cluster", ordered=True)
-
-    def engines_coming(self) -> bool:
-        """Whether engines that are not usable yet are starting (joining, replacements)."""
-        return bool(set(self._processes) - self._ready
-                    or (self._supervisor is not None and self._supervisor.replacing)
-                    or (self._joining is not None and not self._joining.done()))
-
-    def why_no_engines(self, job: str) -> str:
-        reason = self._supervisor.not_replaced if self._supervisor is not None else None
-        return (f"Cluster {self.name} has no engine left to run {job}"
-                + (f": {reason}" if reason else "")
-                + "; add engines with c.scale(n) (or %cluster scale N).")
-
     def death_of(self, eid: int) -> Death | None:
-        return None if self._supervisor is None else self._supervisor.deaths.get(eid)
+        """How engine ``eid`` died (or was ended by a cancel), if it did."""
+        return None if self._members is None else self._members.deaths.get(eid)
 
     @property
     def deaths(self) -> list[Death]:
         """Engines that died (or were ended by a cancel) while the cluster ran, oldest first."""
-        if self._supervisor is None:
+        if self._members is None:
             return []
-        return sorted(self._supervisor.deaths.values(), key=lambda d: d.at)
-
-    async def submit_to(self, eid: int, fn: Callable, *args: Any) -> _remote.Result:
-        return await self._engine.submit_to(eid, fn, *args)
-
-    async def end_engines(self, ids: list[int], why: str) -> None:
-        """End engines ``ids`` at once; they are replaced like engines that died."""
-        if self._supervisor is not None:
-            await self._supervisor.end(ids, why)
+        return sorted(self._members.deaths.values(), key=lambda d: d.at)
 
     def cancel(self) -> int:
         """Stop every job (``map``) running on this cluster now; returns how many.
@@ -642,9 +395,10 @@ class Cluster(EngineNamespaces):
         ready = await self._engine.ready_ids()
         busy = await self._engine.busy_ids()
         rows = []
-        gpu_usage = gpus.usage([g.index for g in self._gpu_of.values() if not g.host])
-        for eid, proc in sorted(self._processes.items()):
-            host, pid = self._identity.get(eid, (proc.host, proc.pid))
+        members = self._members
+        gpu_usage = gpus.usage([g.index for g in members.gpu_of.values() if not g.host])
+        for eid, proc in sorted(members.processes.items()):
+            host, pid = members.where(eid)
             waits = proc.waiting()
             if not proc.alive():
                 state = "dead"
@@ -655,8 +409,8 @@ class Cluster(EngineNamespaces):
             cpu, memory = proc.usage() if state != "dead" else (None, None)
             row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid],
                                note=waits)
-            if eid in self._gpu_of:
-                gpu = self._gpu_of[eid]
+            if eid in members.gpu_of:
+                gpu = members.gpu_of[eid]
                 used = None if gpu.host else gpu_usage.get(gpu.index)
                 row = dataclasses.replace(
                     row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
@@ -784,7 +538,7 @@ class Cluster(EngineNamespaces):
             return self.code
         async with self._code_lock:
             if not self._engines_have(bundle):
-                ids = sorted(self._ready & set(self._processes))
+                ids = self._members.usable()
                 if ids:
                     await self._install_code(ids, bundle)
                 self.code = bundle
@@ -816,7 +570,7 @@ class Cluster(EngineNamespaces):
             raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
         progress = progress or Progress("map", len(items))
         await self._sync_code()
-        size = chunksize or policy.choose_chunksize(len(items), len(self._processes))
+        size = chunksize or policy.choose_chunksize(len(items), len(self.engine_ids))
         shipped = _remote.Shipped(fn, self._engine_names())
         chunks = policy.split(items, size)
         starts = [i * size for i in range(len(chunks))]
@@ -834,7 +588,7 @@ class Cluster(EngineNamespaces):
                 for offset, value in enumerate(result.value):
                     (caller.call if caller else _call)(on_result, starts[piece] + offset, value)
 
-        job = Job(self, f"map {getattr(fn, '__name__', 'f')}", _remote.run_chunk,
+        job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", _remote.run_chunk,
                   [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
                   describe_items(starts, [len(c) for c in chunks]), arrived)
         self._jobs.add(job)

@@ -25,47 +25,58 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ._aio import Signal
 from .deaths import Death
 from .errors import Cancelled, ClusterStateError, TaskLost
 
 if TYPE_CHECKING:
     from ._remote import Result
-    from .cluster import Cluster
 
 #: Pieces an engine holds at once: one running, one waiting behind it.
 DEPTH = 2
 
 
-class Signal:
-    """Wakes every coroutine waiting on it, each time it is notified."""
+class Engines(Protocol):
+    """What a job needs of its cluster's engines (:class:`cloudlab.membership.Membership`)."""
 
-    def __init__(self) -> None:
-        self._waiters: asyncio.Future | None = None
+    #: Notified whenever engines join, die or leave.
+    changed: Signal
 
-    def notify(self) -> None:
-        if self._waiters is not None and not self._waiters.done():
-            self._waiters.set_result(None)
-        self._waiters = None
+    def why_not_running(self) -> str | None:
+        """Why the cluster takes no work now; None while it runs."""
 
-    def wait(self) -> asyncio.Future:
-        if self._waiters is None:
-            self._waiters = asyncio.get_running_loop().create_future()
-        return self._waiters
+    def usable(self) -> list[int]:
+        """Engines that take work now."""
+
+    def coming(self) -> bool:
+        """Whether engines that are not usable yet are starting."""
+
+    def state_of(self, eid: int) -> str | Death:
+        """"alive", "dying", or how the engine left the cluster."""
+
+    def why_none(self, job: str) -> str:
+        """Why ``job`` has no engine to run on, and the fix."""
+
+    async def submit_to(self, eid: int, fn: Callable, *args: Any) -> Result:
+        """Run ``fn(*args)`` on engine ``eid``."""
+
+    async def end(self, ids: list[int], why: str) -> None:
+        """End engines ``ids`` now (they are replaced)."""
 
 
 class Job:
-    """Run ``call(fn, *piece)`` for each piece on the cluster's engines; results in order.
+    """Run ``call(fn, *piece)`` for each piece on ``engines``; results in order.
 
     ``describe(i)`` names piece ``i`` for errors ("items 100-199");
     ``on_result(i, result)`` is called as each piece's first result arrives.
     """
 
-    def __init__(self, cluster: Cluster, name: str, fn: Callable, pieces: list[tuple],
+    def __init__(self, engines: Engines, name: str, fn: Callable, pieces: list[tuple],
                  retries: int, describe: Callable[[int], str],
                  on_result: Callable[[int, Result], None] | None = None):
-        self.cluster, self.name, self.fn, self.pieces = cluster, name, fn, pieces
+        self.engines, self.name, self.fn, self.pieces = engines, name, fn, pieces
         self.retries, self.describe, self.on_result = retries, describe, on_result
         self.results: dict[int, Result] = {}
         self.queue: deque[int] = deque(range(len(pieces)))
@@ -106,11 +117,12 @@ class Job:
         self._wake.notify()
 
     def _require_cluster(self) -> None:
-        cluster = self.cluster
-        if cluster.state != "running":
-            raise ClusterStateError(cluster.why_not_running())
-        if not (cluster.usable_engines() or cluster.engines_coming() or self._tasks()):
-            raise ClusterStateError(cluster.why_no_engines(self.name))
+        engines = self.engines
+        why = engines.why_not_running()
+        if why is not None:
+            raise ClusterStateError(why)
+        if not (engines.usable() or engines.coming() or self._tasks()):
+            raise ClusterStateError(engines.why_none(self.name))
 
     def _tasks(self) -> list[asyncio.Task]:
         return [t for pieces in self.running.values() for t in pieces.values()]
@@ -121,7 +133,7 @@ class Job:
     def _hand_out(self) -> None:
         """Fill every usable engine up to DEPTH, one piece per engine per round; a
         suspect (see :meth:`_take_back_from_dead_engines`) only to an idle engine, alone."""
-        engines = self.cluster.usable_engines()
+        engines = self.engines.usable()
         for slot in range(DEPTH):
             for eid in engines:
                 if not self.queue:
@@ -132,7 +144,7 @@ class Job:
                 piece = self._next_piece(alone=not held)
                 if piece is not None:
                     held[piece] = asyncio.ensure_future(
-                        self.cluster.submit_to(eid, self.fn, *self.pieces[piece]))
+                        self.engines.submit_to(eid, self.fn, *self.pieces[piece]))
 
     def _next_piece(self, alone: bool) -> int | None:
         if alone:
@@ -144,7 +156,7 @@ class Job:
         return None
 
     async def _next_event(self) -> None:
-        waits = [*self._pending(), self._wake.wait(), self.cluster.engines_changed.wait()]
+        waits = [*self._pending(), self._wake.wait(), self.engines.changed.wait()]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
 
     def _collect(self) -> None:
@@ -154,7 +166,7 @@ class Job:
                     continue
                 if task.cancelled() or task.exception() is not None:
                     # The engine's client gave up on the task: did its engine die?
-                    state = self.cluster.engine_state(eid)
+                    state = self.engines.state_of(eid)
                     if state != "alive":
                         # Dying (the supervisor says why within 50 ms) or gone: the pieces
                         # it held are taken back together, in the next round.
@@ -181,7 +193,7 @@ class Job:
         so that its next death, if it causes one, is charged to it.
         """
         for eid in list(self.running):
-            death = self.cluster.engine_state(eid)
+            death = self.engines.state_of(eid)
             if not isinstance(death, Death):
                 continue
             tasks = self.running.pop(eid)
@@ -220,7 +232,7 @@ class Job:
         self.running.clear()
         self.queue.clear()
         if busy:
-            await self.cluster.end_engines(busy, why)
+            await self.engines.end(busy, why)
 
 
 def describe_items(starts: list[int], sizes: list[int]) -> Callable[[int], str]:

@@ -54,7 +54,7 @@ class EngineNamespaces:
         for name, parts in self._scattered.items():
             joining = iter(ids)
             for i, (holder, part) in enumerate(parts):
-                if holder not in self._processes:
+                if holder not in self._members.processes:
                     eid = next(joining, None)
                     if eid is None:
                         break
@@ -175,7 +175,7 @@ class EngineNamespaces:
         holders = [eid for eid, _ in self._scattered.get(name, [])]
         if holders:  # in the order scattered, wherever each part is now
             self._require_running()
-            gone = [i for i, eid in enumerate(holders) if eid not in self._processes]
+            gone = [i for i, eid in enumerate(holders) if eid not in self._members.processes]
             if gone:
                 raise ValueError(
                     f"Part {gone[0]} of {name!r} was on an engine that has gone, and no "
@@ -205,7 +205,7 @@ class EngineNamespaces:
         await self._joined()
         await self._sync_code()
         ids = self.engine_ids if targets is None else list(targets)
-        unknown = sorted(set(ids) - set(self._processes))
+        unknown = sorted(set(ids) - set(self.engine_ids))
         if unknown:
             raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
                              f"engines are {format_ids(self.engine_ids)}.")

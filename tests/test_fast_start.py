@@ -84,7 +84,7 @@ def test_a_reused_pid_is_not_taken_for_a_process_that_has_exited(engine):
         server.exit_codes.update(dict.fromkeys(range(2, pid_max + 1), 0))  # every pid: "exited"
     with cloudlab.Cluster(2, engine=engine) as c:
         assert c.map(abs, [-1, -2]) == [1, 2]
-        assert all(p.alive() for p in c._processes.values())
+        assert all(p.alive() for p in c._members.processes.values())
 
 
 def test_start_can_return_on_the_first_engine_and_the_rest_join(engine):

@@ -90,7 +90,7 @@ def test_each_engine_sees_only_its_own_gpu_and_a_replacement_takes_the_dead_ones
         victim = next(r for r in rows if r.gpu.startswith("1:"))
         os.kill(victim.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while ((victim.id in c.engine_ids or len(c.usable_engines()) < 2)
+        while ((victim.id in c.engine_ids or len(c._members.usable()) < 2)
                and time.monotonic() < deadline):
             time.sleep(0.05)
         assert victim.id not in c.engine_ids

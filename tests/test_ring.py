@@ -114,7 +114,7 @@ def test_a_dead_rank_is_not_replaced_and_says_why():
             time.sleep(0.05)
         assert c.death_of(1) is not None
         time.sleep(1)
-        assert c._supervisor.not_replaced.startswith("a rank of an MPI job cannot be replaced")
+        assert c._members.not_replaced.startswith("a rank of an MPI job cannot be replaced")
         assert c.engine_ids == [] or all(eid < 3 for eid in c.engine_ids)
     assert wait_until_gone(c.name, 10) == []
 
@@ -123,7 +123,7 @@ def test_kill_9_of_the_client_ends_the_mpi_job():
     _need_mpi()
     script = ("import time, cloudlab\n"
               "c = cloudlab.Cluster(2, mpi=True).start()\n"
-              "print(c.name, c._processes[0].world.pid, flush=True)\n"
+              "print(c.name, c._members.processes[0].world.pid, flush=True)\n"
               "time.sleep(600)\n")
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

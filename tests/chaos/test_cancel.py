@@ -57,7 +57,7 @@ def test_cancel_stops_tasks_already_running_and_leaves_the_cluster_usable(engine
         assert "\n" not in str(outcome["error"])
         # The engines that ran the 30 s tasks were ended and replaced.
         assert [d.ordered for d in c.deaths] == [True, True]
-        recovered = wait_for(lambda: len(c.usable_engines()) == 2, 30)
+        recovered = wait_for(lambda: len(c._members.usable()) == 2, 30)
         assert not set(c.engine_ids) & before
         assert c.map(nap, [0, 0]) == [0, 0]
         reliability("cancel of a map of 30 s tasks (c.cancel)", engine,
@@ -75,7 +75,7 @@ def test_ctrl_c_in_a_script_stops_the_running_map(engine):
             c.map(nap, [30] * 4, chunksize=1)
         assert time.monotonic() - t0 < 3
         wait_for(lambda: not set(c.engine_ids) & before, 5)  # both engines ended
-        wait_for(lambda: len(c.usable_engines()) == 2, 30)
+        wait_for(lambda: len(c._members.usable()) == 2, 30)
         assert c.map(nap, [0]) == [0]
 
 

@@ -31,7 +31,7 @@ def die_on(x: int, sig: int) -> int:
 
 
 def engine_pids(c: cloudlab.Cluster) -> dict[int, int]:
-    return {eid: p.pid for eid, p in c._processes.items() if p.alive()}
+    return {eid: p.pid for eid, p in c._members.processes.items() if p.alive()}
 
 
 @pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
@@ -65,7 +65,7 @@ def test_a_map_under_a_chaos_thread_returns_exactly_the_right_results(engine, re
         assert [d.engine for d in deaths] == killed
         assert all(d.cause == "was killed by signal 9 (SIGKILL)" for d in deaths), deaths
         # Every victim is replaced: four engines again, none of them a dead one.
-        wait_for(lambda: len(c.usable_engines()) == 4, 30)
+        wait_for(lambda: len(c._members.usable()) == 4, 30)
         assert not set(c.engine_ids) & set(killed)
         assert sum(c.tasks_done.values()) >= len(items)
         reliability("engine killed (kill -9) during a map", engine,
@@ -92,7 +92,7 @@ def test_a_crash_is_classified_and_the_task_retried_then_reported_in_one_line(si
         assert message.startswith("item 7 of map <lambda> was lost with 2 engines")
         assert cause in message and "task_retries is 1" in message
         # Both dead engines were replaced and the cluster still works.
-        seconds = wait_for(lambda: len(c.usable_engines()) == 2, 30)
+        seconds = wait_for(lambda: len(c._members.usable()) == 2, 30)
         assert c.map(abs, [-1, -2]) == [1, 2]
         if sig == signal.SIGSEGV:
             reliability("a task segfaults its engine, twice (task_retries = 1)", engine,
@@ -102,10 +102,10 @@ def test_a_crash_is_classified_and_the_task_retried_then_reported_in_one_line(si
 def test_an_engine_killed_while_idle_is_replaced_under_a_new_id(engine, reliability):
     with cloudlab.Cluster(3, engine=engine) as c:
         victim = c.engine_ids[1]
-        kill(c._processes[victim].pid)
+        kill(c._members.processes[victim].pid)
         t0 = time.monotonic()
         noticed = wait_for(lambda: victim not in c.engine_ids, 5)
-        wait_for(lambda: len(c.usable_engines()) == 3, 30)
+        wait_for(lambda: len(c._members.usable()) == 3, 30)
         [death] = c.deaths
         assert (death.engine, death.cause) == (victim, "was killed by signal 9 (SIGKILL)")
         assert victim not in c.engine_ids and max(c.engine_ids) == 3  # the next id
@@ -130,7 +130,7 @@ def test_engines_that_join_later_are_given_what_was_pushed_and_a_lost_part(engin
 
         victim = c.engine_ids[0]
         kill(engine_pids(c)[victim])
-        wait_for(lambda: c.death_of(victim) is not None and len(c.usable_engines()) == 3, 30)
+        wait_for(lambda: c.death_of(victim) is not None and len(c._members.usable()) == 3, 30)
         [joined] = set(c.engine_ids) - {0, 1, 2}
         assert c.pull("scale")[joined] == 3
         assert c.run(lambda: int(table.sum())) == {  # noqa: F821

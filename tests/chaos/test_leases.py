@@ -40,7 +40,7 @@ def test_kill_9_of_a_kernel_in_the_middle_of_a_map_leaves_nothing_after_10_s(eng
 def test_a_killed_controller_ends_the_cluster_and_a_new_start_works(engine, reliability):
     c = cloudlab.Cluster(2, engine=engine)
     c.start()
-    kill(c._controller.pid)
+    kill(c._members.controller.pid)
     t0 = time.monotonic()
     noticed = wait_for(lambda: c.state == "dead", 5)
     assert wait_until_gone(c.name, 10) == []  # its engines were stopped

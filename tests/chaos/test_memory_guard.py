@@ -24,7 +24,7 @@ def engine_env(name: str) -> str | None:
 def test_a_task_past_memory_limit_ends_its_engine_names_task_and_limit(engine, reliability):
     with cloudlab.Cluster(2, engine=engine, memory_limit="400MB", task_retries=1) as c:
         assert c.map(hog, [100]) == [100 * 10**6 // 8]  # under the limit: fine
-        pids = {p.pid for p in c._processes.values()}
+        pids = {p.pid for p in c._members.processes.values()}
         with pytest.raises(cloudlab.TaskLost) as lost:
             c.map(hog, [10, 1000, 10], chunksize=1)
         message = str(lost.value)
@@ -33,9 +33,9 @@ def test_a_task_past_memory_limit_ends_its_engine_names_task_and_limit(engine, r
         assert "raise memory_limit" in message
         assert [d.cause.startswith("ran out of memory") for d in lost.value.deaths] == [True] * 2
         assert os.getpid()  # this process (the notebook) is untouched, and so is the cluster:
-        seconds = wait_for(lambda: len(c.usable_engines()) == 2, 30)
+        seconds = wait_for(lambda: len(c._members.usable()) == 2, 30)
         assert c.map(hog, [10, 10]) == [10 * 10**6 // 8] * 2
-        assert pids - {p.pid for p in c._processes.values()}  # the hogs' engines were replaced
+        assert pids - {p.pid for p in c._members.processes.values()}  # the hogs' engines were replaced
         reliability("task allocates past memory_limit", engine,
                     message.split(" and is not", 1)[0], seconds)
 
@@ -44,11 +44,11 @@ def test_memory_limit_auto_shares_the_machine_and_none_sets_no_guard():
     import psutil
 
     with cloudlab.Cluster(2, memory_limit="none") as c:
-        assert c._memory_limit is None
+        assert c._members.memory_limit is None
         assert c.run(engine_env, "CLOUDLAB_MEMORY_LIMIT_MB") == {0: None, 1: None}
     with cloudlab.Cluster(2) as c:
         expected = psutil.virtual_memory().total * 0.9 / 2
-        assert c._memory_limit == pytest.approx(expected, rel=0.01)
+        assert c._members.memory_limit == pytest.approx(expected, rel=0.01)
         limits = set(c.run(engine_env, "CLOUDLAB_MEMORY_LIMIT_MB").values())
         assert limits == {f"{expected / 1e6:.0f}"}
 

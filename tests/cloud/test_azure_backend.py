@@ -202,7 +202,7 @@ def test_a_vm_azure_takes_away_is_a_classified_death_and_its_engine_returns(azur
     arm, vms, options = azure
     with cloudlab.Cluster(2, **{**options, "spot": True}) as c:
         victim = next(vm for vm in c._backend.describe(c._backend.created.instances)
-                      if vm.public_ip == c._processes[1].host)
+                      if vm.public_ip == c._members.processes[1].host)
         # As Azure evicts a spot VM whose eviction policy is Delete: the VM is gone.
         [resource] = [r for r in _vms_of(arm, c.name) if r["name"] == victim.id]
         arm.handle("DELETE", resource["id"], {"Authorization": "Bearer cloudlab-test-token"},

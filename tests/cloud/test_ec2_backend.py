@@ -221,21 +221,21 @@ def test_a_lost_vm_is_a_classified_death_and_its_engine_returns_on_a_new_vm(ec2_
     api, vms, options = ec2_cloud
     with cloudlab.Cluster(2, **options) as c:
         before = {vm.id for vm in _ours(api, c.name)}
-        victim = next(vm for vm in _ours(api, c.name) if vm.private_ip == c._processes[1].host)
+        victim = next(vm for vm in _ours(api, c.name) if vm.private_ip == c._members.processes[1].host)
         # As AWS does when it takes a spot instance back: the instance goes, engine and all.
         api.client.terminate_instances(InstanceIds=[victim.id])
         deadline = time.monotonic() + 30
         while c.death_of(1) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert c.death_of(1) is not None, (c.deaths, c.status(), vms.errors,
-                                           c._supervisor.not_replaced)
+                                           c._members.not_replaced)
         assert c.death_of(1).cause.startswith(f"lost its VM {victim.id}, which was terminated "
                                               f"(Client.UserInitiatedShutdown")
         c.wait_for_engines(2, timeout=60)
         after = {vm.id for vm in _ours(api, c.name)}
         assert victim.id not in after and len(after - before) == 1  # a new VM took its place
         assert c.map(lambda x: x * 3, range(8)) == [x * 3 for x in range(8)]
-        hosts = {p.host for p in c._processes.values()}
+        hosts = {p.host for p in c._members.processes.values()}
         assert victim.private_ip not in hosts and len(hosts) == 2
     assert _ours(api, c.name) == []
 

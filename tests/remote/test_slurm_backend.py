@@ -42,11 +42,13 @@ def test_engines_run_as_jobs_scale_and_stop(test_slurm, tmp_path, engine):
         assert len(_live_jobs(test_slurm, c.name)) == 3
         rows = c.status()
         assert [r.state for r in rows] == ["idle"] * 3
-        # Each engine is where Slurm says its job runs, on a node of the test cluster (as
-        # squeue says it now: the backend reads it once a second, the engines may be quicker).
+        # Each engine is where Slurm says its job runs, on a node of the test cluster. The
+        # backend reads squeue once a second, and squeue can name a job's node after the
+        # engine there has registered: read it until it names them all.
         assert {r.host for r in rows} <= set(test_slurm.nodes)
-        c._backend.refresh()
-        assert [r.host for r in rows] == [c._processes[r.id].host for r in rows]
+        jobs = [c._members.processes[r.id] for r in rows]
+        _wait(lambda: c._backend.refresh() or "(queued)" not in {j.host for j in jobs}, 10)
+        assert [r.host for r in rows] == [j.host for j in jobs]
         assert c.map(lambda x: x + 1, range(30)) == list(range(1, 31))
         # The engines run cloudlab's environment in the nodes' shared home, made from the
         # nodes' own Python (they see neither the client's Python nor its venv).
@@ -105,7 +107,7 @@ def test_bad_slurm_options_say_how_to_fix_them(tmp_path):
 
 def test_a_job_past_its_time_limit_is_a_classified_death_and_is_replaced(test_slurm, tmp_path):
     with cloudlab.Cluster(2, **_options(test_slurm, tmp_path, time_limit="10")) as c:
-        job = c._processes[0].job_id
+        job = c._members.processes[0].job_id
         # As if its 10 minutes were up: Slurm ends jobs past their limit every 30 s or so.
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=0"], check=True)
         waited = _wait(lambda: c.death_of(0) is not None, 60)
