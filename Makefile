@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lab install clean
+.PHONY: demo test check bench lab install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cloudlab needs Python 3.11 or newer"'
@@ -26,6 +26,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier, in under a minute: style, and the contract suite and membership
+# tests on in-process engines (threads of the test process, faults scripted).
+check: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests/test_style.py tests/fast $(PYTEST_ARGS)
 
 # cloudlab against raw ipyparallel and raw Dask; BENCH_ARGS=--quick for the 2-minute run.
 bench: $(VENV)/.installed

@@ -1,7 +1,9 @@
 """Functions that run on engines (imported there, never called on the client).
 
 One namespace per engine: on ipyparallel it is the engine's IPython user
-namespace (where ``%px`` code runs too); on Dask it is a module-level dict.
+namespace (where ``%px`` code runs too); on Dask it is a module-level dict;
+for engines that share the client's process (the ``inprocess`` kind, a thread
+each), the one :func:`as_engine` gives the running thread.
 ``c.push`` writes into it, ``c.pull`` reads it, the cell magic executes in it,
 and functions sent by ``c.map``/``c.submit`` resolve pushed names in it.
 """
@@ -15,6 +17,7 @@ import linecache
 import os
 import socket
 import sys
+import threading
 import traceback
 import types
 from typing import Any, NamedTuple
@@ -25,9 +28,85 @@ from .shared import SharedValue
 
 _DASK_NAMESPACE: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
 
+#: The engine this thread is, where engines are threads of the client's process: its id,
+#: its namespace and where its output goes now.
+_thread_engine = threading.local()
+
+
+@contextlib.contextmanager
+def as_engine(eid: int, ns: dict[str, Any]):
+    """Run this thread as engine ``eid`` of the client's own process, with namespace ``ns``."""
+    _thread_engine.state = [eid, ns, None, None]
+    try:
+        yield
+    finally:
+        _thread_engine.state = None
+
+
+@contextlib.contextmanager
+def captured(out: io.TextIOBase, err: io.TextIOBase):
+    """What this engine prints goes to ``out`` and ``err``: redirected where the engine is a
+    process, routed where it is a thread (``redirect_stdout`` would swap the stream of every
+    thread at once)."""
+    state = getattr(_thread_engine, "state", None)
+    if state is None:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+        return
+    _ThreadRouted.install()  # (again: something may have set sys.stdout since)
+    before, state[2:] = state[2:], [out, err]
+    try:
+        yield
+    finally:
+        state[2:] = before
+
+
+class _ThreadRouted(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` once engines run as threads: a write goes to the writing
+    thread's engine stream where it has one, else where it went before."""
+
+    def __init__(self, before: io.TextIOBase, which: int):
+        self.before, self.which = before, which
+
+    @classmethod
+    def install(cls) -> None:
+        if not isinstance(sys.stdout, cls):
+            sys.stdout = cls(sys.stdout, 2)
+        if not isinstance(sys.stderr, cls):
+            sys.stderr = cls(sys.stderr, 3)
+
+    def _target(self):
+        state = getattr(_thread_engine, "state", None)
+        return self.before if state is None or state[self.which] is None else state[self.which]
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self.before.encoding
+
+    def isatty(self) -> bool:
+        return self.before.isatty()
+
+    def fileno(self) -> int:
+        return self.before.fileno()
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.before, name)
+
 
 def namespace() -> dict[str, Any]:
     """This engine's user namespace: its IPython shell's (ipyparallel), else cloudlab's own."""
+    state = getattr(_thread_engine, "state", None)
+    if state is not None:
+        return state[1]
     ipython = sys.modules.get("IPython")  # no shell without it: importing it costs 80 ms
     shell = ipython.get_ipython() if ipython is not None else None
     return shell.user_ns if shell is not None else _DASK_NAMESPACE
@@ -130,7 +209,7 @@ class Shipped:
         self.payload = cloudpickle.dumps(fn)
 
     def __call__(self, *args, **kwargs):
-        return _materialise(self.payload, self.source)(*args, **kwargs)
+        return _materialise(self.payload, self.source, engine_id())(*args, **kwargs)
 
 
 #: Source files larger than this are not sent along for tracebacks.
@@ -150,7 +229,9 @@ def _source_of(code: types.CodeType) -> tuple[str, tuple[str, ...]] | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _materialise(payload: bytes, source: tuple[str, tuple[str, ...]] | None):
+def _materialise(payload: bytes, source: tuple[str, tuple[str, ...]] | None, engine: int):
+    """The function in ``payload``, its globals overlaid on ``engine``'s namespace (once per
+    engine: engines that are threads of one process each have their own)."""
     fn = cloudpickle.loads(payload)
     if is_interactive(fn):
         code = fn.__code__
@@ -223,6 +304,9 @@ class Failure:
 
 
 def engine_id() -> int:
+    state = getattr(_thread_engine, "state", None)
+    if state is not None:
+        return state[0]
     return int(os.environ.get("CLOUDLAB_ENGINE_ID", "-1"))
 
 
@@ -242,7 +326,7 @@ def call(fn, *args) -> Result:
     and printed by the client in the cell that caused it, prefixed by engine id.
     """
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with captured(out, err):
         try:
             value = fn(*args)
         except Exception as exc:
@@ -268,32 +352,11 @@ def execute_cell(code: str, topic: str, token: str):
     worker = get_worker()
     eid = engine_id()
 
-    class Stream(io.TextIOBase):
-        """Line-buffered: one event per complete line (or per flush), not per write."""
+    def stream(name: str) -> LineStream:
+        return LineStream(lambda text: worker.log_event(
+            topic, {"token": token, "engine": eid, "stream": name, "text": text}))
 
-        def __init__(self, name):
-            self.stream, self.pending = name, ""
-
-        def writable(self):
-            return True
-
-        def write(self, text):
-            self.pending += text
-            if "\n" in self.pending:
-                head, _, self.pending = self.pending.rpartition("\n")
-                self._send(head + "\n")
-            return len(text)
-
-        def flush(self):
-            if self.pending:
-                self._send(self.pending)
-                self.pending = ""
-
-        def _send(self, text):
-            worker.log_event(topic, {"token": token, "engine": eid,
-                                     "stream": self.stream, "text": text})
-
-    out, err = Stream("stdout"), Stream("stderr")
+    out, err = stream("stdout"), stream("stderr")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             exec(compile(code, "<cell>", "exec"), namespace())
@@ -304,3 +367,26 @@ def execute_cell(code: str, topic: str, token: str):
         out.flush()
         err.flush()
         worker.log_event(topic, {"token": token, "engine": eid, "done": True})
+
+
+class LineStream(io.TextIOBase):
+    """Hands each complete line (or what a flush ends) to ``send``: output streamed as it is
+    printed, a line at a time rather than a write at a time."""
+
+    def __init__(self, send):
+        self.send, self.pending = send, ""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        self.pending += text
+        if "\n" in self.pending:
+            head, _, self.pending = self.pending.rpartition("\n")
+            self.send(head + "\n")
+        return len(text)
+
+    def flush(self):
+        if self.pending:
+            self.send(self.pending)
+            self.pending = ""

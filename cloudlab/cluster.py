@@ -545,6 +545,8 @@ class Cluster(EngineNamespaces):
         return self.code
 
     async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
+        if self._engine.shares_client_modules:
+            return
         results = await self._engine.run_on(ids, _remote.install_code, bundle.digest,
                                             bundle.archive, bundle.modules)
         self._settle(results.values(), PrefixedSink())

@@ -57,8 +57,8 @@ def test_environment_files_install_cloudlab_itself():
 
 
 def test_entry_points_name_the_engines_and_backends():
-    assert engine_names() == ["dask", "ipyparallel"]
-    assert "local" in backend_names()
+    assert engine_names() == ["dask", "inprocess", "ipyparallel"]
+    assert backend_names() == ["azure", "ec2", "inprocess", "local", "slurm", "ssh"]
 
 
 def test_every_repository_profile_is_valid():

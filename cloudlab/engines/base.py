@@ -39,6 +39,9 @@ class Engine(abc.ABC):
     client_modules: ClassVar[tuple[str, ...]]
     #: Seconds the controller may take to notice that an engine died.
     notices_death_within: ClassVar[float] = 5.0
+    #: Engines import the client's own modules (they are threads of its process): the
+    #: user's code is never sent to them.
+    shares_client_modules: ClassVar[bool] = False
 
     def __init__(self, workdir: Path, ip: str, task_retries: int = 2, remote: bool = False):
         self.workdir = workdir
