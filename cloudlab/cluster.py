@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import dataclasses
 import importlib
 import os
 import re
@@ -25,21 +24,20 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _aio, _remote, gpus, policy, usercode
 from .deaths import Death
-from .dispatch import Job, describe_items
-from .engines.base import OutputSink, raise_failures
-from .errors import Cancelled, ClusterStateError, ConfigError, RemoteError, StartError
-from .membership import Membership
+from .dispatch import Job, describe_items, run_in_view
+from .engines.base import OutputSink, settle
+from .errors import ClusterStateError, ConfigError, RemoteError, StartError
+from .membership import EngineStatus, Membership
 from .namespaces import EngineNamespaces
 from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile, memory_limit_bytes
-from .progress import CANCELLED, DONE, FAILED, Progress, open_progress
+from .progress import DONE, FAILED, Progress, open_progress
 from .registry import Record, this_process_started
 from .security import private_dir
 from .supervisor import Supervisor
@@ -54,24 +52,6 @@ VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 #: Seconds processes get to exit on SIGTERM at stop before they are killed.
 STOP_GRACE = 0.1
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """One engine as ``c.status()`` reports it."""
-
-    id: int
-    host: str
-    pid: int | None
-    state: str  # queued | starting | idle | busy | dead
-    cpu_percent: float | None = None
-    memory_mb: float | None = None
-    tasks_done: int = 0
-    gpu: str | None = None  # "0: NVIDIA H100 80GB HBM3", the engine's GPU
-    gpu_percent: float | None = None
-    gpu_memory_mb: float | None = None
-    #: Why a queued engine waits (a batch queue's reason).
-    note: str | None = None
 
 
 class Cluster(EngineNamespaces):
@@ -392,31 +372,7 @@ class Cluster(EngineNamespaces):
 
     async def _status(self) -> list[EngineStatus]:
         self._require_running()
-        ready = await self._engine.ready_ids()
-        busy = await self._engine.busy_ids()
-        rows = []
-        members = self._members
-        gpu_usage = gpus.usage([g.index for g in members.gpu_of.values() if not g.host])
-        for eid, proc in sorted(members.processes.items()):
-            host, pid = members.where(eid)
-            waits = proc.waiting()
-            if not proc.alive():
-                state = "dead"
-            elif eid not in ready:
-                state = "queued" if waits else "starting"
-            else:
-                state = "busy" if eid in busy else "idle"
-            cpu, memory = proc.usage() if state != "dead" else (None, None)
-            row = EngineStatus(eid, host, pid, state, cpu, memory, self.tasks_done[eid],
-                               note=waits)
-            if eid in members.gpu_of:
-                gpu = members.gpu_of[eid]
-                used = None if gpu.host else gpu_usage.get(gpu.index)
-                row = dataclasses.replace(
-                    row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
-                    gpu_memory_mb=used and used.memory_used_mb)
-            rows.append(row)
-        return rows
+        return await self._members.status(self.tasks_done)
 
     # -------------------------------------------------------------------- work
     def map(self, fn: Callable, items: Iterable, chunksize: int | None = None,
@@ -478,7 +434,7 @@ class Cluster(EngineNamespaces):
         return self._settled_value(await self._engine.submit(shipped, *args))
 
     def _settled_value(self, result: _remote.Result) -> Any:
-        self._settle([result], PrefixedSink())
+        settle([result], PrefixedSink())
         self.tasks_done[result.engine] += 1
         return result.value
 
@@ -506,7 +462,7 @@ class Cluster(EngineNamespaces):
         if ship:
             fn = _remote.Shipped(fn, self._engine_names())
         results = await self._engine.run_on(ids, fn, *args)
-        self._settle(results.values(), sink or PrefixedSink())
+        settle(results.values(), sink or PrefixedSink())
         return {eid: r.value for eid, r in results.items()}
 
     # ----------------------------------------------------------- the user's code
@@ -549,18 +505,7 @@ class Cluster(EngineNamespaces):
             return
         results = await self._engine.run_on(ids, _remote.install_code, bundle.digest,
                                             bundle.archive, bundle.modules)
-        self._settle(results.values(), PrefixedSink())
-
-    @staticmethod
-    def _settle(results, sink: OutputSink) -> None:
-        """Print what the engines printed, then raise their failures, collapsed."""
-        results = list(results)
-        for r in sorted(results, key=lambda r: r.engine):
-            if r.stdout:
-                sink(r.engine, "stdout", r.stdout)
-            if r.stderr:
-                sink(r.engine, "stderr", r.stderr)
-        raise_failures(results)
+        settle(results.values(), PrefixedSink())
 
     async def _map(self, fn: Callable, items: list, chunksize: int | None,
                    progress: Progress | None = None, caller: CallerQueue | None = None,
@@ -577,42 +522,29 @@ class Cluster(EngineNamespaces):
         chunks = policy.split(items, size)
         starts = [i * size for i in range(len(chunks))]
         sink = caller.output if caller else PrefixedSink()
+        call = caller.call if caller else _call  # (in the caller's thread, where it waits)
         failures = {}
 
         def arrived(piece: int, result: _remote.Result) -> None:
             try:
-                self._settle([result], sink)
+                settle([result], sink)
             except RemoteError as error:
                 failures.update(error.failures)
             self.tasks_done[result.engine] += len(chunks[piece])
             progress.advance(len(chunks[piece]))
             if on_result is not None and not isinstance(result.value, _remote.Failure):
                 for offset, value in enumerate(result.value):
-                    (caller.call if caller else _call)(on_result, starts[piece] + offset, value)
+                    call(on_result, starts[piece] + offset, value)
 
         job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", _remote.run_chunk,
                   [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
                   describe_items(starts, [len(c) for c in chunks]), arrived)
         self._jobs.add(job)
-        loop = asyncio.get_running_loop()
-        progress.on_stop = lambda: loop.call_soon_threadsafe(
-            job.cancel, "its Stop button was pressed")
         try:
-            results = await job.run()
-        except asyncio.CancelledError:
-            progress.finish(CANCELLED)
-            raise
-        except Cancelled:
-            progress.finish(CANCELLED)
-            raise
-        except BaseException as error:
-            progress.finish(FAILED, str(error).split("\n", 1)[0])
-            raise
+            results = await run_in_view(job, progress,
+                                        lambda line: call(_tell, f"cloudlab: {line}"))
         finally:
-            progress.on_stop = None
             self._jobs.discard(job)
-            for line in job.incidents:  # one line each, in the caller's cell
-                (caller.call if caller else _call)(_tell, f"cloudlab: {line}")
         if failures:
             error = RemoteError(failures)
             progress.finish(FAILED, str(error).split("\n", 1)[0])

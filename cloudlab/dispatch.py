@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._aio import Signal
 from .deaths import Death
 from .errors import Cancelled, ClusterStateError, TaskLost
+from .progress import CANCELLED, FAILED, Progress
 
 if TYPE_CHECKING:
     from ._remote import Result
@@ -233,6 +234,27 @@ class Job:
         self.queue.clear()
         if busy:
             await self.engines.end(busy, why)
+
+
+async def run_in_view(job: Job, progress: Progress, tell: Callable[[str], None]) -> list[Result]:
+    """Run ``job`` shown by ``progress``: its Stop button cancels the job, its end finishes
+    the view (done is the caller's to say), and each engine that died under the job is
+    told in one line."""
+    loop = asyncio.get_running_loop()
+    progress.on_stop = lambda: loop.call_soon_threadsafe(job.cancel,
+                                                         "its Stop button was pressed")
+    try:
+        return await job.run()
+    except (asyncio.CancelledError, Cancelled):
+        progress.finish(CANCELLED)
+        raise
+    except BaseException as error:
+        progress.finish(FAILED, str(error).split("\n", 1)[0])
+        raise
+    finally:
+        progress.on_stop = None
+        for line in job.incidents:
+            tell(line)
 
 
 def describe_items(starts: list[int], sizes: list[int]) -> Callable[[int], str]:

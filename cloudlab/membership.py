@@ -29,7 +29,9 @@ import dataclasses
 import itertools
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _aio, _remote, gpus, policy
@@ -40,6 +42,25 @@ from .engines.base import Engine
 from .errors import ConfigError, ProvisionTimeout, StartError
 from .profiles import ClusterOptions
 from .registry import Record
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """One engine as ``c.status()`` reports it."""
+
+    id: int
+    host: str
+    pid: int | None
+    state: str  # queued | starting | idle | busy | dead
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    tasks_done: int = 0
+    gpu: str | None = None  # "0: NVIDIA H100 80GB HBM3", the engine's GPU
+    gpu_percent: float | None = None
+    gpu_memory_mb: float | None = None
+    #: Why a queued engine waits (a batch queue's reason).
+    note: str | None = None
+
 
 #: More deaths than this (or than twice the engines) within STORM_SECONDS and dead engines
 #: are no longer replaced: something kills every engine, and replacing them would not end.
@@ -356,6 +377,32 @@ class Membership:
             self._identity.update({eid: r.value for eid, r in results.items()})
 
     # ------------------------------------------------------------------- views
+    async def status(self, tasks_done: Counter[int]) -> list[EngineStatus]:
+        """Each engine as ``c.status()`` reports it, with ``tasks_done`` items each."""
+        ready = await self.engine.ready_ids()
+        busy = await self.engine.busy_ids()
+        rows = []
+        gpu_usage = gpus.usage([g.index for g in self.gpu_of.values() if not g.host])
+        for eid, proc in sorted(self.processes.items()):
+            host, pid = self.where(eid)
+            waits = proc.waiting()
+            if not proc.alive():
+                state = "dead"
+            elif eid not in ready:
+                state = "queued" if waits else "starting"
+            else:
+                state = "busy" if eid in busy else "idle"
+            cpu, memory = proc.usage() if state != "dead" else (None, None)
+            row = EngineStatus(eid, host, pid, state, cpu, memory, tasks_done[eid], note=waits)
+            if eid in self.gpu_of:
+                gpu = self.gpu_of[eid]
+                used = None if gpu.host else gpu_usage.get(gpu.index)
+                row = dataclasses.replace(
+                    row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
+                    gpu_memory_mb=used and used.memory_used_mb)
+            rows.append(row)
+        return rows
+
     def where(self, eid: int) -> tuple[str, int | None]:
         """Engine ``eid``'s host and pid: as the engine said, else as its launch knows."""
         process = self.processes[eid]

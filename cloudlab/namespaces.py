@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _aio, _remote, policy, usercode
+from .engines.base import settle
 from .errors import RemoteError, format_ids
 from .output import PrefixedSink
 from .shared import SharedBlock, share
@@ -64,7 +65,7 @@ class EngineNamespaces:
         if given:
             results = await asyncio.gather(*(self._engine.run_on([eid], _remote.store, values)
                                              for eid, values in given.items()))
-            self._settle([r for result in results for r in result.values()], PrefixedSink())
+            settle([r for result in results for r in result.values()], PrefixedSink())
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every engine's namespace."""

@@ -147,3 +147,15 @@ def raise_failures(results: Iterable[Result]) -> None:
     failures = {r.engine: r.value.as_tuple() for r in results if isinstance(r.value, Failure)}
     if failures:
         raise RemoteError(failures)
+
+
+def settle(results: Iterable[Result], sink: OutputSink) -> None:
+    """Hand what the engines printed to ``sink``, by engine, then raise their failures,
+    collapsed (:func:`raise_failures`)."""
+    results = list(results)
+    for r in sorted(results, key=lambda r: r.engine):
+        if r.stdout:
+            sink(r.engine, "stdout", r.stdout)
+        if r.stderr:
+            sink(r.engine, "stderr", r.stderr)
+    raise_failures(results)
