@@ -8,7 +8,7 @@ In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
 """
 
 from . import progress as _progress
-from .cluster import Cluster, EngineStatus, prewarm, running_clusters
+from .cluster import Cluster, EngineStatus, State, prewarm, running_clusters
 from .deaths import Death
 from .errors import (
     Cancelled,
@@ -22,6 +22,7 @@ from .errors import (
     TaskLost,
     UnknownNameError,
 )
+from .membership import EngineState
 from .widgets import progress as _progress_views
 
 _progress.set_view_factory(_progress_views.auto)  # views observe; the model only reports
@@ -31,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Cluster",
     "EngineStatus",
+    "EngineState",
+    "State",
     "Death",
     "running_clusters",
     "prewarm",

@@ -1,7 +1,8 @@
 """Cluster: one engine kind on one backend, with a lifecycle and a small data API.
 
-States: ``new -> starting -> running -> stopping -> stopped`` (``failed`` if a
-start fails; everything it started is stopped first). The logic is written
+States (:class:`State`): ``new -> starting -> running -> stopping -> stopped``;
+``failed`` if a start fails (everything it started is stopped first); ``dead``
+if its controller ends while it runs (its engines are stopped). The logic is written
 once as private coroutines on cloudlab's loop; each public method has a sync
 form (``c.map``) and an async twin (``await c.amap``) that are one line each.
 
@@ -24,6 +25,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,18 @@ from .supervisor import Supervisor
 #: purpose: a running cluster stays reachable (for %cluster list and atexit)
 #: even when the notebook drops its last name for it.
 _live: set[Cluster] = set()
+
+class State(StrEnum):
+    """Where a cluster is in its life (equal to its name as a string: ``"running"``)."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"  # its start failed; what it started is stopped
+    DEAD = "dead"  # its controller ended while it ran; its engines are stopped
+
 
 #: Cluster names appear in process titles and file names: keep them to one plain word.
 VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -92,7 +106,7 @@ class Cluster(EngineNamespaces):
             n = opts.engines or min(policy.usable_cores(), max(limit, 1))
         #: Engines wanted until the start hands the count to the membership.
         self._n = policy.engine_count(n, limit, reason)
-        self.state = "new"
+        self.state = State.NEW
         self.started_at: float | None = None
         self._engine = None
         #: The engines, once the start has begun: their one owner.
@@ -151,13 +165,13 @@ class Cluster(EngineNamespaces):
         await _aio.wrap(self._scale(n))
 
     def __enter__(self) -> Cluster:
-        return self.start() if self.state == "new" else self
+        return self.start() if self.state == State.NEW else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     async def __aenter__(self) -> Cluster:
-        return await self.astart() if self.state == "new" else self
+        return await self.astart() if self.state == State.NEW else self
 
     async def __aexit__(self, *exc) -> None:
         await self.astop()
@@ -181,11 +195,11 @@ class Cluster(EngineNamespaces):
         if min_engines is not None and not (isinstance(min_engines, int) and min_engines >= 1):
             raise ValueError(f"min_engines must be a whole number from 1 to {self.n}, "
                              f"not {min_engines!r}.")
-        if self.state != "new":
+        if self.state != State.NEW:
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
         self._code_lock = asyncio.Lock()
-        self.state = "starting"
+        self.state = State.STARTING
         _live.add(self)
         deadline = time.monotonic() + self.profile.cluster.start_timeout
         try:
@@ -230,14 +244,14 @@ class Cluster(EngineNamespaces):
                 if not connecting.done():
                     connecting.cancel()
         except BaseException as error:
-            self.state = "failed"
+            self.state = State.FAILED
             await self._teardown()
             if isinstance(error, StartError | ConfigError | asyncio.CancelledError |
                           KeyboardInterrupt):
                 raise
             raise StartError(f"Cluster {self.name} failed to start ({type(error).__name__}: "
                              f"{error}); nothing is left running.") from error
-        self.state = "running"
+        self.state = State.RUNNING
         self.started_at = time.time()
         self._supervisor = Supervisor(members, self._die)
         self._supervisor.start()
@@ -257,14 +271,14 @@ class Cluster(EngineNamespaces):
         await self._members.scale(n)
 
     async def _stop(self) -> None:
-        if self.state in ("new", "stopped", "failed"):
+        if self.state in (State.NEW, State.STOPPED, State.FAILED):
             return
-        if self.state == "dead":  # already torn down (or being torn down) when it died
+        if self.state == State.DEAD:  # already torn down (or being torn down) when it died
             await self._teardown()
             return
-        self.state = "stopping"
+        self.state = State.STOPPING
         await self._teardown()
-        self.state = "stopped"
+        self.state = State.STOPPED
 
     async def _teardown(self) -> None:
         """Stop everything this cluster started, whatever state it reached."""
@@ -285,24 +299,24 @@ class Cluster(EngineNamespaces):
 
     async def _die(self, cause: str) -> None:
         """The controller ended: stop the engines, remove the files, say why from now on."""
-        if self.state != "running":
+        if self.state != State.RUNNING:
             return
         self.end_cause = cause
-        self.state = "dead"
+        self.state = State.DEAD
         await self._teardown()
 
     def why_not_running(self) -> str:
-        if self.state == "dead":
+        if self.state == State.DEAD:
             return (f"Cluster {self.name} is dead: {self.end_cause} (stopped from outside, or "
                     f"crashed), and its engines were stopped; start a new one with "
                     f"%cluster start N.")
         return (f"Cluster {self.name} is {self.state}: start it first (c.start() or "
-                f"%cluster start)." if self.state == "new" else
+                f"%cluster start)." if self.state == State.NEW else
                 f"Cluster {self.name} is {self.state}: start a new one with %cluster start N.")
 
     def why_start_interrupted(self) -> str:
         """One sentence for a start stopped by Ctrl-C: whether its cleanup has finished."""
-        if self.state == "failed":
+        if self.state == State.FAILED:
             return (f"{self.name}: start interrupted; everything it had started or created "
                     f"is stopped and deleted.")
         return (f"{self.name}: start interrupted while it still cleans up; run cloudlab gc "
@@ -310,16 +324,16 @@ class Cluster(EngineNamespaces):
 
     def _why_stopped(self) -> str | None:
         """Why the cluster takes no work now; None while it runs."""
-        return None if self.state == "running" else self.why_not_running()
+        return None if self.state == State.RUNNING else self.why_not_running()
 
     def _require_running(self) -> None:
         controller = self._members.controller if self._members is not None else None
-        if self.state == "running" and controller is not None and not controller.alive():
+        if self.state == State.RUNNING and controller is not None and not controller.alive():
             # Ended from outside (`cloudlab stop --all`, a killed controller), not yet noticed.
             cause = f"its controller {self._supervisor.cause(controller)}"
             _aio.submit(self._die(cause))  # kill what is left and remove its files
-            self.state, self.end_cause = "dead", cause
-        if self.state != "running":
+            self.state, self.end_cause = State.DEAD, cause
+        if self.state != State.RUNNING:
             raise ClusterStateError(self.why_not_running())
 
     def death_of(self, eid: int) -> Death | None:
@@ -364,7 +378,7 @@ class Cluster(EngineNamespaces):
         return self._backend.cost()
 
     def status(self) -> list[EngineStatus]:
-        """Each engine: id, host, pid, state (starting, idle, busy, dead)."""
+        """Each engine: id, host, pid, state (:class:`~cloudlab.membership.EngineState`)."""
         return _aio.run(self._status())
 
     async def astatus(self) -> list[EngineStatus]:
@@ -586,7 +600,7 @@ async def _import_client(kind) -> None:
 
 def running_clusters() -> list[Cluster]:
     """Clusters started by this process and not yet stopped, oldest first."""
-    return sorted((c for c in _live if c.state in ("starting", "running")),
+    return sorted((c for c in _live if c.state in (State.STARTING, State.RUNNING)),
                   key=lambda c: c.started_at or 0)
 
 

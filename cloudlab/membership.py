@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from . import _aio, _remote, gpus, policy
@@ -44,6 +45,16 @@ from .profiles import ClusterOptions
 from .registry import Record
 
 
+class EngineState(StrEnum):
+    """An engine as ``c.status()`` sees it (equal to its name as a string: ``"idle"``)."""
+
+    QUEUED = "queued"  # its launch waits its turn (a batch queue)
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"  # ended, and not yet removed by the supervisor
+
+
 @dataclass(frozen=True)
 class EngineStatus:
     """One engine as ``c.status()`` reports it."""
@@ -51,7 +62,7 @@ class EngineStatus:
     id: int
     host: str
     pid: int | None
-    state: str  # queued | starting | idle | busy | dead
+    state: EngineState
     cpu_percent: float | None = None
     memory_mb: float | None = None
     tasks_done: int = 0
@@ -387,12 +398,12 @@ class Membership:
             host, pid = self.where(eid)
             waits = proc.waiting()
             if not proc.alive():
-                state = "dead"
+                state = EngineState.DEAD
             elif eid not in ready:
-                state = "queued" if waits else "starting"
+                state = EngineState.QUEUED if waits else EngineState.STARTING
             else:
-                state = "busy" if eid in busy else "idle"
-            cpu, memory = proc.usage() if state != "dead" else (None, None)
+                state = EngineState.BUSY if eid in busy else EngineState.IDLE
+            cpu, memory = proc.usage() if state != EngineState.DEAD else (None, None)
             row = EngineStatus(eid, host, pid, state, cpu, memory, tasks_done[eid], note=waits)
             if eid in self.gpu_of:
                 gpu = self.gpu_of[eid]
