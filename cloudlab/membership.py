@@ -144,19 +144,35 @@ class Membership:
             self.gpu_of.pop(eid, None)  # (also of an engine whose launch failed)
         self.deaths.update({eid: d for eid, d in (deaths or {}).items() if eid in leaving})
         self.changed.notify()
+        # A controller that has ended has nothing to be told (and its client may wait long
+        # on it): the processes go all the same.
+        told = self.controller is not None and self.controller.alive()
         if deaths is not None:
             await self.backend.terminate(list(leaving.values()), grace=0)
-            await self.engine.gone(list(leaving))
+            if told:
+                await self.engine.gone(list(leaving))
             self.save_record()
             return
-        await self.engine.forget([eid for eid, p in leaving.items() if p.alive()])
+        if told:
+            await self.engine.forget([eid for eid, p in leaving.items() if p.alive()])
         await self.backend.terminate(list(leaving.values()))
         self.save_record()
-        # An engine can finish registering while it is being stopped: return once the
-        # controller has noticed it is gone, so no task is sent to it.
+        if told:
+            await self._until_not_counted(set(leaving))
+
+    async def _until_not_counted(self, ids: set[int]) -> None:
+        """An engine can finish registering while it is being stopped: return once the
+        controller has noticed that ``ids`` are gone (so no task is sent to them), or after
+        the time it takes to notice."""
         deadline = time.monotonic() + self.engine.notices_death_within
-        while set(leaving) & await self.engine.ready_ids() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        try:
+            while ids & await asyncio.wait_for(self.engine.ready_ids(),
+                                               deadline - time.monotonic()):
+                if time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
 
     async def lost(self, deaths: dict[int, Death]) -> None:
         """Engines died (or were ended by a cancel): they leave, and are replaced unless
@@ -267,16 +283,17 @@ class Membership:
         head = max(enough, os.cpu_count() or 1)
         first = (new_ids[:head] if head < count and self.backend.same_machine
                  and not self.options.mpi else new_ids)  # an MPI world starts whole
+        controller = self._controller()
         try:
             await self._launch(first)
             if connecting is not None:
                 try:
                     await connecting
                 except StartError as error:
-                    if self.controller.alive():
+                    if controller.alive():
                         raise
-                    raise StartError(f"{error} (exit code {self.controller.exit_code()}, last "
-                                     f"output: {self.controller.last_line()}); {outcome}."
+                    raise StartError(f"{error} (exit code {controller.exit_code()}, last "
+                                     f"output: {controller.last_line()}); {outcome}."
                                      ) from None
             await self._wait_ready(first, deadline, outcome, enough)
         except BaseException:
@@ -329,8 +346,12 @@ class Membership:
                     self.add(eid, launch.result())
             self.save_record()
         for launch in launches.values():
-            if launch.exception() is not None:
-                raise launch.exception()
+            if (error := launch.exception()) is not None:
+                raise error
+
+    def _controller(self) -> Launched:
+        assert self.controller is not None, "engines start once their controller has"
+        return self.controller
 
     def _command(self, eid: int) -> Command:
         command = self.engine.engine_command(eid)
@@ -358,6 +379,7 @@ class Membership:
         wanted = set(ids)
         enough = len(wanted) if enough is None else enough
         deadline = max(deadline, time.monotonic() + 1.0)
+        controller = self._controller()
         while True:
             # An engine that died once usable is the supervisor's to report: stop waiting.
             wanted &= set(self.processes)
@@ -366,8 +388,8 @@ class Membership:
             if len(ready) >= min(enough, len(wanted)):
                 return
             dead = [eid for eid in sorted(wanted - ready) if not self.processes[eid].alive()]
-            if dead or not self.controller.alive():
-                proc = self.processes[dead[0]] if dead else self.controller
+            if dead or not controller.alive():
+                proc = self.processes[dead[0]] if dead else controller
                 raise StartError(
                     f"{proc.name} of cluster {self.name} exited during start (exit code "
                     f"{proc.exit_code()}, last output: {proc.last_line()}); {outcome}.")
@@ -409,8 +431,8 @@ class Membership:
                 gpu = self.gpu_of[eid]
                 used = None if gpu.host else gpu_usage.get(gpu.index)
                 row = dataclasses.replace(
-                    row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used and used.percent,
-                    gpu_memory_mb=used and used.memory_used_mb)
+                    row, gpu=f"{gpu.index}: {gpu.name}", gpu_percent=used.percent if used else None,
+                    gpu_memory_mb=used.memory_used_mb if used else None)
             rows.append(row)
         return rows
 
