@@ -13,14 +13,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .errors import CloudlabError
-from .workloads import WORKLOADS
+from .plugins import workload_module, workload_names
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 
 def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", "run a workload on a fresh cluster, print its figures")
     workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
-    for name, module in WORKLOADS.items():
-        mod = importlib.import_module(module)
+    for name in workload_names():
+        mod = workload_module(name)
         summary = (mod.__doc__ or "").split("\n")[0]
         wp = workloads.add_parser(name, help=summary, description=summary)
         wp.add_argument("--engines", default=None, help="number of engines (default: the "
@@ -169,33 +172,25 @@ def cmd_stop(args) -> int:
     return 0
 
 
-#: Backends whose resources doctor checks for and gc cleans up.
-CLOUDS = ("ec2", "azure")
+def _backend_of(profile):
+    from .plugins import backend_class
 
+    return backend_class(profile.cluster.backend)
 
-def _cloud_profile(command: str, name: str):
-    """Profile ``name`` if it is a cloud one; else None, said on stderr."""
-    from .profiles import load_profile
-
-    profile = load_profile(name)
-    if profile.cluster.backend not in CLOUDS:
-        print(f"cloudlab {command}: profile {name} is not a cloud profile (its backend is "
-              f"{profile.cluster.backend}).", file=sys.stderr)
-        return None
-    return profile
 
 
 def cmd_doctor(args) -> int:
-    profile = _cloud_profile("doctor", args.profile)
-    if profile is None:
-        return 2
-    if profile.cluster.backend == "azure":
-        from .backends.azure_doctor import diagnose
-    else:
-        from .backends.ec2_doctor import diagnose
+    from .profiles import load_profile
 
+    profile = load_profile(args.profile)
+    backend = _backend_of(profile)
     t0 = time.perf_counter()
-    checks = diagnose(profile.backend_options, args.engines or profile.cluster.engines)
+    checks = backend.doctor(profile.backend_options, args.engines or profile.cluster.engines)
+    if checks is None:
+        print(f"cloudlab doctor: profile {args.profile} uses the {backend.name} backend, which "
+              f"has nothing to check before a start (`cloudlab start` says what fails).",
+              file=sys.stderr)
+        return 2
     for check in checks:
         print(check)
     failed = [c for c in checks if c.ok is False]
@@ -207,15 +202,18 @@ def cmd_doctor(args) -> int:
 
 def cmd_gc(args) -> int:
     """Expired resources go, whoever made them; this machine's own go once their cluster no
-    longer runs here (a killed kernel). Another machine's stay until they expire."""
+    longer runs here (a killed kernel). Another machine's stay until they expire. A place
+    that cannot be cleaned (no credentials) is said in one line; the others are cleaned."""
     from .profiles import available_profiles, load_profile
     from .registry import read_records
 
     if args.profile:
-        profile = _cloud_profile("gc", args.profile)
-        if profile is None:
+        profiles = [load_profile(args.profile)]
+        if _backend_of(profiles[0]).garbage_place(profiles[0].backend_options) is None:
+            print(f"cloudlab gc: profile {args.profile} uses the "
+                  f"{profiles[0].cluster.backend} backend, which leaves nothing behind to "
+                  f"clean.", file=sys.stderr)
             return 2
-        profiles = [profile]
     else:
         profiles = []
         for name in sorted(available_profiles()):
@@ -223,47 +221,36 @@ def cmd_gc(args) -> int:
                 profiles.append(load_profile(name))
             except CloudlabError:
                 continue  # (a broken profile is `cloudlab profiles`' to report)
-    places = {}  # where resources may be -> how to clean there
+    # Where resources may be -> (the place in words, its backend, options to clean with).
+    places: dict[tuple, tuple[str, type[Backend], object]] = {}
     for profile in profiles:
-        o = profile.backend_options
-        if profile.cluster.backend == "ec2":
-            places.setdefault((o.region, o.endpoint_url), (o.region, _ec2_garbage, o))
-        elif profile.cluster.backend == "azure":
-            from .backends.azure import subscription_of
-
-            subscription = subscription_of(o)
-            where = f"Azure subscription {subscription or '(none set)'}"
-            places.setdefault((subscription, o.endpoint_url), (where, _azure_garbage, o))
+        backend = _backend_of(profile)
+        place = backend.garbage_place(profile.backend_options)
+        if place is not None:
+            key, where = place
+            places.setdefault((backend.name, key), (where, backend, profile.backend_options))
     live = {r.name for r in read_records()}
-    found = 0
-    for where, collect, options in sorted(places.values(), key=lambda p: p[0]):
+    found, cleaned, failed = 0, [], 0
+    for where, backend, options in sorted(places.values(), key=lambda p: p[0]):
         try:
-            lines = collect(options, live, args.dry_run)
+            lines = backend.collect_garbage(options, live, args.dry_run)
         except CloudlabError as e:
             print(f"cloudlab gc: cannot clean {where}: {e}", file=sys.stderr)
-            return 2
+            failed += 1
+            continue
         except Exception as e:  # the SDKs': no credentials, no network, no permission
             print(f"cloudlab gc: cannot clean {where} ({type(e).__name__}: {e}); check your "
                   f"credentials (`cloudlab doctor --profile ...` says more).", file=sys.stderr)
-            return 2
+            failed += 1
+            continue
         found += len(lines)
+        cleaned.append(where)
         for line in lines:
             print(f"{'would delete' if args.dry_run else 'deleted'} in {where}: {line}")
-    names = ", ".join(sorted(w for w, _, _ in places.values())) or "no cloud (no cloud profile)"
-    print(f"{found} resources {'to delete' if args.dry_run else 'deleted'} in {names}.")
-    return 0
-
-
-def _ec2_garbage(options, live: set[str], dry_run: bool) -> list[str]:
-    from .backends.ec2 import Ec2, collect_garbage
-
-    return collect_garbage(Ec2(options), live, dry_run=dry_run)
-
-
-def _azure_garbage(options, live: set[str], dry_run: bool) -> list[str]:
-    from .backends.azure import Azure, collect_garbage
-
-    return collect_garbage(Azure(options), live, dry_run=dry_run)
+    if cleaned or not failed:
+        names = ", ".join(cleaned) or "no place (no profile's backend leaves resources behind)"
+        print(f"{found} resources {'to delete' if args.dry_run else 'deleted'} in {names}.")
+    return 2 if failed else 0
 
 
 def cmd_profiles(args) -> int:
@@ -299,7 +286,7 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from .cluster import Cluster
 
-    module = importlib.import_module(WORKLOADS[args.workload])
+    module = workload_module(args.workload)
     if hasattr(module, "prepare"):
         try:
             args.inputs = module.prepare(args)

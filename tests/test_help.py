@@ -6,7 +6,7 @@ import re
 
 from cloudlab.cli import build_parser
 from cloudlab.magics import CLUSTER_HELP, _parser
-from cloudlab.workloads import WORKLOADS
+from cloudlab.plugins import workload_names
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -39,7 +39,7 @@ def test_the_readme_shows_every_cli_command_and_workload():
     shell = README.split("### From a shell", 1)[1].split("###", 1)[0]
     for name in _subcommands(build_parser()):
         assert f"cloudlab {name}" in shell, f"the README's shell tour lacks cloudlab {name}"
-    for name in WORKLOADS:
+    for name in workload_names():
         assert f"cloudlab run {name}" in shell, f"the README's shell tour lacks run {name}"
 
 

@@ -70,9 +70,10 @@ def test_stop_all_stops_every_cluster(ip, capsys):
     ("cluster start 0", "at least 1, not 0"),
     ("cluster start lots", "whole number like 4, not 'lots'"),
     ("cluster start 100000", "Cannot start 100000 engines here: each engine needs about"),
-    ("cluster start 2 --engine spark", "Unknown engine 'spark': use one of dask, ipyparallel"),
-    ("cluster start 2 --backend moon", "Unknown backend 'moon': use one of azure, ec2, local, "
-                                       "slurm, ssh."),
+    ("cluster start 2 --engine spark", "Unknown engine 'spark': use one of dask, inprocess, "
+                                       "ipyparallel"),
+    ("cluster start 2 --backend moon", "Unknown backend 'moon': use one of azure, ec2, "
+                                       "inprocess, local, slurm, ssh."),
     ("cluster start 2 --profile nope", "Unknown profile 'nope': use one of aws-cpu, "
                                        "aws-gpu-spot, azure, local, slurm, ssh."),
     ("cluster scale 4", "No cluster is running: start one with %cluster start N first"),

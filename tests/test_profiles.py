@@ -45,7 +45,7 @@ def test_unknown_engine_or_backend_lists_installed_ones(kind, kwargs):
     with pytest.raises(ConfigError) as e:
         load_profile(**kwargs)
     assert f"Unknown {kind}" in str(e.value)
-    assert ("dask, ipyparallel" if kind == "engine" else "local") in str(e.value)
+    assert ("dask, inprocess, ipyparallel" if kind == "engine" else "local") in str(e.value)
 
 
 def test_malformed_toml_names_the_file(user_profiles):
@@ -58,7 +58,7 @@ def test_malformed_toml_names_the_file(user_profiles):
 @pytest.mark.parametrize("body,message", [
     ('engnie = "dask"', "unknown key 'engnie'; allowed top-level keys: backend, description, engine"),
     ('engines = "lots"', "key 'engines' must be a whole number, got 'lots'"),
-    ('engine = "spark"', "Unknown engine 'spark': use one of dask, ipyparallel"),
+    ('engine = "spark"', "Unknown engine 'spark': use one of dask, inprocess, ipyparallel"),
     ('[local]\nport = 3', "unknown key 'port'; allowed: fork_server, ip, memory_fraction, python"),
     ('start_timeout = true', "key 'start_timeout' must be a number, got True"),
 ])

@@ -2,15 +2,13 @@
 on the cluster it makes (the same parser, ``prepare`` and ``run``): several workloads on one
 cluster cost one start."""
 
-import importlib
-
 from cloudlab.cli import build_parser
-from cloudlab.workloads import WORKLOADS
+from cloudlab.plugins import workload_module
 
 
 def run_workload(cluster, *argv: str) -> dict:
     args = build_parser().parse_args(["run", *argv])
-    module = importlib.import_module(WORKLOADS[args.workload])
+    module = workload_module(args.workload)
     if hasattr(module, "prepare"):
         args.inputs = module.prepare(args)
     return module.run(cluster, args)

@@ -455,6 +455,22 @@ class AzureBackend(_vm.VmBackend):
     def vcpus(self) -> int:
         return self.cloud.vcpus()
 
+    @classmethod
+    def doctor(cls, options: AzureOptions, engines: int) -> list:
+        from .azure_doctor import diagnose
+
+        return diagnose(options, engines)
+
+    @classmethod
+    def garbage_place(cls, options: AzureOptions) -> tuple[tuple, str]:
+        subscription = subscription_of(options)
+        return ((subscription, options.endpoint_url),
+                f"Azure subscription {subscription or '(none set)'}")
+
+    @classmethod
+    def collect_garbage(cls, options: AzureOptions, live: set[str], dry_run: bool) -> list[str]:
+        return collect_garbage(Azure(options), live, dry_run=dry_run)
+
     def price_per_hour(self) -> float | None:
         if self.options.price_per_hour:
             return self.options.price_per_hour

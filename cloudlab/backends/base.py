@@ -3,13 +3,15 @@
 A backend knows nothing about ipyparallel or Dask. It is given :class:`Command`
 objects (an entry point plus arguments, built by an engine) and returns
 :class:`Launched` handles. All methods are async; the cluster awaits them on
-cloudlab's loop.
+cloudlab's loop. A few class methods serve the ``cloudlab`` command without a
+cluster (``doctor``, ``gc``): a backend from another package, registered under
+the ``cloudlab.backends`` entry point, gets those commands with no change here.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,3 +231,25 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         """Release whatever the backend itself holds (hosts, VMs, connections)."""
+
+    # ------------------------------------------- the `cloudlab` command's, without a cluster
+    @classmethod
+    def doctor(cls, options: Any, engines: int) -> list | None:
+        """Whether a profile with these ``options`` can start ``engines`` engines, checked in
+        seconds and creating nothing (`cloudlab doctor`): :class:`._doctor.Check` lines;
+        None where the backend has nothing to check."""
+        return None
+
+    @classmethod
+    def garbage_place(cls, options: Any) -> tuple[Hashable, str] | None:
+        """Where clusters with these ``options`` may leave resources behind (`cloudlab gc`):
+        a key, so that a place several profiles share is cleaned once, and the place in
+        words; None where they leave nothing."""
+        return None
+
+    @classmethod
+    def collect_garbage(cls, options: Any, live: set[str], dry_run: bool) -> list[str]:
+        """Delete what clusters not in ``live`` (those running here) left at
+        :meth:`garbage_place`, and whatever has expired; with ``dry_run`` delete nothing.
+        A line for each thing."""
+        return []

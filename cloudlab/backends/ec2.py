@@ -311,6 +311,20 @@ class Ec2Backend(_vm.VmBackend):
             return f"lost its spot instance {vm.id}: AWS took it back ({vm.reason})"
         return super().lost(vm)
 
+    @classmethod
+    def doctor(cls, options: Ec2Options, engines: int) -> list:
+        from .ec2_doctor import diagnose
+
+        return diagnose(options, engines)
+
+    @classmethod
+    def garbage_place(cls, options: Ec2Options) -> tuple[tuple, str]:
+        return (options.region, options.endpoint_url), options.region
+
+    @classmethod
+    def collect_garbage(cls, options: Ec2Options, live: set[str], dry_run: bool) -> list[str]:
+        return collect_garbage(Ec2(options), live, dry_run=dry_run)
+
 
 def _tags_of(resource: dict) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}

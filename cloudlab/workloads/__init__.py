@@ -6,11 +6,7 @@ samples, seed=...)``). It may also offer ``prepare(args)``, which reads the inpu
 the cluster starts (into ``args.inputs``): a ValueError or OSError there is bad input, said
 in one line with nothing started; and ``cluster_options(args)``, the keywords of the
 cluster it needs (``n``, ``mpi=True``...).
-"""
 
-WORKLOADS = {
-    "pi": "cloudlab.workloads.pi",
-    "pct": "cloudlab.workloads.pct",
-    "classify": "cloudlab.workloads.classify",
-    "ring": "cloudlab.workloads.ring",
-}
+Workloads are found by the ``cloudlab.workloads`` entry point (a name and a module), so
+another package can add one to ``cloudlab run``.
+"""
