@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fast tier, in under a minute: style, and the contract suite and membership
+# The fast tier, in under a minute: style, types, and the contract suite and membership
 # tests on in-process engines (threads of the test process, faults scripted).
 check: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests/test_style.py tests/fast $(PYTEST_ARGS)

@@ -136,6 +136,7 @@ def start_watchdog(owner_pid: int | None, cleanup: list[str], lease: float | Non
 
     def watch() -> None:  # (it holds ``connection`` open)
         if lease is None:
+            assert owner_pid is not None  # (one or the other: the command line says so)
             owner_gone(owner_pid)
         else:
             heartbeats_stop(0 if connection is None else connection.fileno(), lease)
@@ -221,8 +222,10 @@ def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
         lease_from: str | None = None) -> int:
     """Call ``entry`` with ``sys.argv`` set to ``args``, under a lease on ``owner_pid`` (or,
     with ``lease``, on the heartbeats arriving on standard input or from ``lease_from``)."""
-    if lease is None and not _alive(owner_pid):
-        end_everything(cleanup)
+    if lease is None:
+        assert owner_pid is not None  # (one or the other: the command line says so)
+        if not _alive(owner_pid):
+            end_everything(cleanup)
     if lease is not None:
         # On another machine: the environment cloudlab keeps there (if this is one) is in
         # use, so the host keeps it when it removes older ones.

@@ -31,7 +31,7 @@ def loop() -> asyncio.AbstractEventLoop:
     """The background loop, started on first use."""
     global _loop, _thread
     with _lock:
-        if _loop is None or not _thread.is_alive():
+        if _loop is None or _thread is None or not _thread.is_alive():
             _loop = asyncio.new_event_loop()
             ready = threading.Event()
 

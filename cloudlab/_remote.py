@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import cloudpickle
 
@@ -65,7 +65,7 @@ class _ThreadRouted(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` once engines run as threads: a write goes to the writing
     thread's engine stream where it has one, else where it went before."""
 
-    def __init__(self, before: io.TextIOBase, which: int):
+    def __init__(self, before: TextIO, which: int):
         self.before, self.which = before, which
 
     @classmethod
@@ -82,8 +82,8 @@ class _ThreadRouted(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
-    @property
-    def encoding(self) -> str:
+    @property  # (a read-only attribute of io.TextIOBase's, here the stream's own)
+    def encoding(self) -> str:  # type: ignore[override]
         return self.before.encoding
 
     def isatty(self) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 from . import _aio, _remote, gpus, policy, usercode
 from .deaths import Death
 from .dispatch import Job, describe_items, run_in_view
-from .engines.base import OutputSink, settle
+from .engines.base import Engine, OutputSink, settle
 from .errors import ClusterStateError, ConfigError, RemoteError, StartError
 from .membership import EngineStatus, Membership
 from .namespaces import EngineNamespaces
@@ -108,22 +108,20 @@ class Cluster(EngineNamespaces):
         self._n = policy.engine_count(n, limit, reason)
         self.state = State.NEW
         self.started_at: float | None = None
-        self._engine = None
         #: The engines, once the start has begun: their one owner.
-        self._members: Membership | None = None
+        self._membership: Membership | None = None
         self._pushed = {}
         self._scattered = {}
         self._shared = {}
         #: Items of work (map items, submits) each engine has finished, by engine id.
         self.tasks_done: Counter[int] = Counter()
         self._workdir: Path | None = None
-        self._code_lock: asyncio.Lock | None = None
+        #: The user's modules, sent to the engines when they change.
+        self._code = usercode.EngineCode(self._install_code, lambda: self._members.usable())
         self._supervisor: Supervisor | None = None
         self._jobs: set[Job] = set()
         #: Why the cluster died (its controller ended), once it has.
         self.end_cause: str | None = None
-        #: The user's modules as the engines have them (None: none sent yet).
-        self.code: usercode.Bundle | None = None
 
     def __repr__(self) -> str:
         return (f"<Cluster {self.name}: {self.engine_kind} on {self.backend_kind}, "
@@ -183,13 +181,24 @@ class Cluster(EngineNamespaces):
         return self._engine.client
 
     @property
+    def _members(self) -> Membership:
+        """The engines' owner (callers make sure the start has begun)."""
+        assert self._membership is not None, f"cluster {self.name} has not started"
+        return self._membership
+
+    @property
+    def _engine(self) -> Engine:
+        """The engine kind's client side, connected to this cluster's controller."""
+        return self._members.engine
+
+    @property
     def n(self) -> int:
         """How many engines the cluster wants (scale changes it)."""
-        return self._n if self._members is None else self._members.wanted
+        return self._n if self._membership is None else self._membership.wanted
 
     @property
     def engine_ids(self) -> list[int]:
-        return [] if self._members is None else sorted(self._members.processes)
+        return [] if self._membership is None else sorted(self._membership.processes)
 
     async def _start(self, min_engines: int | None = None) -> Cluster:
         if min_engines is not None and not (isinstance(min_engines, int) and min_engines >= 1):
@@ -198,7 +207,6 @@ class Cluster(EngineNamespaces):
         if self.state != State.NEW:
             raise ClusterStateError(
                 f"Cluster {self.name} is {self.state}; create a new Cluster to start again.")
-        self._code_lock = asyncio.Lock()
         self.state = State.STARTING
         _live.add(self)
         deadline = time.monotonic() + self.profile.cluster.start_timeout
@@ -207,31 +215,31 @@ class Cluster(EngineNamespaces):
             self._backend.workdir = self._workdir
             # Cloud VMs, before their addresses are used.
             await self._backend.provision(self._n, deadline - time.monotonic())
-            self._engine = self._engine_cls(self._workdir, self._backend.controller_ip,
-                                            self.profile.cluster.task_retries,
-                                            remote=not self._backend.same_machine)
+            engine = self._engine_cls(self._workdir, self._backend.controller_ip,
+                                      self.profile.cluster.task_retries,
+                                      remote=not self._backend.same_machine)
             limit = memory_limit_bytes(self.profile.cluster.memory_limit)
-            if limit == "auto":
+            if isinstance(limit, str):  # "auto"
                 limit = self._backend.auto_memory_limit(self._n)
             record = Record(self.name, self.engine_kind, self.backend_kind, os.getpid(),
                             this_process_started(), str(self._workdir))
-            members = self._members = Membership(
-                self.name, self._backend, self._engine, self.profile.cluster, record, limit,
+            members = self._membership = Membership(
+                self.name, self._backend, engine, self.profile.cluster, record, limit,
                 self._welcome, self._why_stopped)
             record.save()
             members.gpus = self.gpus
             # The fork server imports the engine while the controller starts, and this
             # process what its client needs (a no-op after prewarm).
             preparing = asyncio.ensure_future(asyncio.gather(
-                self._backend.prepare(self._engine.preload), _import_client(self._engine_cls)))
+                self._backend.prepare(engine.preload), _import_client(self._engine_cls)))
             preparing.add_done_callback(_aio.mark_seen)
             members.controller = await self._backend.launch(
-                self._engine.controller_command(), cleanup=(self._workdir, record.path))
+                engine.controller_command(), cleanup=(self._workdir, record.path))
             members.save_record()
             # Engines start while the controller does (they wait for its connection file).
             connecting = asyncio.ensure_future(
-                self._engine.connect(members.controller.alive, deadline - time.monotonic(),
-                                     self._backend.reach))
+                engine.connect(members.controller.alive, deadline - time.monotonic(),
+                               self._backend.reach))
             try:
                 await preparing
                 if self._gpus_wanted is not None and not self.gpus:  # (where engines run)
@@ -284,15 +292,15 @@ class Cluster(EngineNamespaces):
         """Stop everything this cluster started, whatever state it reached."""
         if self._supervisor is not None:
             await self._supervisor.stop()
-        if self._members is not None:
+        if self._membership is not None:
             # By force after a short grace: nothing they hold outlives the cluster (its
             # workdir goes next).
-            await self._members.stop(grace=STOP_GRACE)
+            await self._membership.stop(grace=STOP_GRACE)
         if self._backend.workdir is not None:
             await self._backend.close()
         self._release_namespaces()
-        if self._members is not None:
-            self._members.record.remove()
+        if self._membership is not None:
+            self._membership.record.remove()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         _live.discard(self)
@@ -327,9 +335,10 @@ class Cluster(EngineNamespaces):
         return None if self.state == State.RUNNING else self.why_not_running()
 
     def _require_running(self) -> None:
-        controller = self._members.controller if self._members is not None else None
+        controller = self._membership.controller if self._membership is not None else None
         if self.state == State.RUNNING and controller is not None and not controller.alive():
             # Ended from outside (`cloudlab stop --all`, a killed controller), not yet noticed.
+            assert self._supervisor is not None  # (it runs while the cluster does)
             cause = f"its controller {self._supervisor.cause(controller)}"
             _aio.submit(self._die(cause))  # kill what is left and remove its files
             self.state, self.end_cause = State.DEAD, cause
@@ -338,14 +347,14 @@ class Cluster(EngineNamespaces):
 
     def death_of(self, eid: int) -> Death | None:
         """How engine ``eid`` died (or was ended by a cancel), if it did."""
-        return None if self._members is None else self._members.deaths.get(eid)
+        return None if self._membership is None else self._membership.deaths.get(eid)
 
     @property
     def deaths(self) -> list[Death]:
         """Engines that died (or were ended by a cancel) while the cluster ran, oldest first."""
-        if self._members is None:
+        if self._membership is None:
             return []
-        return sorted(self._members.deaths.values(), key=lambda d: d.at)
+        return sorted(self._membership.deaths.values(), key=lambda d: d.at)
 
     def cancel(self) -> int:
         """Stop every job (``map``) running on this cluster now; returns how many.
@@ -412,7 +421,7 @@ class Cluster(EngineNamespaces):
         finally:
             caller.drain()
 
-    def _open_map(self, fn: Callable, items: Iterable):
+    def _open_map(self, fn: Callable, items: Iterable) -> tuple[list, Progress | None]:
         """Materialise ``items`` and open the progress view in the caller's thread."""
         self._require_running()
         items = list(items)
@@ -423,10 +432,10 @@ class Cluster(EngineNamespaces):
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
         shipped = _remote.Shipped(fn, self._engine_names())
-        sent = self._engine.submit_now(shipped, *args) if self._code_current() else None
+        sent = self._engine.submit_now(shipped, *args) if self._code.current() else None
         if sent is None:
             return _aio.submit(self._submit(shipped, *args))
-        future = concurrent.futures.Future()
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
         def settle(done: concurrent.futures.Future) -> None:
             try:
@@ -493,26 +502,14 @@ class Cluster(EngineNamespaces):
     async def async_(self) -> usercode.Bundle | None:
         return await _aio.wrap(self._sync_code(rescan=True))
 
-    def _code_current(self) -> bool:
-        """Whether the engines have the user's modules as they are now (a cheap look)."""
-        return self._engines_have(usercode.watcher().current())
-
-    def _engines_have(self, bundle: usercode.Bundle | None) -> bool:
-        return bundle is None or (self.code is not None and bundle.digest == self.code.digest)
+    @property
+    def code(self) -> usercode.Bundle | None:
+        """The user's modules as the engines have them (None: none sent yet)."""
+        return self._code.bundle
 
     async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None:
         self._require_running()
-        bundle = await _aio.to_thread(usercode.watcher().current, rescan) \
-            if rescan else usercode.watcher().current()
-        if self._engines_have(bundle):
-            return self.code
-        async with self._code_lock:
-            if not self._engines_have(bundle):
-                ids = self._members.usable()
-                if ids:
-                    await self._install_code(ids, bundle)
-                self.code = bundle
-        return self.code
+        return await self._code.sync(rescan)
 
     async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
         if self._engine.shares_client_modules:

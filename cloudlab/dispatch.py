@@ -176,7 +176,7 @@ class Job:
                     if task.cancelled():
                         self.queue.appendleft(piece)
                         continue
-                    raise task.exception()  # not the engine's end: the task's own error
+                    raise task.exception() or AssertionError  # the task's own error
                 elif piece not in self.results:
                     del held[piece]
                     self.results[piece] = task.result()
@@ -241,8 +241,11 @@ async def run_in_view(job: Job, progress: Progress, tell: Callable[[str], None])
     the view (done is the caller's to say), and each engine that died under the job is
     told in one line."""
     loop = asyncio.get_running_loop()
-    progress.on_stop = lambda: loop.call_soon_threadsafe(job.cancel,
-                                                         "its Stop button was pressed")
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(job.cancel, "its Stop button was pressed")
+
+    progress.on_stop = stop
     try:
         return await job.run()
     except (asyncio.CancelledError, Cancelled):

@@ -138,7 +138,7 @@ def format_ids(ids: Iterable[int]) -> str:
     parts: list[str] = []
     start = prev = None
     for i in ids:
-        if start is None:
+        if prev is None:  # (so is start)
             start = prev = i
         elif i == prev + 1:
             prev = i

@@ -43,7 +43,7 @@ def request(value: object) -> int | str | None:
     if isinstance(value, str) and value.strip().lower() == "all":
         return "all"
     try:
-        count = int(value) if not isinstance(value, bool | float) else None
+        count = int(value) if not isinstance(value, bool | float) else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
         count = None
     if count is None or count < 1:
@@ -103,6 +103,7 @@ def choose(wanted: int | str, found: list[Gpu], why_none: str, engines: int | No
         raise ConfigError(f"--gpus {wanted} asks for GPUs, but {why_none}: drop --gpus to run "
                           f"on CPU cores.")
     count = len(found) if wanted == "all" else wanted
+    assert isinstance(count, int)  # wanted is "all" or a count: see request
     if count > len(found):
         raise ConfigError(f"--gpus {wanted} asks for {count} GPUs, but only {len(found)} "
                           f"{'is' if len(found) == 1 else 'are'} here: ask for at most "

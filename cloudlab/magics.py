@@ -196,6 +196,7 @@ class ClusterMagics(Magics):
             running = running_clusters()
             c = running[-1] if running else None
         ClusterMagics.active = c
+        assert self.shell is not None  # registered with one: see load_ipython_extension
         if c is None:
             self.shell.user_ns.pop("cluster", None)
             return
@@ -210,6 +211,7 @@ class ClusterMagics(Magics):
         names = line.split()
         if not names:
             raise UsageError("%push needs variable names, like %push data weights.")
+        assert self.shell is not None  # registered with one: see load_ipython_extension
         missing = [n for n in names if n not in self.shell.user_ns]
         if missing:
             raise UsageError(f"{missing[0]!r} is not defined in this notebook; define it "

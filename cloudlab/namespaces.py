@@ -2,21 +2,26 @@
 
 Every engine has one namespace (see :mod:`cloudlab._remote`). These methods
 move named values in and out of it, and run notebook code in it. They are a
-part of :class:`~cloudlab.Cluster` kept in a module of their own; they rely on
-the cluster's ``_on`` (run a function on some engines) and its state checks.
+part of :class:`~cloudlab.Cluster` kept in a module of their own; what they rely
+on of the cluster is declared at the top of the class.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _aio, _remote, policy, usercode
 from .engines.base import settle
 from .errors import RemoteError, format_ids
 from .output import PrefixedSink
 from .shared import SharedBlock, share
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .engines.base import Engine, OutputSink
+    from .membership import Membership
 
 
 class EngineNamespaces:
@@ -28,8 +33,6 @@ class EngineNamespaces:
     the name is bound again or the cluster stops.
     """
 
-    #: The user's modules as the engines have them (see :mod:`cloudlab.usercode`).
-    code: usercode.Bundle | None
     _shared: dict[str, list[SharedBlock]]
     _share_memory: bool = True
     #: Each pushed name's value as it was sent (a shared value's handle, where shared), kept
@@ -39,6 +42,30 @@ class EngineNamespaces:
     #: engine that went is given to the next engine that joins, and gather keeps the order.
     _scattered: dict[str, list[tuple[int, Any]]]
 
+    if TYPE_CHECKING:  # what the cluster gives (see cloudlab.cluster.Cluster)
+        name: str
+        _backend: Backend
+        _code: usercode.EngineCode
+
+        @property
+        def engine_ids(self) -> list[int]: ...
+
+        @property
+        def _members(self) -> Membership: ...
+
+        @property
+        def _engine(self) -> Engine: ...
+
+        def _require_running(self) -> None: ...
+
+        async def _joined(self) -> None: ...
+
+        async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None: ...
+
+
+        async def _on(self, ids: list[int] | None, fn: Callable, *args: Any,
+                      sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]: ...
+
     def _engine_names(self) -> frozenset[str]:
         """Names the engines hold for the user (a shipped function takes them from there)."""
         return frozenset(self._pushed) | frozenset(self._scattered)
@@ -47,10 +74,7 @@ class EngineNamespaces:
         """Engines joining the cluster get what the others were given: the user's modules
         (first: pushed values may be of their classes), every pushed name, and the parts
         of scattered names whose engines have gone."""
-        bundle = self.code if self.code is not None else usercode.watcher().current()
-        if bundle is not None:
-            await self._install_code(ids, bundle)
-            self.code = bundle
+        await self._code.welcome(ids)
         given: dict[int, dict[str, Any]] = {eid: dict(self._pushed) for eid in ids}
         for name, parts in self._scattered.items():
             joining = iter(ids)
@@ -156,8 +180,8 @@ class EngineNamespaces:
         self._require_running()
         await self._joined()
         ids = self.engine_ids
-        parts = policy.partition(sequence if hasattr(sequence, "__getitem__") else list(sequence),
-                                 len(ids))
+        sliceable = sequence if hasattr(sequence, "__getitem__") else list(sequence)
+        parts = policy.partition(cast(Sequence, sliceable), len(ids))  # (arrays too)
         stored = await asyncio.gather(*(self._store([eid], {name: part})
                                         for eid, part in zip(ids, parts)))
         self._keep_shared([name], {name: [b[name] for b in stored if name in b]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ def split(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def partition(items: list, parts: int) -> list[list]:
-    """``items`` cut into ``parts`` contiguous, nearly equal slices (for scatter)."""
+def partition(items: Sequence, parts: int) -> list:
+    """``items`` (a list, an array: anything sliced) cut into ``parts`` contiguous, nearly
+    equal slices (for scatter)."""
     base, extra = divmod(len(items), parts)
     out, start = [], 0
     for i in range(parts):

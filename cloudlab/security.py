@@ -166,4 +166,4 @@ def accept_only_this_user() -> None:
             return None
         return await prepare(self, stream, address)
 
-    tcp.TCPListener._prepare_stream = prepare_for_this_user_only
+    tcp.TCPListener._prepare_stream = prepare_for_this_user_only  # type: ignore[method-assign]

@@ -7,8 +7,9 @@ module. A :class:`Watcher` finds every module imported here whose source is not 
 from an index (not under the interpreter's prefixes or a site-packages folder), packs the
 files of each (a package's whole folder) into one archive named by its content hash, and
 tells cheaply when they change: a new module imported, or a file's size or time changed.
-The cluster sends the archive to its engines when its hash differs from theirs
-(:func:`cloudlab._remote.install_code` unpacks it there and drops the old modules).
+A cluster's :class:`EngineCode` sends the archive to its engines when its hash differs
+from theirs (:func:`cloudlab._remote.install_code` unpacks it there and drops the old
+modules).
 
 Only Python source travels (a package's ``.py`` files): data files are not shipped, since
 they are pushed (``c.push``) where engines need them.
@@ -16,6 +17,7 @@ they are pushed (``c.push``) where engines need them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -24,9 +26,11 @@ import sys
 import sysconfig
 import threading
 import zipfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _aio
 from .errors import ConfigError
 
 #: More than this is no longer "a few modules": the sync refuses, saying so.
@@ -72,7 +76,7 @@ def _installed_roots() -> tuple[str, ...]:
 class Watcher:
     """Which of the modules imported here are the user's, and their archive."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._roots = _installed_roots()
         self._seen = -1  # len(sys.modules) when last scanned
@@ -174,3 +178,47 @@ def watcher() -> Watcher:
     if _watcher is None:
         _watcher = Watcher()
     return _watcher
+
+
+class EngineCode:
+    """The user's modules as one cluster's engines have them, sent again when they change.
+
+    ``install(ids, bundle)`` gives engines ``ids`` a bundle; ``usable()`` names the engines
+    a sync gives it to (engines joining later get it through :meth:`welcome`).
+    """
+
+    def __init__(self, install: Callable[[list[int], Bundle], Awaitable[None]],
+                 usable: Callable[[], list[int]]):
+        self._install, self._usable = install, usable
+        #: What the engines have (None: nothing sent yet).
+        self.bundle: Bundle | None = None
+        self._lock = asyncio.Lock()
+
+    def current(self) -> bool:
+        """Whether the engines have the user's modules as they are now (a cheap look)."""
+        return self._have(watcher().current())
+
+    def _have(self, bundle: Bundle | None) -> bool:
+        return bundle is None or (self.bundle is not None and bundle.digest == self.bundle.digest)
+
+    async def sync(self, rescan: bool = False) -> Bundle | None:
+        """Send the modules where they changed (with ``rescan``, look at every file again:
+        slower, and in a thread); what the engines now have."""
+        bundle = (await _aio.to_thread(watcher().current, rescan) if rescan
+                  else watcher().current())
+        if bundle is None or self._have(bundle):
+            return self.bundle
+        async with self._lock:
+            if not self._have(bundle):
+                ids = self._usable()
+                if ids:
+                    await self._install(ids, bundle)
+                self.bundle = bundle
+        return self.bundle
+
+    async def welcome(self, ids: list[int]) -> None:
+        """Engines joining get the modules the others have (the current ones, if none)."""
+        bundle = self.bundle if self.bundle is not None else watcher().current()
+        if bundle is not None:
+            await self._install(ids, bundle)
+            self.bundle = bundle

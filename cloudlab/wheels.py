@@ -68,7 +68,7 @@ class Pins:
 
 
 def _installed() -> dict[str, metadata.Distribution]:
-    found = {}
+    found: dict[str, metadata.Distribution] = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
         if name:
@@ -208,7 +208,7 @@ def _installed_wheel(name: str) -> Path:
             info = parts[0]
             if parts[-1] in INSTALLER_FILES:
                 continue
-        path = Path(dist.locate_file(file))
+        path = Path(dist.locate_file(file))  # type: ignore[arg-type]  # (a Path, typed SimplePath)
         if path.is_file():
             contents[str(file)] = path.read_bytes()
     if info is None:

@@ -193,11 +193,12 @@ def test_async_twins_work_from_another_event_loop(cluster):
 
 def test_remote_helpers_keep_names_pushed_later():
     shipped = _remote.Shipped(lambda: later_name)  # noqa: F821
-    _remote._DASK_NAMESPACE["later_name"] = 5
+    namespace = _remote.namespace()  # (an IPython shell's, where a test has made one)
+    namespace["later_name"] = 5
     try:
         assert shipped() == 5
     finally:
-        del _remote._DASK_NAMESPACE["later_name"]
+        del namespace["later_name"]
 
 
 def test_output_printed_by_mapped_functions_appears_here_prefixed(cluster, capsys):

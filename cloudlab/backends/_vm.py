@@ -274,8 +274,8 @@ class VmBackend(Backend):
     def __init__(self, options: Any, cluster_name: str):
         super().__init__(options, cluster_name)
         self.check_options()
-        self.cloud = None  # the SDK object, made at provision (it may need credentials)
-        self.created = None
+        self.cloud: Any = None  # the SDK object, made at provision (it may need credentials)
+        self.created: Any = None
         self._ssh: Any = None  # the SshBackend over the VMs
         self._vms: dict[str, Any] = {}  # instance id -> Vm, as last described
         self._started: dict[str, float] = {}
@@ -342,6 +342,7 @@ class VmBackend(Backend):
     async def provision(self, engines: int, timeout: float) -> None:
         """Create the VMs ``engines`` engines need, and wait until they have booted."""
         self._boot_deadline = time.monotonic() + timeout
+        assert self.workdir is not None  # the cluster sets it when it starts
         self.cloud = await asyncio.to_thread(self.make_cloud)
         self._slots = self.options.engines_per_instance or await asyncio.to_thread(self.vcpus)
         key = self.workdir / "vm_key"
@@ -351,7 +352,8 @@ class VmBackend(Backend):
         self._known_hosts.touch(mode=0o600)
         count = -(-engines // self._slots)
         cidr = self.options.client_cidr or await asyncio.to_thread(public_cidr)
-        install = "\n".join(filter(None, [self.options.install, self._mpi and MPI_INSTALL]))
+        install = "\n".join(filter(None, [self.options.install,
+                                          MPI_INSTALL if self._mpi else None]))
         self._user_data = render_bootstrap(Bootstrap(
             self.cluster_name, install, self.options.idle_timeout,
             self.options.max_hours, self.instance_id_command,
@@ -412,6 +414,7 @@ class VmBackend(Backend):
     def _has_booted(self, vm) -> bool:
         """Whether the VM's bootstrap has left its marker (its host key is learnt now: the
         VM was created a moment ago by this cluster, for this cluster only)."""
+        assert self.workdir is not None  # (see provision)
         argv = ssh_command(SshHost.parse(self._ssh_target(vm)), f"test -e {booted_marker(vm.id)}",
                            str(self.workdir / "vm_key"), str(self._known_hosts), "accept-new")
         try:

@@ -96,7 +96,9 @@ class Azure:
             try:
                 from azure.mgmt.resource.resources import ResourceManagementClient
             except ImportError:  # (azure-mgmt-resource before 25)
-                from azure.mgmt.resource import ResourceManagementClient
+                from azure.mgmt.resource import (  # type: ignore[attr-defined, no-redef]
+                    ResourceManagementClient,
+                )
         except ImportError:
             raise ConfigError("The azure backend needs Azure's SDK: pip install "
                               "'cloudlab[azure]'.") from None
@@ -132,8 +134,9 @@ class Azure:
             created.group = group_name(cluster)
             self.resources.resource_groups.create_or_update(
                 created.group, {"location": o.location, "tags": tags})
-            # Bodies are Resource Manager's JSON, as its REST reference documents them.
-            nsg = self.network.network_security_groups.begin_create_or_update(
+            # Bodies are Resource Manager's JSON, as its REST reference documents them (not
+            # the SDK's types, whose network TypedDicts require read-only keys: the ignores).
+            nsg = self.network.network_security_groups.begin_create_or_update(  # type: ignore[call-overload]
                 created.group, f"{cluster}-nsg", {
                     "location": o.location, "tags": tags, "properties": {"securityRules": [{
                         "name": "ssh-from-cloudlab-client", "properties": {
@@ -143,7 +146,7 @@ class Azure:
                             "destinationPortRange": "22", "description": "cloudlab client"}}]},
                 }).result()
             created.group_id = nsg.id
-            vnet = self.network.virtual_networks.begin_create_or_update(
+            vnet = self.network.virtual_networks.begin_create_or_update(  # type: ignore[call-overload]
                 created.group, f"{cluster}-vnet", {
                     "location": o.location, "tags": tags, "properties": {
                         "addressSpace": {"addressPrefixes": [o.address_prefix]},
@@ -187,13 +190,13 @@ class Azure:
         tags = _vm.tags(created.cluster, o.max_hours)
         ip_configuration: dict[str, Any] = {"subnet": {"id": created.subnet_id}}
         if not o.use_private_ip:
-            address = self.network.public_ip_addresses.begin_create_or_update(
+            address = self.network.public_ip_addresses.begin_create_or_update(  # type: ignore[call-overload]
                 created.group, f"{name}-ip", {
                     "location": o.location, "tags": tags, "sku": {"name": "Standard"},
                     "properties": {"publicIPAllocationMethod": "Static"}}).result()
             ip_configuration["publicIPAddress"] = {"id": address.id,
                                                    "properties": {"deleteOption": "Delete"}}
-        nic = self.network.network_interfaces.begin_create_or_update(
+        nic = self.network.network_interfaces.begin_create_or_update(  # type: ignore[call-overload]
             created.group, f"{name}-nic", {"location": o.location, "tags": tags, "properties": {
                 "ipConfigurations": [{"name": "ip", "properties": ip_configuration}]}}).result()
         publisher, offer, sku, version = _image(o.image)
@@ -221,7 +224,7 @@ class Azure:
                               "properties": properties}
         if o.self_delete:
             vm["identity"] = {"type": "SystemAssigned"}
-        made = self.compute.virtual_machines.begin_create_or_update(
+        made = self.compute.virtual_machines.begin_create_or_update(  # type: ignore[call-overload]
             created.group, name, vm).result()
         if o.self_delete:
             self._may_delete_itself(made)
@@ -254,10 +257,13 @@ class Azure:
         if names == [] or group is None:
             return []
         try:
-            nics = {n.id.lower(): n for n in self.network.network_interfaces.list(group)}
-            addresses = {a.id.lower(): a.ip_address
+            # (The SDK's models type every field Optional, those Azure always fills in too.)
+            nics = {n.id.lower(): n  # type: ignore[union-attr]
+                    for n in self.network.network_interfaces.list(group)}
+            addresses = {a.id.lower(): a.ip_address  # type: ignore[union-attr]
                          for a in self.network.public_ip_addresses.list(group)}
-            names = names or [vm.name for vm in self.compute.virtual_machines.list(group)]
+            names = names or [vm.name  # type: ignore[misc]
+                              for vm in self.compute.virtual_machines.list(group)]
         except ResourceNotFoundError:  # the whole group is gone
             return [Vm(n, "terminated", None, None, 0.0, "its resource group is deleted")
                     for n in names or []]
@@ -287,8 +293,8 @@ class Azure:
 
     def vcpus(self) -> int:
         for size in self.compute.virtual_machine_sizes.list(self.options.location):
-            if size.name.lower() == self.options.vm_size.lower():
-                return size.number_of_cores
+            if size.name.lower() == self.options.vm_size.lower():  # type: ignore[union-attr]
+                return size.number_of_cores  # type: ignore[return-value]
         raise StartError(f"VM size {self.options.vm_size} is not offered in "
                          f"{self.options.location}: set vm_size in the profile's [azure] "
                          f"table to one that is (`az vm list-sizes -l {self.options.location}`).")
@@ -308,6 +314,7 @@ class Azure:
     # ------------------------------------------------------------------ delete
     def terminate(self, names: list[str], created: Created, wait: float = 600.0) -> None:
         """Delete VMs ``names`` (their disks, interfaces and addresses go with them)."""
+        assert created.group is not None  # (made first: see create)
         pollers = [self.compute.virtual_machines.begin_delete(created.group, n) for n in names]
         _wait_all(pollers, wait, f"VMs {', '.join(names)}")
 

@@ -12,6 +12,7 @@ themselves, shows at the first start, whose refusal says the fix.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..errors import CloudlabError
 from ._doctor import Check, bootstrap_size, checker, local_tools, ssh_rule
@@ -22,11 +23,11 @@ def diagnose(options: AzureOptions, engines: int) -> list[Check]:
     """Every check, in order; a failure does not stop the later ones where they can run."""
     checks: list[Check] = []
     check = checker(checks, _code)
-    api = {}
+    api: dict[str, Azure] = {}
     if not check("credentials", lambda: _credentials(options, api)):
         return checks  # nothing else can be asked
     check("subscription", lambda: _subscription(api["azure"]))
-    size = {}
+    size: dict[str, Any] = {}
     check("VM size", lambda: _size(api["azure"], size))
     check("image", lambda: _image_exists(api["azure"]))
     check("vCPU quota", lambda: _quota(api["azure"], size, engines))
@@ -66,10 +67,13 @@ def _subscription(azure: Azure):
 def _size(azure: Azure, found: dict):
     o = azure.options
     for sku in azure.compute.resource_skus.list(filter=f"location eq '{o.location}'"):
-        if sku.resource_type != "virtualMachines" or sku.name.lower() != o.vm_size.lower():
+        # (The SDK's models type every field Optional, those Azure always fills in too.)
+        if (sku.resource_type != "virtualMachines"
+                or sku.name.lower() != o.vm_size.lower()):  # type: ignore[union-attr]
             continue
         capabilities = {c.name: c.value for c in sku.capabilities or []}
-        found.update(family=sku.family, vcpus=int(capabilities.get("vCPUs", 0)))
+        found.update(family=sku.family,
+                     vcpus=int(capabilities.get("vCPUs", 0)))  # type: ignore[arg-type]
         restricted = [r for r in sku.restrictions or []
                       if r.type == "Location" and r.reason_code == "NotAvailableForSubscription"]
         if restricted:

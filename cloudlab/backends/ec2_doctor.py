@@ -29,9 +29,9 @@ def diagnose(options: Ec2Options, engines: int) -> list[Check]:
     if not check("credentials", lambda: _credentials(options)):
         return checks  # nothing else can be asked
     check("region", lambda: _region(api))
-    image = {}
+    image: dict[str, str] = {}
     check("image", lambda: _image(api, image))
-    vcpus = {}
+    vcpus: dict[str, int] = {}
     check("instance type", lambda: _instance_type(api, vcpus))
     check("permission to start", lambda: _dry_run(api, image.get("id")))
     check("vCPU quota", lambda: _quota(api, engines, vcpus.get("count")))

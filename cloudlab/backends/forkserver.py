@@ -39,13 +39,15 @@ class ForkServer:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out, env=env,
                 start_new_session=True, close_fds=True,
             )
+        assert self.popen.stdin is not None and self.popen.stdout is not None  # both are pipes
+        self.stdin, self.stdout = self.popen.stdin, self.popen.stdout
         self.exit_codes: dict[int, int] = {}
         self.closed = False
         self._answers: deque[asyncio.Future] = deque()
         self._buffer = b""
         self._ready = asyncio.get_running_loop().create_future()
-        os.set_blocking(self.popen.stdout.fileno(), False)
-        asyncio.get_running_loop().add_reader(self.popen.stdout.fileno(), self._on_readable)
+        os.set_blocking(self.stdout.fileno(), False)
+        asyncio.get_running_loop().add_reader(self.stdout.fileno(), self._on_readable)
 
     async def wait_ready(self) -> None:
         try:
@@ -62,8 +64,8 @@ class ForkServer:
             raise StartError(self._why_closed())
         answer = asyncio.get_running_loop().create_future()
         self._answers.append(answer)
-        self.popen.stdin.write(json.dumps(request).encode() + b"\n")
-        self.popen.stdin.flush()
+        self.stdin.write(json.dumps(request).encode() + b"\n")
+        self.stdin.flush()
         reply = await answer
         if "error" in reply:
             raise StartError(f"The fork server could not start {request.get('title')}: "
@@ -72,7 +74,7 @@ class ForkServer:
 
     def _on_readable(self) -> None:
         try:
-            data = os.read(self.popen.stdout.fileno(), 65536)
+            data = os.read(self.stdout.fileno(), 65536)
         except BlockingIOError:
             return
         if not data:
@@ -85,20 +87,21 @@ class ForkServer:
             if "exited" in message:
                 self.exit_codes[message["exited"]] = message["code"]
             elif "ready" in message:
-                self._ready.done() or self._ready.set_result(None)
+                if not self._ready.done():
+                    self._ready.set_result(None)
             elif self._answers:
                 if "pid" in message:  # a new child: a code kept for its pid was an older one's
                     self.exit_codes.pop(message["pid"], None)
                 self._answers.popleft().set_result(message)
 
     def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.popen.stdout.fileno())
+        asyncio.get_running_loop().remove_reader(self.stdout.fileno())
         try:
             self.popen.wait(1)  # it closed its end as it exited: reap it
         except subprocess.TimeoutExpired:
             pass
-        self.popen.stdout.close()
-        self.popen.stdin.close()
+        self.stdout.close()
+        self.stdin.close()
         self.closed = True
         _servers.pop((self.python, self.preload), None)
         error = StartError(self._why_closed())
@@ -119,7 +122,7 @@ class ForkServer:
     def close(self) -> None:
         """End the server (its children keep running: they belong to their clusters)."""
         if self.popen.poll() is None:
-            self.popen.stdin.close()
+            self.stdin.close()
             try:
                 self.popen.wait(2)
             except subprocess.TimeoutExpired:

@@ -65,6 +65,8 @@ class LocalOptions:
 class LocalProcess(Launched):
     """A process on this machine, leader of its own process group."""
 
+    pid: int
+
     def __init__(self, name: str, pid: int, log: Path):
         self.name, self.host, self.pid, self.log = name, socket.gethostname(), pid, log
         self._ps: psutil.Process | None = None
@@ -180,6 +182,7 @@ class LocalBackend(Backend):
         return await forkserver.get(self.python, preload, base_environment(), log)
 
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
+        assert self.workdir is not None  # the cluster sets it when it starts
         log = self.workdir / f"{command.name}.log"
         title = process_title(self.cluster_name, command.name)
         env = {**base_environment(), "CLOUDLAB_CLUSTER": self.cluster_name,
@@ -220,6 +223,7 @@ class LocalBackend(Backend):
         """One ``mpirun`` whose ranks are ``commands``, in order (one app context each: each
         rank has its own arguments and environment); fresh interpreters, not forks."""
         self.check_mpi()
+        assert self.workdir is not None  # the cluster sets it when it starts
         log = self.workdir / "mpi-world.log"
         argv = ["mpirun", "--oversubscribe", "--bind-to", "none"]
         if os.geteuid() == 0:

@@ -25,7 +25,7 @@ def address_towards(address: str, port: int, what: str, fix: str) -> str:
     """This machine's address on the route to ``address`` (no packet is sent); ``what``
     and ``fix`` name the peer and the remedy if it cannot be found."""
     try:
-        found = socket.getaddrinfo(address, port, type=socket.SOCK_DGRAM)[0][4][0]
+        found = str(socket.getaddrinfo(address, port, type=socket.SOCK_DGRAM)[0][4][0])
         with socket.socket(socket.AF_INET6 if ":" in found else socket.AF_INET,
                            socket.SOCK_DGRAM) as s:
             s.connect((found, port))
@@ -66,7 +66,9 @@ def extract_archive(archive: bytes, expected: list[str]) -> None:
         for member in tar.getmembers():
             path = "/" + member.name.lstrip("/")
             if path in expected and member.isfile():
-                data = tar.extractfile(member).read()
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # a regular file
+                data = extracted.read()
                 Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with open(fd, "wb") as out:

@@ -131,8 +131,8 @@ class SlurmJob(Launched):
         self._backend = backend
         self.state = JobState()
 
-    @property
-    def host(self) -> str:
+    @property  # (squeue's to say: read, never set)
+    def host(self) -> str:  # type: ignore[override]
         return self.state.node or "(queued)"
 
     def exit_code(self) -> int | None:
@@ -170,8 +170,8 @@ class SlurmRank(Launched):
     def __init__(self, name: str, job: SlurmJob):
         self.name, self.job, self.pid = name, job, None
 
-    @property
-    def host(self) -> str:
+    @property  # (its job's)
+    def host(self) -> str:  # type: ignore[override]
         return self.job.host
 
     def exit_code(self) -> int | None:
@@ -281,6 +281,7 @@ class SlurmBackend(Backend):
             await wait_for_files(command.files, self._controller)
         while self._lease is None:
             await asyncio.sleep(0.01)
+        assert self._python is not None  # prepare sets it before the lease
         log = self._log_dir / f"{self.cluster_name}-mpi-world.log"
         mpirun = mpirun_argv([([], self._python, c) for c in commands], self.cluster_name,
                              self.options.lease, self._lease.address,
@@ -328,6 +329,7 @@ class SlurmBackend(Backend):
     def _script(self, command: Command, log: Path) -> str:
         """The job: write the engine's files where the node lacks them, start the engine."""
         lines = self._files_lines(command.files)
+        assert self._python is not None and self._lease is not None  # prepared: see launch
         lines.append("exec " + agent_command(
             self._python, self.cluster_name, command, self.options.lease, self._lease.address,
             {LAST_WORDS: str(last_words_file(log))}))

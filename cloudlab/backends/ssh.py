@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, StartError
 from ..profiles import option
@@ -207,6 +208,7 @@ class SshBackend(Backend):
             # The cluster's folder as it is now (certificates, the folders the controller
             # writes into), then the controller, then its connection files back here.
             host = self.controller_host
+            assert host is not None and self.workdir is not None  # (no controller_host: above)
             self._copied_to.add(host)
             await asyncio.to_thread(self._send_files, host, _tree(self.workdir))
         else:
@@ -230,7 +232,7 @@ class SshBackend(Backend):
         for host, command in zip(placed, commands):
             await self._copy_files(host, command.files)
         launcher = self.mpi_launcher
-        extra = {}
+        extra: dict[str, Any] = {}
         if launcher is None:
             if self._lease is None:
                 self._lease = LeaseServer(self._address, self.options.lease / 4)
@@ -255,6 +257,7 @@ class SshBackend(Backend):
         if launcher is not None:
             argv = ssh_command(launcher, ssh_mpi.from_a_host(argv), self.options.identity_file,
                                self.options.known_hosts)
+        assert self.workdir is not None  # the cluster sets it when it starts
         log = self.workdir / "mpi-world.log"
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             world = subprocess.Popen(argv, stdin=subprocess.DEVNULL if launcher is None else subprocess.PIPE,
@@ -285,6 +288,7 @@ class SshBackend(Backend):
 
     def _start(self, host: SshHost, command: Command, python: str) -> SshProcess:
         """``command`` on ``host`` under the agent, its lease held through ssh's input."""
+        assert self.workdir is not None  # the cluster sets it when it starts
         log = self.workdir / f"{command.name}.log"
         remote = agent_command(python, self.cluster_name, command, self.options.lease)
         argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
@@ -306,6 +310,7 @@ class SshBackend(Backend):
         remote = f"{check} && tar -c -C / -f - {' '.join(shlex.quote(p.lstrip('/')) for p in paths)}"
         argv = ssh_command(host, remote, self.options.identity_file, self.options.known_hosts)
         deadline = time.monotonic() + FILE_WAIT
+        assert self._controller is not None  # set before this starts
         while time.monotonic() < deadline and self._controller.alive():
             done = await asyncio.to_thread(subprocess.run, argv, capture_output=True,
                                            timeout=30, stdin=subprocess.DEVNULL)
@@ -350,6 +355,7 @@ class SshBackend(Backend):
         while not self._closing.wait(self.options.lease / 4):
             for process in list(self._engines):
                 if process.popen.poll() is None:
+                    assert process.popen.stdin is not None  # a pipe: see _start
                     try:
                         process.popen.stdin.write(b"\n")
                         process.popen.stdin.flush()
@@ -367,6 +373,7 @@ class SshBackend(Backend):
         local = [p for p in launched if not isinstance(p, SshProcess)]
         remote = [p for p in launched if isinstance(p, SshProcess)]
         for process in remote:  # a closed input ends the engine's whole group there at once
+            assert process.popen.stdin is not None  # a pipe: see _start
             try:
                 process.popen.stdin.close()
             except OSError:
@@ -409,11 +416,13 @@ class SshBackend(Backend):
                     for a in ("-L", f"127.0.0.1:{here}:{host}:{port}")]
         # The session reads its input until it closes: when this client dies, kill -9
         # included, the tunnel ends with it (as engines' leases do).
+        assert self.controller_host is not None  # (see reach)
         argv = ssh_command(self.controller_host, "cat > /dev/null", self.options.identity_file,
                            self.options.known_hosts)
         argv = [argv[0], "-o", "ExitOnForwardFailure=yes", *forwards, *argv[1:]]
         tunnel = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, start_new_session=True)
+        assert tunnel.stderr is not None  # a pipe
         self._tunnels.append(tunnel)
         deadline = time.monotonic() + 30
         for here in local:
@@ -437,6 +446,7 @@ class SshBackend(Backend):
         if self._lease is not None:
             self._lease.close()
         for tunnel in self._tunnels:
+            assert tunnel.stdin is not None  # a pipe: see _open_tunnel
             tunnel.stdin.close()
             tunnel.kill()
             tunnel.wait()
@@ -451,6 +461,7 @@ class SshBackend(Backend):
             self._sent.clear()
 
     def _remove_copies(self, host: SshHost) -> None:
+        assert self.workdir is not None  # (see close)
         remote = f"rm -rf -- {shlex.quote(str(self.workdir.resolve()))}"
         try:
             subprocess.run(ssh_command(host, remote, self.options.identity_file,

@@ -38,6 +38,7 @@ def reverse(hosts: list[SshHost], port: int, identity_file: str, known_hosts: st
                 return
         finally:
             for tunnel in tunnels:
+                assert tunnel.stdin is not None  # a pipe: see _open
                 tunnel.stdin.close()
                 tunnel.kill()
                 tunnel.wait()
@@ -61,6 +62,7 @@ def _wait(tunnels: list[subprocess.Popen], hosts: list[SshHost]) -> bool:
     (try another); a sentence for any other failure."""
     deadline = time.monotonic() + WAIT
     for tunnel, host in zip(tunnels, hosts):
+        assert tunnel.stdout is not None and tunnel.stderr is not None  # pipes: see _open
         ready, _, _ = select.select([tunnel.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if ready and tunnel.stdout.readline().strip() == b"ready":
             continue

@@ -153,7 +153,7 @@ def specs(kind: str, sizes: Sizes) -> list[dict]:
     out = []
     for raw, cloudlab in ENGINES.values():
         for subject in (raw, cloudlab):
-            spec = {"kind": kind, "subject": subject}
+            spec: dict[str, object] = {"kind": kind, "subject": subject}
             if kind in ("start", "start2"):
                 spec["n"] = sizes.start_n if kind == "start" else 2
             elif kind == "map":

@@ -34,6 +34,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -79,7 +81,8 @@ class RawIPyParallel:
         import ipyparallel
 
         self.ipp = ipyparallel
-        self.cluster = self.client = None
+        self.cluster: Any = None
+        self.client: Any = None
 
     def start(self, n: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -124,7 +127,8 @@ class RawDask:
         import distributed
 
         self.distributed = distributed
-        self.cluster = self.client = None
+        self.cluster: Any = None
+        self.client: Any = None
 
     def start(self, n: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -182,7 +186,7 @@ class Cloudlab:
         importlib.import_module(self.engine if self.engine != "dask" else "distributed")
         importlib.import_module(f"cloudlab.engines.{'ipp' if self.engine != 'dask' else 'dask'}")
         self.cloudlab = cloudlab
-        self.c = None
+        self.c: Any = None
         if spec.get("variant") == "warm":  # as after %load_ext cloudlab: the fork server is up
             cloudlab.prewarm(self.engine).result()
 
@@ -216,8 +220,9 @@ class Cloudlab:
         return list(self.c.pull("_bench_check").values())
 
 
-SUBJECTS = {"raw-ipp": RawIPyParallel, "raw-dask": RawDask,
-            "cloudlab-ipp": Cloudlab, "cloudlab-dask": Cloudlab}
+SUBJECTS: dict[str, type[RawIPyParallel | RawDask | Cloudlab]] = {
+    "raw-ipp": RawIPyParallel, "raw-dask": RawDask,
+    "cloudlab-ipp": Cloudlab, "cloudlab-dask": Cloudlab}
 
 
 # ---------------------------------------------------------------------- measures
@@ -441,8 +446,9 @@ def numpy_pi(spec: dict) -> dict:
     return {"rate": samples / seconds, "engines": 1}
 
 
-MEASURES = {"start": measure_start, "start2": measure_start, "map": measure_map,
-            "rtt": measure_rtt, "push": measure_push, "pi": measure_pi}
+MEASURES: dict[str, Callable[..., dict]] = {
+    "start": measure_start, "start2": measure_start, "map": measure_map,
+    "rtt": measure_rtt, "push": measure_push, "pi": measure_pi}
 
 
 def measure(spec: dict) -> dict:

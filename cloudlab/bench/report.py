@@ -284,7 +284,7 @@ def write_chart(report: Report, path) -> None:
 
 
 def _panel(ax, measure: str, rows: list[Row]) -> None:
-    bars = []  # (label, value or None, colour, note)
+    bars: list[tuple[str, float | None, str, str]] = []  # (label, value or None, colour, note)
     for engine in dict.fromkeys(r.engine for r in rows):
         short = "ipp" if engine == "ipyparallel" else engine
         cold = [r for r in rows if r.engine == engine and not r.variant]

@@ -53,7 +53,7 @@ class DaskEngine(Engine):
     client_modules = ("distributed",)
     notices_death_within = 2.0  # the scheduler sees the worker's connection close
 
-    _client = None
+    _client: Any = None
 
     def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
         super().__init__(workdir, ip, task_retries, remote)
@@ -269,5 +269,5 @@ def _prepare_process() -> None:
     # cluster and engine, and `cloudlab stop` and the tests recognise processes by it.
     import distributed.proctitle
 
-    distributed.proctitle.setproctitle_mod = None
+    distributed.proctitle.setproctitle_mod = None  # type: ignore[assignment]
     accept_only_this_user()  # plain TCP (on one machine): this user's processes only

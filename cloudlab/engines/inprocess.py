@@ -88,14 +88,13 @@ class Worker:
                     if future.done() or not future.set_running_or_notify_cancel():
                         continue  # withdrawn, or its engine ended
                 self.running += 1
+                value, error_ = None, None
                 try:
                     value = work()
                 except _Crashed:
                     return
                 except BaseException as error:  # (cloudlab's own helpers do not raise)
-                    value, error_ = None, error
-                else:
-                    error_ = None
+                    error_ = error
                 finally:
                     self.running -= 1
                 self.process.thawed.wait()  # nor answers

@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .. import _aio
 from .._remote import Result, call
@@ -44,8 +44,8 @@ class IPyParallelEngine(Engine):
     client_modules = ("ipyparallel", "numpy")
     notices_death_within = HEARTBEAT_MS * (HEARTBEAT_MISSES + 5) / 1000
 
-    _client = None
-    _balanced = None  # the load-balanced view, made once
+    _client: Any = None
+    _balanced: Any = None  # the load-balanced view, made once
 
     def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
         super().__init__(workdir, ip, task_retries, remote)
@@ -330,8 +330,8 @@ def _curve_signs_instead(remote: bool):
 
     from traitlets.log import get_logger  # (the kernel's own logger, inside a notebook)
 
-    logger = get_logger()
-    logger = getattr(logger, "logger", logger)  # a LoggerAdapter's logger
+    found = get_logger()
+    logger = cast(logging.Logger, getattr(found, "logger", found))  # a LoggerAdapter's logger
     if remote:
         logger.addFilter(not_that)
     try:

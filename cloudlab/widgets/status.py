@@ -100,8 +100,8 @@ def columns(s: Snapshot) -> tuple[str, ...]:
 
 def _cells(r: EngineStatus, gpu: bool) -> tuple[str, ...]:
     state = r.note if r.state == "queued" and r.note else r.state  # and why it waits
-    cells = (str(r.id), r.host, str(r.pid or "-"), state, _cpu(r.cpu_percent),
-             _fmt(r.memory_mb), str(r.tasks_done))
+    cells: tuple[str, ...] = (str(r.id), r.host, str(r.pid or "-"), state,
+                              _cpu(r.cpu_percent), _fmt(r.memory_mb), str(r.tasks_done))
     if gpu:
         cells += (r.gpu or "-", _cpu(r.gpu_percent), _fmt(r.gpu_memory_mb))
     return cells
@@ -170,7 +170,7 @@ class ClusterWidget:
         self.box = _TextFallbackVBox([self.table, self.cost, controls, self.message], view=self)
         self.box.add_class("cloudlab-widget")
         self.updates = 0  # messages actually sent to the frontend
-        self._last = None
+        self._last: str | None = None
         self.refresh()
         self._stop_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"cloudlab-view-{cluster.name}",

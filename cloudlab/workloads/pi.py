@@ -86,7 +86,7 @@ def _blocks(start: int, stop: int):
         yield b, max(start - b * BLOCK, 0), min(stop - b * BLOCK, BLOCK)
 
 
-def count_inside_numpy(key: int, start: int, stop: int) -> int:
+def count_inside_numpy(key: int | np.uint64, start: int, stop: int) -> int:
     """Reference implementation: points inside for samples ``start..stop-1``."""
     inside = 0
     with np.errstate(over="ignore"):  # SplitMix64 wraps on purpose

@@ -84,7 +84,7 @@ class RedisQueue:
         for start in range(0, len(bodies), 100):
             batch = {uuid.uuid4().hex: body for body in bodies[start:start + 100]}
             with self.redis.pipeline() as pipe:  # one transaction: no id without its body
-                pipe.hset(stored, mapping=batch)
+                pipe.hset(stored, mapping=batch)  # type: ignore[arg-type]  # (redis's stubs)
                 pipe.rpush(pending, *batch)
                 pipe.execute()
 
@@ -200,6 +200,7 @@ def open_queue(url: str, lease: float = LEASE):
 def pack(docs: list) -> list[str]:
     """Message bodies for ``docs``: batches of at most ``DOCS_PER_MESSAGE`` documents and
     ``MESSAGE_BYTES``, each a compact JSON list of the documents' fields."""
+    batch: list[str]
     bodies, batch, size = [], [], 0
     for doc in docs:
         fields = json.dumps([getattr(doc, name) for name in _FIELDS], separators=(",", ":"))

@@ -51,7 +51,7 @@ def queue_and_table(place: ServicePlace):
             yield urls, urls
         return
     tunnelled = place.address is None  # through SSH: this machine's loopback on theirs
-    bind = "127.0.0.1" if tunnelled else place.address
+    bind = "127.0.0.1" if place.address is None else place.address
     local = not tunnelled and ipaddress.ip_address(bind).is_loopback
     with redis_server(bind=bind, password=None if local else secrets.token_urlsafe(24)) as url:
         if local:
@@ -62,7 +62,12 @@ def queue_and_table(place: ServicePlace):
                 yield urls, urls
             return
         port = int(url.rsplit(":", 1)[1].split("/")[0])
-        with place.tunnel(port) if tunnelled else contextlib.nullcontext(port) as there:
+        if tunnelled:
+            assert place.tunnel is not None  # (see check_place)
+            reached = place.tunnel(port)
+        else:
+            reached = contextlib.nullcontext(port)
+        with reached as there:
             theirs = url.replace(f":{port}/", f":{there}/")  # (where the engines reach it)
             yield ((f"{url}?name=docs-{run}", f"{url}?name=rows-{run}"),
                    (f"{theirs}?name=docs-{run}", f"{theirs}?name=rows-{run}"))
@@ -102,6 +107,7 @@ def redis_server(timeout: float = 10.0, bind: str = "127.0.0.1", password: str |
         [binary, "-", "--bind", bind, "--port", str(port), "--save", "", "--appendonly", "no",
          "--protected-mode", "yes"], stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    assert process.stdin is not None  # a pipe
     process.stdin.write(f"requirepass {password}\n".encode() if password else b"")
     process.stdin.close()
     host = f"[{bind}]" if ":" in bind else bind

@@ -10,7 +10,7 @@ class Throughput:
     """Documents done against time, one line per run, updating live: pass
     ``plot.track(label)`` as ``run_corpus(..., on_progress=...)``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from ...widgets.liveplot import LivePlot
 
         self.runs: dict[str, tuple[list[float], list[int]]] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,10 +33,10 @@ _kernels = None
 class GpuBlock:
     """One DROP block's rows on the GPU."""
 
-    matrix: object  # cupyx.scipy.sparse.csr_matrix, float32, int32 indices
-    wepl: object  # cupy float64
-    norms: object  # cupy float64: squared row norms
-    xp: object = None  # the array module (cupy)
+    matrix: Any  # cupyx.scipy.sparse.csr_matrix, float32, int32 indices
+    wepl: Any  # cupy float64
+    norms: Any  # cupy float64: squared row norms
+    xp: Any = None  # the array module (cupy)
 
     @property
     def rows(self) -> int:
@@ -92,8 +93,10 @@ def build(h: np.ndarray, gid: np.ndarray, hull: np.ndarray, grid: Grid, tracker:
     from . import system
 
     if xp is None:
-        import cupy as xp
-        import cupyx.scipy.sparse as sparse
+        import cupy
+        import cupyx.scipy.sparse
+
+        xp, sparse = cupy, cupyx.scipy.sparse
     if path not in system.PATHS:
         raise ValueError(f"Unknown path {path!r}: choose one of {', '.join(system.PATHS)}.")
     count_paths, fill_paths = kernels or _compiled()

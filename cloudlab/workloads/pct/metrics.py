@@ -56,6 +56,7 @@ def figures(image: np.ndarray, grid: Grid, phantom: Phantom, truth: np.ndarray) 
     solid = [abs(row["error_pct"]) for row in table if not row["air"]]
     air = [abs(row["mean"]) for row in table if row["air"]]
     body = phantom.body
+    assert body is not None  # every phantom that is scored has one
     inside = _disc(grid, 0.0, 0.0, phantom.rmse_radius)
     out = {
         "max_insert_error_pct": max(solid) if solid else None,

@@ -11,8 +11,10 @@ The same functions run in the client's own process when there is no cluster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,7 @@ class Share:
     histories: np.ndarray | None = None  # those that passed the cuts, in global-id order
     gid: np.ndarray | None = None
     blocks: list = field(default_factory=list)  # system.Block, or gpu.GpuBlock on a GPU
-    matrices: dict[int, object] = field(default_factory=dict)  # the CPU blocks' CSR
+    matrices: dict[int, Any] = field(default_factory=dict)  # the CPU blocks' CSR
 
     def all_histories(self) -> tuple[np.ndarray, np.ndarray]:
         keys = sorted(self.chunks)
@@ -83,7 +85,9 @@ def cut(run: str, binning: cuts.Binning, found: cuts.Cuts) -> Reply:
 def sinogram(run: str, geometry: fbp.Sinogram) -> Reply:
     if run not in _RUNS:
         return NOTHING
-    return _reply(run, fbp.sinogram_sums(_RUNS[run].histories, geometry))
+    histories = _RUNS[run].histories
+    assert histories is not None  # kept by cut, which comes first
+    return _reply(run, fbp.sinogram_sums(histories, geometry))
 
 
 @lru_cache(maxsize=4)
@@ -98,8 +102,9 @@ def build_rows(run: str, hull: np.ndarray, grid: Grid, tracker: float, blocks: i
     if run not in _RUNS:
         return NOTHING
     share = _RUNS[run]
+    assert share.histories is not None and share.gid is not None  # kept by cut, which comes first
     table = mlp_table(mlp.TABLE_STEP, mlp.table_length(grid.size))
-    build = system.build
+    build: Callable[..., list] = system.build
     if device == "gpu":
         from . import gpu
 

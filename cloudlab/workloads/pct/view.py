@@ -14,7 +14,8 @@ class LiveImage:
         from ...widgets.liveplot import LivePlot
 
         self.grid, self.vmin, self.vmax = grid, vmin, vmax
-        self.label, self.image = "waiting for the FBP...", None
+        self.label = "waiting for the FBP..."
+        self.image: np.ndarray | None = None
         self.frames: list[str] = []
         self._plot = LivePlot(self._draw, figsize=(4.5, 4.0), min_interval=0.2)
 
