@@ -29,13 +29,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from . import _aio, _remote, gpus, policy, usercode
+from . import _aio, gpus, policy, usercode
 from .deaths import Death
 from .dispatch import Job, describe_items, run_in_view
 from .engines.base import Engine, OutputSink, settle
 from .errors import ClusterStateError, ConfigError, RemoteError, StartError
 from .membership import EngineStatus, Membership
 from .namespaces import EngineNamespaces
+from .onhost import calls
 from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile, memory_limit_bytes
@@ -431,7 +432,7 @@ class Cluster(EngineNamespaces):
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
-        shipped = _remote.Shipped(fn, self._engine_names())
+        shipped = calls.Shipped(fn, self._engine_names())
         sent = self._engine.submit_now(shipped, *args) if self._code.current() else None
         if sent is None:
             return _aio.submit(self._submit(shipped, *args))
@@ -449,14 +450,14 @@ class Cluster(EngineNamespaces):
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
         self._require_running()
-        return await _aio.wrap(self._submit(_remote.Shipped(fn, self._engine_names()), *args))
+        return await _aio.wrap(self._submit(calls.Shipped(fn, self._engine_names()), *args))
 
-    async def _submit(self, shipped: _remote.Shipped, *args: Any) -> Any:
+    async def _submit(self, shipped: calls.Shipped, *args: Any) -> Any:
         self._require_running()
         await self._sync_code()
         return self._settled_value(await self._engine.submit(shipped, *args))
 
-    def _settled_value(self, result: _remote.Result) -> Any:
+    def _settled_value(self, result: calls.Result) -> Any:
         settle([result], PrefixedSink())
         self.tasks_done[result.engine] += 1
         return result.value
@@ -483,7 +484,7 @@ class Cluster(EngineNamespaces):
         await self._sync_code()
         ids = self.engine_ids if ids is None else ids
         if ship:
-            fn = _remote.Shipped(fn, self._engine_names())
+            fn = calls.Shipped(fn, self._engine_names())
         results = await self._engine.run_on(ids, fn, *args)
         settle(results.values(), sink or PrefixedSink())
         return {eid: r.value for eid, r in results.items()}
@@ -514,7 +515,7 @@ class Cluster(EngineNamespaces):
     async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
         if self._engine.shares_client_modules:
             return
-        results = await self._engine.run_on(ids, _remote.install_code, bundle.digest,
+        results = await self._engine.run_on(ids, calls.install_code, bundle.digest,
                                             bundle.archive, bundle.modules)
         settle(results.values(), PrefixedSink())
 
@@ -529,25 +530,25 @@ class Cluster(EngineNamespaces):
         progress = progress or Progress("map", len(items))
         await self._sync_code()
         size = chunksize or policy.choose_chunksize(len(items), len(self.engine_ids))
-        shipped = _remote.Shipped(fn, self._engine_names())
+        shipped = calls.Shipped(fn, self._engine_names())
         chunks = policy.split(items, size)
         starts = [i * size for i in range(len(chunks))]
         sink = caller.output if caller else PrefixedSink()
         call = caller.call if caller else _call  # (in the caller's thread, where it waits)
         failures = {}
 
-        def arrived(piece: int, result: _remote.Result) -> None:
+        def arrived(piece: int, result: calls.Result) -> None:
             try:
                 settle([result], sink)
             except RemoteError as error:
                 failures.update(error.failures)
             self.tasks_done[result.engine] += len(chunks[piece])
             progress.advance(len(chunks[piece]))
-            if on_result is not None and not isinstance(result.value, _remote.Failure):
+            if on_result is not None and not isinstance(result.value, calls.Failure):
                 for offset, value in enumerate(result.value):
                     call(on_result, starts[piece] + offset, value)
 
-        job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", _remote.run_chunk,
+        job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", calls.run_chunk,
                   [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
                   describe_items(starts, [len(c) for c in chunks]), arrived)
         self._jobs.add(job)

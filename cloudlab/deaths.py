@@ -3,7 +3,7 @@
 An engine's end is classified from what is known about it, best first:
 
 1. its last words: a note the engine wrote just before it ended itself (the
-   memory guard in :mod:`cloudlab._agent` writes one: "out of memory: ...");
+   memory guard in :mod:`cloudlab.onhost.agent` writes one: "out of memory: ...");
 2. its exit status: killed by signal N (named: SIGKILL, SIGSEGV, ...), or
    exited with code N;
 3. the machine's count of out-of-memory kills (cgroup v2 ``memory.events``):

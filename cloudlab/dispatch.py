@@ -33,7 +33,7 @@ from .errors import Cancelled, ClusterStateError, TaskLost
 from .progress import CANCELLED, FAILED, Progress
 
 if TYPE_CHECKING:
-    from ._remote import Result
+    from .onhost.calls import Result
 
 #: Pieces an engine holds at once: one running, one waiting behind it.
 DEPTH = 2

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from . import _aio, _remote, gpus, policy
-from ._agent import MEMORY_LIMIT
+from . import _aio, gpus, policy
 from .backends.base import Backend, Command, Launched
 from .deaths import Death
 from .engines.base import Engine
 from .errors import ConfigError, ProvisionTimeout, StartError
+from .onhost import calls
+from .onhost.agent import MEMORY_LIMIT
 from .profiles import ClusterOptions
 from .registry import Record
 
@@ -406,7 +407,7 @@ class Membership:
     async def _learn_identity(self, ids: list[int]) -> None:
         """Ask engines their host and pid, where the backend's handles do not tell them."""
         if ids and not self.backend.knows_engine_pids:
-            results = await self.engine.run_on(ids, _remote.identity)
+            results = await self.engine.run_on(ids, calls.identity)
             self._identity.update({eid: r.value for eid, r in results.items()})
 
     # ------------------------------------------------------------------- views
@@ -464,7 +465,7 @@ class Membership:
                 + (f": {self.not_replaced}" if self.not_replaced else "")
                 + "; add engines with c.scale(n) (or %cluster scale N).")
 
-    async def submit_to(self, eid: int, fn: Callable, *args: Any) -> _remote.Result:
+    async def submit_to(self, eid: int, fn: Callable, *args: Any) -> calls.Result:
         return await self.engine.submit_to(eid, fn, *args)
 
     async def end(self, ids: list[int], why: str) -> None:

@@ -1,6 +1,6 @@
 """The engines' namespaces, as a Cluster offers them: push, pull, scatter, gather, execute.
 
-Every engine has one namespace (see :mod:`cloudlab._remote`). These methods
+Every engine has one namespace (see :mod:`cloudlab.onhost.calls`). These methods
 move named values in and out of it, and run notebook code in it. They are a
 part of :class:`~cloudlab.Cluster` kept in a module of their own; what they rely
 on of the cluster is declared at the top of the class.
@@ -12,9 +12,10 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import _aio, _remote, policy, usercode
+from . import _aio, policy, usercode
 from .engines.base import settle
 from .errors import RemoteError, format_ids
+from .onhost import calls
 from .output import PrefixedSink
 from .shared import SharedBlock, share
 
@@ -87,7 +88,7 @@ class EngineNamespaces:
                     parts[i] = (eid, part)
         given = {eid: values for eid, values in given.items() if values}
         if given:
-            results = await asyncio.gather(*(self._engine.run_on([eid], _remote.store, values)
+            results = await asyncio.gather(*(self._engine.run_on([eid], calls.store, values)
                                              for eid, values in given.items()))
             settle([r for result in results for r in result.values()], PrefixedSink())
 
@@ -114,7 +115,7 @@ class EngineNamespaces:
                 if (block := await _aio.to_thread(share, value)) is not None:
                     blocks[name] = block
         try:
-            await self._on(ids, _remote.store,
+            await self._on(ids, calls.store,
                            {k: blocks[k].value if k in blocks else v for k, v in values.items()})
         except RemoteError as error:
             for block in blocks.values():
@@ -122,7 +123,7 @@ class EngineNamespaces:
             if not blocks or {e[0] for e in error.failures.values()} != {"SharedMemoryUnavailable"}:
                 raise
             self._share_memory = False  # engines cannot map our memory: the ordinary way, always
-            await self._on(ids, _remote.store, values)
+            await self._on(ids, calls.store, values)
             return {}
         return blocks
 
@@ -155,7 +156,7 @@ class EngineNamespaces:
         for name in names:
             self._pushed.pop(name, None)
             self._scattered.pop(name, None)
-        await self._on(None, _remote.drop, list(names))
+        await self._on(None, calls.drop, list(names))
         self._keep_shared(names, {})
 
     def pull(self, name: str) -> dict[int, Any]:
@@ -167,7 +168,7 @@ class EngineNamespaces:
 
     async def _pull(self, name: str) -> dict[int, Any]:
         self._require_running()
-        return await self._on(None, _remote.fetch, name)
+        return await self._on(None, calls.fetch, name)
 
     def scatter(self, name: str, sequence: Iterable) -> None:
         """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
@@ -206,7 +207,7 @@ class EngineNamespaces:
                     f"Part {gone[0]} of {name!r} was on an engine that has gone, and no "
                     f"engine has joined to take it yet: scale the cluster up, or scatter "
                     f"{name!r} again.")
-            parts = await self._on(holders, _remote.fetch, name)
+            parts = await self._on(holders, calls.fetch, name)
             ordered = [parts[eid] for eid in holders]
         else:
             parts = await self._pull(name)

@@ -8,7 +8,7 @@ from an index (not under the interpreter's prefixes or a site-packages folder), 
 files of each (a package's whole folder) into one archive named by its content hash, and
 tells cheaply when they change: a new module imported, or a file's size or time changed.
 A cluster's :class:`EngineCode` sends the archive to its engines when its hash differs
-from theirs (:func:`cloudlab._remote.install_code` unpacks it there and drops the old
+from theirs (:func:`cloudlab.onhost.calls.install_code` unpacks it there and drops the old
 modules).
 
 Only Python source travels (a package's ``.py`` files): data files are not shipped, since

@@ -119,9 +119,9 @@ def python() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     yield
-    from cloudlab.backends import forkserver
+    from cloudlab.backends import forking
 
-    forkserver.close_all()  # they live as long as the test process, by design
+    forking.close_all()  # they live as long as the test process, by design
     survivors = wait_until_gone(timeout=10) + [
         p for p in psutil.Process().children() if p.name().startswith("cloudlab fork server")]
     assert survivors == [], f"processes outlived the test run: {[p.cmdline() for p in survivors]}"

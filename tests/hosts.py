@@ -308,7 +308,7 @@ def _is_cloudlab(psutil, pid: int) -> bool:
         words = psutil.Process(pid).cmdline()
     except psutil.Error:
         return False
-    return bool(words) and (words[0].startswith("cloudlab:") or "cloudlab._agent" in words)
+    return bool(words) and (words[0].startswith("cloudlab:") or "cloudlab.onhost.agent" in words)
 
 
 def _run(*command: str) -> None:

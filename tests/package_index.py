@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from cloudlab import _hostenv, wheels
+from cloudlab import wheels
+from cloudlab.onhost import hostenv
 from hosts import Started
 
 #: The hosts' Python (Debian's, with nothing installed).
@@ -33,7 +34,7 @@ EXTRA = ("pytest", "mpi4py")  # (mpi4py: what --mpi adds)
 
 def host_markers() -> dict:
     """The environment markers of the hosts' Python."""
-    done = subprocess.run([HOST_PYTHON, "-c", Path(_hostenv.__file__).read_text(), "probe",
+    done = subprocess.run([HOST_PYTHON, "-c", Path(hostenv.__file__).read_text(), "probe",
                            "/nonexistent", "managed"], capture_output=True, text=True,
                           check=True, cwd="/")
     return json.loads(done.stdout)["markers"]

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import cloudlab
-from cloudlab import _remote
+from cloudlab.onhost import calls
 
 
 def square(x):
@@ -93,7 +93,7 @@ def test_errors_on_many_engines_collapse_with_one_traceback(cluster):
     assert str(err).count("Traceback (most recent call last)") == 1
     # The remote traceback quotes the user's own file and line, and no cloudlab frames.
     assert f'File "{__file__}"' in err.traceback and "return 1 / (x - x)" in err.traceback
-    assert "_remote.py" not in err.traceback
+    assert "calls.py" not in err.traceback
 
 
 def settled_status(cluster, timeout=5.0):
@@ -192,8 +192,8 @@ def test_async_twins_work_from_another_event_loop(cluster):
 
 
 def test_remote_helpers_keep_names_pushed_later():
-    shipped = _remote.Shipped(lambda: later_name)  # noqa: F821
-    namespace = _remote.namespace()  # (an IPython shell's, where a test has made one)
+    shipped = calls.Shipped(lambda: later_name)  # noqa: F821
+    namespace = calls.namespace()  # (an IPython shell's, where a test has made one)
     namespace["later_name"] = 5
     try:
         assert shipped() == 5

@@ -11,7 +11,7 @@ import pytest
 
 import cloudlab
 from cloudlab import _aio
-from cloudlab.backends import forkserver
+from cloudlab.backends import forking
 from cloudlab.errors import StartError
 from conftest import launched, our_processes, wait_until_gone
 
@@ -80,7 +80,7 @@ def test_a_reused_pid_is_not_taken_for_a_process_that_has_exited(engine):
     with cloudlab.Cluster(1, engine=engine):
         pass
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for server in forkserver._servers.values():
+    for server in forking._servers.values():
         server.exit_codes.update(dict.fromkeys(range(2, pid_max + 1), 0))  # every pid: "exited"
     with cloudlab.Cluster(2, engine=engine) as c:
         assert c.map(abs, [-1, -2]) == [1, 2]
@@ -126,7 +126,7 @@ def test_a_fork_server_that_cannot_import_its_engine_says_why(tmp_path):
     log = tmp_path / "server.log"
 
     async def start():
-        return await forkserver.get(sys.executable, ("no_such_engine_module",), dict(os.environ),
+        return await forking.get(sys.executable, ("no_such_engine_module",), dict(os.environ),
                                     log)
 
     with pytest.raises(StartError, match="No module named 'no_such_engine_module'"):

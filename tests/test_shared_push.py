@@ -26,7 +26,7 @@ def described(name):
     """On an engine: what a pushed value is, as the engine sees it."""
     import numpy as np
 
-    from cloudlab._remote import namespace
+    from cloudlab.onhost.calls import namespace
 
     value = namespace()[name]
     arrays = value.values() if isinstance(value, dict) else [value]

@@ -1,4 +1,4 @@
-"""The lease a remote owner holds: heartbeats on an engine's standard input (cloudlab._agent
+"""The lease a remote owner holds: heartbeats on an engine's standard input (cloudlab.onhost.agent
 --lease). Here the owner is this test, writing to a pipe; over SSH it is the client,
 writing through the ssh connection. And the same lease over a TCP connection the engine
 opens to its owner (--lease-from), as a Slurm job's engine does: here the owner is a
@@ -22,7 +22,7 @@ def _start(lease: float = LEASE, lease_from: str | None = None,
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
             "time.sleep(60)")
     return subprocess.Popen(
-        [sys.executable, "-m", "cloudlab._agent", "--lease", str(lease),
+        [sys.executable, "-m", "cloudlab.onhost.agent", "--lease", str(lease),
          *(["--lease-from", lease_from] if lease_from else []), "--title",
          "cloudlab: lease-test engine-0", "timeit:main", "--", "-n", "1", "-r", "1", code],
         stdin=subprocess.PIPE, start_new_session=True, env={**os.environ, **(env or {})})
@@ -100,10 +100,10 @@ def test_a_closed_input_ends_the_engine_at_once():
 
 
 def test_an_agent_needs_exactly_one_kind_of_owner():
-    both = subprocess.run([sys.executable, "-m", "cloudlab._agent", "--lease", "1",
+    both = subprocess.run([sys.executable, "-m", "cloudlab.onhost.agent", "--lease", "1",
                            "--owner-pid", "1", "timeit:main"], capture_output=True, text=True)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
-    neither = subprocess.run([sys.executable, "-m", "cloudlab._agent", "timeit:main"],
+    neither = subprocess.run([sys.executable, "-m", "cloudlab.onhost.agent", "timeit:main"],
                              capture_output=True, text=True)
     assert neither.returncode == 2 and "one of the arguments --owner-pid --lease is required" \
         in neither.stderr

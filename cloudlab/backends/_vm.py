@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._agent import LEASE_FILE as LEASE_FILE_ENV
 from ..errors import ConfigError, StartError
+from ..onhost.agent import LEASE_FILE as LEASE_FILE_ENV
 from ..profiles import option
 from .base import AwsScope, Backend, Command, Launched, ServicePlace, check_mpi4py
 from .environment import EnvironmentOptions
@@ -44,7 +44,7 @@ from .ssh_hosts import SshHost, ssh_command
 #: EC2 refuses user-data over 16 KB (before base64); Azure's custom data allows 64 KB.
 USER_DATA_LIMIT = 16 * 1024
 #: Where the bootstrap keeps its state on the VM: its log, the lease file engines touch at
-#: each heartbeat from the client (``lease``: _agent's CLOUDLAB_LEASE_FILE), the marker of
+#: each heartbeat from the client (``lease``: the agent's CLOUDLAB_LEASE_FILE), the marker of
 #: a finished boot.
 STATE_DIR = "/var/lib/cloudlab"
 #: Tag keys on every resource cloudlab creates.

@@ -1,6 +1,6 @@
 """The environment engines run in on a host that shares nothing with the client.
 
-Each host is probed by its own Python (:mod:`cloudlab._hostenv`, standard library only),
+Each host is probed by its own Python (:mod:`cloudlab.onhost.hostenv`, standard library only),
 through a *runner*: ssh to that host, or a Slurm job on a node. Unless the profile says the
 host's Python is one the user keeps (``environment = "own"``), cloudlab keeps an
 environment of its own there, one per client
@@ -35,7 +35,7 @@ from ..profiles import option
 from .ssh_hosts import HostError, SshHost, ssh_command, ssh_failure
 
 #: The script a host's Python runs: this module's sibling, sent as source.
-SCRIPT = (Path(__file__).resolve().parent.parent / "_hostenv.py").read_text()
+SCRIPT = (Path(__file__).resolve().parent.parent / "onhost" / "hostenv.py").read_text()
 #: Seconds one host has to install its environment (the first time only).
 INSTALL_TIMEOUT = 900.0
 
@@ -83,7 +83,7 @@ class HostInfo:
 
 
 def probe(host: str, options: EnvironmentOptions, run: Runner, timeout: float = 30) -> dict:
-    """The host's facts (:func:`cloudlab._hostenv.probe`); HostError naming the fix if its
+    """The host's facts (:func:`cloudlab.onhost.hostenv.probe`); HostError naming the fix if its
     Python cannot be run."""
     python = options.python
     remote = shlex.join([python, "-c", SCRIPT, "probe", options.env_dir, options.environment])

@@ -5,7 +5,7 @@ Ctrl-C meant for the notebook does not reach the engines, and terminating the
 group also ends anything the engine itself spawned) under cloudlab's agent,
 which kills the group when this Python process dies. By default processes are
 forked from a fork server that has already imported the engine kind
-(:mod:`cloudlab._forkserver`); ``fork_server = false`` starts each in a fresh
+(:mod:`cloudlab.onhost.forkserver`); ``fork_server = false`` starts each in a fresh
 interpreter instead, slower but otherwise the same.
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import psutil
 
-from .._agent import LAST_WORDS
 from ..errors import ConfigError
+from ..onhost.agent import LAST_WORDS
 from ..profiles import option
 from ..security import runtime_dir
-from . import forkserver
+from . import forking
 from .base import (
     Backend,
     Command,
@@ -102,7 +102,7 @@ class SpawnedProcess(LocalProcess):
 class ForkedProcess(LocalProcess):
     """Forked by a fork server, which reaps it and tells us its exit code."""
 
-    def __init__(self, name: str, pid: int, log: Path, server: forkserver.ForkServer):
+    def __init__(self, name: str, pid: int, log: Path, server: forking.ForkServer):
         super().__init__(name, pid, log)
         self.server = server
 
@@ -176,10 +176,10 @@ class LocalBackend(Backend):
         if self.forks:
             await self._fork_server(preload)
 
-    async def _fork_server(self, preload: tuple[str, ...]) -> forkserver.ForkServer:
+    async def _fork_server(self, preload: tuple[str, ...]) -> forking.ForkServer:
         tag = zlib.crc32(" ".join(preload).encode())
         log = runtime_dir() / f"forkserver-{os.getpid()}-{tag:08x}.log"
-        return await forkserver.get(self.python, preload, base_environment(), log)
+        return await forking.get(self.python, preload, base_environment(), log)
 
     async def launch(self, command: Command, cleanup: tuple[Path, ...] = ()) -> Launched:
         assert self.workdir is not None  # the cluster sets it when it starts
@@ -189,7 +189,7 @@ class LocalBackend(Backend):
                LAST_WORDS: str(last_words_file(log)), **command.env}
         server = None
         if self.forks and command.preload:
-            server = forkserver.ready(self.python, command.preload)
+            server = forking.ready(self.python, command.preload)
             if server is None and not command.spawn_if_cold:
                 server = await self._fork_server(command.preload)
         if server is not None:
@@ -198,7 +198,7 @@ class LocalBackend(Backend):
                 "cwd": os.getcwd(), "log": str(log), "cleanup": [str(p) for p in cleanup],
                 "title": title})
             return ForkedProcess(command.name, pid, log, server)
-        argv = [self.python, "-m", "cloudlab._agent", "--owner-pid", str(os.getpid()),
+        argv = [self.python, "-m", "cloudlab.onhost.agent", "--owner-pid", str(os.getpid()),
                 "--title", title]
         for path in cleanup:
             argv += ["--cleanup", str(path)]
@@ -236,7 +236,7 @@ class LocalBackend(Backend):
                    **command.env}
             argv += [":"] if rank else []  # the next app context
             argv += ["-n", "1", "env", *(f"{k}={v}" for k, v in env.items()), self.python,
-                     "-m", "cloudlab._agent", "--owner-pid", str(os.getpid()), "--title",
+                     "-m", "cloudlab.onhost.agent", "--owner-pid", str(os.getpid()), "--title",
                      title, command.entry, "--", *command.args]
             titles.append(title)
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:

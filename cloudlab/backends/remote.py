@@ -98,10 +98,10 @@ def agent_command(python: str, cluster: str, command: Command, lease: float,
 
 def agent_argv(python: str, cluster: str, command: Command, lease: float,
                lease_from: str | None = None, env: dict[str, str] | None = None) -> list[str]:
-    """:func:`agent_command` as a list of words (``env K=V ... python -m cloudlab._agent``)."""
+    """:func:`agent_command` as a list of words (``env K=V ... python -m cloudlab.onhost.agent``)."""
     env = {**SINGLE_THREADED, "PYTHONUNBUFFERED": "1", "CLOUDLAB_CLUSTER": cluster,
            **(env or {}), **command.env}
-    return ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab._agent",
+    return ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "cloudlab.onhost.agent",
             "--lease", str(lease), *(("--lease-from", lease_from) if lease_from else ()),
             "--title", process_title(cluster, command.name), command.entry, "--",
             *command.args]
@@ -121,7 +121,7 @@ def mpirun_argv(ranks: list[tuple[list[str], str, Command]], cluster: str, lease
 
 
 class LeaseServer:
-    """Heartbeats for engines that connect to the client (``_agent --lease-from``).
+    """Heartbeats for engines that connect to the client (``agent --lease-from``).
 
     A thread accepts connections on ``address`` and writes a newline to each every
     ``period`` seconds. Engines end themselves when the heartbeats stop for a lease (a

@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._agent import LAST_WORDS
 from ..errors import ConfigError, StartError
+from ..onhost.agent import LAST_WORDS
 from ..profiles import option
 from .base import (
     Backend,
@@ -491,7 +491,7 @@ def _slurmctld_host() -> str:
 def cancel_when_gone(owner_pid: int, job_name: str) -> None:
     """Wait for the client ``owner_pid`` to exit, then cancel its jobs still queued (running
     ones end themselves as their lease connection closes)."""
-    from .._agent import owner_gone
+    from ..onhost.agent import owner_gone
 
     owner_gone(owner_pid)
     _slurm("scancel", "--name", job_name, "--user", str(os.getuid()))

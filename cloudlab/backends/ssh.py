@@ -5,7 +5,7 @@ backend, but listens on the address the hosts reach this machine at; traffic to 
 engines is authenticated and encrypted (CurveZMQ for ipyparallel, TLS for Dask: the engines
 know they are remote). Engines are placed on the profile's hosts in turn. Each starts as::
 
-    ssh HOST 'env ... PYTHON -m cloudlab._agent --lease L ENTRY -- ARGS'
+    ssh HOST 'env ... PYTHON -m cloudlab.onhost.agent --lease L ENTRY -- ARGS'
 
 after the files it reads (connection file, certificates) are copied to the same paths there.
 Every host is probed first, and given the environment its engines run in: this client's
@@ -16,7 +16,7 @@ engine starts.
 Engines hold a lease on this client: ``ssh`` keeps each engine's standard input open, and
 the backend writes a heartbeat to it every quarter of ``lease``. When this client dies, ssh
 closes the input and the engine ends at once; when the link stays cut longer than the lease,
-the heartbeats stop arriving and the engine ends itself (:mod:`cloudlab._agent`).
+the heartbeats stop arriving and the engine ends itself (:mod:`cloudlab.onhost.agent`).
 """
 
 from __future__ import annotations

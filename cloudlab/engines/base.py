@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._remote import Result
 from ..backends.base import Command
+from ..onhost.calls import Result
 
 #: (engine id, stream name, text) callback for output streamed from engines.
 OutputSink = Callable[[int, str, str], None]
@@ -82,7 +82,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def submit(self, fn: Callable, *args: Any) -> Result:
-        """Run ``call(fn, *args)`` on any engine; return its :class:`~cloudlab._remote.Result`."""
+        """Run ``call(fn, *args)`` on any engine; return its :class:`~cloudlab.onhost.calls.Result`."""
 
     def submit_now(self, fn: Callable, *args: Any) -> concurrent.futures.Future | None:
         """Like :meth:`submit`, sent from the caller's thread, or None where the engine's
@@ -141,8 +141,8 @@ def whole_json(path: Path) -> bool:
 
 def raise_failures(results: Iterable[Result]) -> None:
     """Raise one collapsed RemoteError for the results that are failures, if any."""
-    from .._remote import Failure
     from ..errors import RemoteError
+    from ..onhost.calls import Failure
 
     failures = {r.engine: r.value.as_tuple() for r in results if isinstance(r.value, Failure)}
     if failures:

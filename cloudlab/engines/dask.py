@@ -19,9 +19,9 @@ from typing import Any
 
 import cloudpickle
 
-from .._remote import Result, call, call_packed, execute_cell
 from ..backends.base import Command
 from ..errors import StartError
+from ..onhost.calls import Result, call, call_packed, execute_cell
 from ..security import accept_only_this_user, dask_security, dask_tls
 from .base import Engine, OutputSink, raise_failures, wait_for_file
 
@@ -49,7 +49,7 @@ class DaskEngine(Engine):
     mb_per_engine = 110
     # What a worker imports while it starts, and what cloudlab's tasks use there.
     preload = ("distributed.cli.dask_scheduler", "distributed.cli.dask_worker",
-               "distributed.http.worker.prometheus", "cloudlab._remote", "numpy.random")
+               "distributed.http.worker.prometheus", "cloudlab.onhost.calls", "numpy.random")
     client_modules = ("distributed",)
     notices_death_within = 2.0  # the scheduler sees the worker's connection close
 

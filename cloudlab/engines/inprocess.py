@@ -26,10 +26,10 @@ from typing import Any
 
 import cloudpickle
 
-from .. import _remote
-from .._remote import Result
 from ..backends.base import Command
 from ..errors import StartError
+from ..onhost import calls
+from ..onhost.calls import Result
 from .base import Engine, OutputSink, raise_failures
 
 #: The hub of each running in-process cluster, by its workdir.
@@ -78,7 +78,7 @@ class Worker:
 
     def _serve(self) -> None:
         _this.worker = self
-        with _remote.as_engine(self.eid, self.namespace):
+        with calls.as_engine(self.eid, self.namespace):
             while True:
                 work, future = self.tasks.get()
                 if work is None:
@@ -151,7 +151,7 @@ async def engine_main(process: Any, workdir: str, eid: str) -> None:
 def _run_packed(packed: bytes) -> bytes:
     """On the worker: a call pickled as between processes, its Result pickled back."""
     fn, args = cloudpickle.loads(packed)
-    return cloudpickle.dumps(_remote.call(fn, *args))
+    return cloudpickle.dumps(calls.call(fn, *args))
 
 
 class InProcessEngine(Engine):
@@ -234,15 +234,15 @@ class InProcessEngine(Engine):
 
         def cell(eid: int) -> Callable[[], Result]:
             def run() -> Result:
-                streams = [_remote.LineStream(
+                streams = [calls.LineStream(
                     lambda text, s=s: loop.call_soon_threadsafe(sink, eid, s, text))
                     for s in ("stdout", "stderr")]
-                with _remote.captured(*streams):
+                with calls.captured(*streams):
                     try:
-                        exec(compile(code, "<cell>", "exec"), _remote.namespace())
+                        exec(compile(code, "<cell>", "exec"), calls.namespace())
                         value = None
                     except Exception as exc:
-                        value = _remote.Failure(exc)
+                        value = calls.Failure(exc)
                 for stream in streams:
                     stream.flush()
                 return Result(eid, value)

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .. import _aio
-from .._remote import Result, call
 from ..backends.base import Command
 from ..errors import RemoteError, StartError
+from ..onhost.calls import Result, call
 from ..security import ipyparallel_env
 from .base import Engine, OutputSink, wait_for_file, whole_json
 
@@ -39,7 +39,7 @@ class IPyParallelEngine(Engine):
     # What an engine imports while it starts (the kernel's debugger alone is 0.1 s of CPU).
     preload = ("ipyparallel.controller.app", "ipyparallel.engine.app", "ipykernel.ipkernel",
                "ipykernel.debugger", "IPython.core.completerlib", "IPython.extensions.storemagic",
-               "cloudlab._remote", "numpy.random")
+               "cloudlab.onhost.calls", "numpy.random")
     # ipyparallel's serializer imports NumPy at the first task (0.1-0.2 s on this machine).
     client_modules = ("ipyparallel", "numpy")
     notices_death_within = HEARTBEAT_MS * (HEARTBEAT_MISSES + 5) / 1000
@@ -145,7 +145,7 @@ class IPyParallelEngine(Engine):
         if self._balanced is None:
             self._balanced = self._client.load_balanced_view()
             # A task whose engine died is run again elsewhere, by ipyparallel's scheduler.
-            # (cloudlab's _remote.call returns a task's own exception as a value, so these
+            # (cloudlab's calls.call returns a task's own exception as a value, so these
             # retries never rerun a task that merely raised.)
             self._balanced.set_flags(retries=self.task_retries)
         return self._balanced.apply_async(call, fn, *args)

@@ -30,7 +30,7 @@ def test_status_reports_real_engine_processes(cluster):
 
 def test_execute_streams_each_engines_output(cluster):
     lines = []
-    cluster.execute("from cloudlab._remote import engine_id\nprint('id', engine_id())\n"
+    cluster.execute("from cloudlab.onhost.calls import engine_id\nprint('id', engine_id())\n"
                     "marker = 7", sink=lambda eid, stream, text: lines.append((eid, stream, text)))
     assert sorted(lines) == [(i, "stdout", f"id {i}\n") for i in cluster.engine_ids]
     assert cluster.pull("marker") == {i: 7 for i in cluster.engine_ids}

@@ -78,7 +78,7 @@ def test_packages_come_from_the_hosts_index_and_cloudlab_never_does(test_hosts,
     asked = package_index.asked()
     assert {"numpy", "ipyparallel", "distributed", "dask"} <= asked
     assert "cloudlab" not in asked  # its wheel came from this client
-    done = test_hosts.hosts[0].ssh(f"{info.python} -c 'import cloudlab._agent, ipyparallel'")
+    done = test_hosts.hosts[0].ssh(f"{info.python} -c 'import cloudlab.onhost.agent, ipyparallel'")
     assert done.returncode == 0, done.stderr
 
 

@@ -25,7 +25,7 @@ class Pushed:
     name: str
 
     def get(self):
-        from ..._remote import fetch
+        from ...onhost.calls import fetch
 
         return fetch(self.name)
 

@@ -5,14 +5,14 @@ A fresh engine spends most of its start importing ipyparallel or distributed
 seconds. The fork server imports an engine kind's modules once, then forks
 one child per process it is asked for::
 
-    python -m cloudlab._forkserver --owner-pid PID [--preload MODULE ...]
+    python -m cloudlab.onhost.forkserver --owner-pid PID [--preload MODULE ...]
 
 Each child becomes the leader of a new session (its own process group, like
 every process cloudlab starts), points stdin at /dev/null and stdout/stderr
 at its log, takes the environment and working directory it was asked for,
 reseeds NumPy's global generator (a forked child would otherwise repeat its
 siblings' random numbers), and runs its entry point through
-:func:`cloudlab._agent.run`, under the same lease as an agent-started process.
+:func:`cloudlab.onhost.agent.run`, under the same lease as an agent-started process.
 
 Protocol, one JSON object per line. The server writes ``{"ready": true}`` once
 its preloads are imported. Each request on stdin, ``{"entry", "args", "env",
@@ -138,9 +138,9 @@ def become(request: dict, log: int) -> None:
 
 
 def _agent_run(owner_pid: int, request: dict) -> int:
-    from cloudlab import _agent
+    from cloudlab.onhost import agent
 
-    return _agent.run(owner_pid, request.get("cleanup", []), request["entry"],
+    return agent.run(owner_pid, request.get("cleanup", []), request["entry"],
                       request.get("args", []), request.get("title"))
 
 
@@ -153,7 +153,7 @@ def threads_now() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cloudlab._forkserver")
+    parser = argparse.ArgumentParser(prog="python -m cloudlab.onhost.forkserver")
     parser.add_argument("--owner-pid", type=int, required=True)
     parser.add_argument("--preload", action="append", default=[])
     parser.add_argument("--title")
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="files to remove when the server ends normally (its log)")
     ns = parser.parse_args(argv)
     server = Server(ns.owner_pid)
-    from cloudlab import _agent
+    from cloudlab.onhost import agent
 
     if ns.title:
-        _agent.set_title(ns.title)
+        agent.set_title(ns.title)
     for module in ns.preload:
         importlib.import_module(module)
     # The preloaded modules' objects move to a generation the collector never scans: a

@@ -2,14 +2,14 @@
 
 Every process a backend starts (controller, scheduler, engine, worker) is::
 
-    python -m cloudlab._agent --owner-pid PID [--cleanup PATH ...] [--title T] -- module:function ARGS...
-    python -m cloudlab._agent --lease SECONDS ...        (an owner on another machine)
-    python -m cloudlab._agent --lease SECONDS --lease-from HOST:PORT ...   (one it is not
+    python -m cloudlab.onhost.agent --owner-pid PID [--cleanup PATH ...] [--title T] -- module:function ARGS...
+    python -m cloudlab.onhost.agent --lease SECONDS ...        (an owner on another machine)
+    python -m cloudlab.onhost.agent --lease SECONDS --lease-from HOST:PORT ...   (one it is not
                                                         started by: a batch scheduler's job)
 
 The agent starts a watchdog thread, then calls ``module:function`` in the same
 process with ``sys.argv`` set to ``ARGS``: no extra process per engine. (The
-fork server, :mod:`cloudlab._forkserver`, calls :func:`run` in each child it
+fork server, :mod:`cloudlab.onhost.forkserver`, calls :func:`run` in each child it
 forks, so both ways of starting a process end in the same code.) When the
 owner (the kernel or script that started the cluster) exits for any reason,
 kill -9 included, the watchdog removes the ``--cleanup`` paths and kills its
@@ -199,7 +199,7 @@ def resolve(entry: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cloudlab._agent")
+    parser = argparse.ArgumentParser(prog="python -m cloudlab.onhost.agent")
     owner = parser.add_mutually_exclusive_group(required=True)
     owner.add_argument("--owner-pid", type=int, help="the owner, a process on this machine")
     owner.add_argument("--lease", type=float,
@@ -229,7 +229,7 @@ def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
     if lease is not None:
         # On another machine: the environment cloudlab keeps there (if this is one) is in
         # use, so the host keeps it when it removes older ones.
-        from ._hostenv import MARKER
+        from .hostenv import MARKER
 
         _touch(os.path.join(sys.prefix, MARKER))
     start_watchdog(owner_pid, cleanup, lease, lease_from)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TextIO
 
 import cloudpickle
 
-from .shared import SharedValue
+from ..shared import SharedValue
 
 _DASK_NAMESPACE: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
 
@@ -149,7 +149,7 @@ def install_code(digest: str, archive: bytes, modules: tuple[str, ...]) -> str:
     import tempfile
     import zipfile
 
-    from .security import runtime_dir
+    from ..security import runtime_dir
 
     folder = runtime_dir() / "code" / digest
     if not folder.is_dir():
@@ -267,7 +267,7 @@ class _Overlay(dict):
         return self._ns[key]
 
 
-_THIS_FILE = os.path.join("cloudlab", "_remote.py")
+_THIS_FILE = os.path.join("cloudlab", "onhost", "calls.py")
 
 
 class Failure:

@@ -31,7 +31,7 @@ import sys
 import tarfile
 import time
 
-MARKER = "cloudlab-env.json"  # (cloudlab._agent touches it when an engine starts there)
+MARKER = "cloudlab-env.json"  # (cloudlab.onhost.agent touches it when an engine starts there)
 KEEP = 3  # environments kept per host (the newest used)
 
 

@@ -1,4 +1,4 @@
-"""The owner's side of :mod:`cloudlab._forkserver`: start one, fork processes from it.
+"""The owner's side of :mod:`cloudlab.onhost.forkserver`: start one, fork processes from it.
 
 One fork server per (Python, engine kind) serves every cluster of this process:
 it starts with the first cluster (or with :func:`cloudlab.prewarm`, which
@@ -32,7 +32,7 @@ class ForkServer:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             self.popen = subprocess.Popen(
-                [python, "-m", "cloudlab._forkserver", "--owner-pid", str(os.getpid()),
+                [python, "-m", "cloudlab.onhost.forkserver", "--owner-pid", str(os.getpid()),
                  "--title", f"cloudlab fork server ({preload[0].partition('.')[0]}) of pid {os.getpid()}",
                  "--cleanup", str(log),
                  *(f"--preload={m}" for m in preload)],
@@ -58,7 +58,7 @@ class ForkServer:
                              f"{READY_TIMEOUT:g} s; see {self.log}.") from None
 
     async def fork(self, request: dict) -> int:
-        """Start the process ``request`` describes (see :mod:`cloudlab._forkserver`); its pid."""
+        """Start the process ``request`` describes (see :mod:`cloudlab.onhost.forkserver`); its pid."""
         await self.wait_ready()
         if self.closed:
             raise StartError(self._why_closed())
