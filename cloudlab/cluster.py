@@ -24,26 +24,23 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from . import _aio, gpus, policy, usercode
 from .deaths import Death
-from .dispatch import Job, describe_items, run_in_view
-from .engines.base import Engine, OutputSink, settle
-from .errors import ClusterStateError, ConfigError, RemoteError, StartError
+from .dispatch import Job
+from .engines.base import Engine
+from .errors import ClusterStateError, ConfigError, StartError
 from .membership import EngineStatus, Membership
 from .namespaces import EngineNamespaces
-from .onhost import calls
-from .output import CallerQueue, PrefixedSink
 from .plugins import backend_class, engine_class
 from .profiles import Profile, load_profile, memory_limit_bytes
-from .progress import DONE, FAILED, Progress, open_progress
 from .registry import Record, this_process_started
 from .security import private_dir
 from .supervisor import Supervisor
+from .work import EngineWork
 
 #: Clusters of this process that may hold processes. A strong reference on
 #: purpose: a running cluster stays reachable (for %cluster list and atexit)
@@ -69,7 +66,7 @@ VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STOP_GRACE = 0.1
 
 
-class Cluster(EngineNamespaces):
+class Cluster(EngineNamespaces, EngineWork):
     """A set of parallel engines: ``Cluster(16, engine="dask")``, then ``start()`` or ``with``.
 
     ``n`` defaults to the profile's ``engines``; ``engine``, ``backend`` and any
@@ -357,24 +354,6 @@ class Cluster(EngineNamespaces):
             return []
         return sorted(self._membership.deaths.values(), key=lambda d: d.at)
 
-    def cancel(self) -> int:
-        """Stop every job (``map``) running on this cluster now; returns how many.
-
-        Work not yet handed out is dropped; engines running pieces of a job are
-        ended and replaced (no engine can stop a task that has started). The
-        jobs raise :class:`~cloudlab.errors.Cancelled`.
-        """
-        return _aio.run(self._cancel())
-
-    async def acancel(self) -> int:
-        return await _aio.wrap(self._cancel())
-
-    async def _cancel(self, why: str = "it was cancelled") -> int:
-        jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel(why)
-        return len(jobs)
-
     def service_place(self):
         """Where a service for the engines (a work queue) can live so that every engine
         reaches it (:class:`~cloudlab.backends.base.ServicePlace`)."""
@@ -397,180 +376,6 @@ class Cluster(EngineNamespaces):
     async def _status(self) -> list[EngineStatus]:
         self._require_running()
         return await self._members.status(self.tasks_done)
-
-    # -------------------------------------------------------------------- work
-    def map(self, fn: Callable, items: Iterable, chunksize: int | None = None,
-            on_result: Callable[[int, Any], None] | None = None) -> list:
-        """``[fn(x) for x in items]`` across the engines, in order; chunked automatically.
-
-        Shows progress (a bar in Jupyter or a terminal) while it runs; what ``fn``
-        prints on the engines appears here, each line prefixed by the engine id.
-        ``on_result(index, value)`` is called here, in this thread, as each item's
-        chunk finishes (in completion order): for live plots of partial results.
-        """
-        items, progress = self._open_map(fn, items)
-        caller = CallerQueue()
-        return _aio.run(self._map(fn, items, chunksize, progress, caller, on_result),
-                        drain=caller.drain)
-
-    async def amap(self, fn: Callable, items: Iterable, chunksize: int | None = None,
-                   on_result: Callable[[int, Any], None] | None = None) -> list:
-        items, progress = self._open_map(fn, items)
-        caller = CallerQueue()
-        try:
-            return await _aio.wrap(self._map(fn, items, chunksize, progress, caller, on_result))
-        finally:
-            caller.drain()
-
-    def _open_map(self, fn: Callable, items: Iterable) -> tuple[list, Progress | None]:
-        """Materialise ``items`` and open the progress view in the caller's thread."""
-        self._require_running()
-        items = list(items)
-        name = getattr(fn, "__name__", type(fn).__name__)
-        return items, (open_progress(f"map {name}", len(items)) if items else None)
-
-    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
-        self._require_running()
-        shipped = calls.Shipped(fn, self._engine_names())
-        sent = self._engine.submit_now(shipped, *args) if self._code.current() else None
-        if sent is None:
-            return _aio.submit(self._submit(shipped, *args))
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def settle(done: concurrent.futures.Future) -> None:
-            try:
-                future.set_result(self._settled_value(done.result()))
-            except BaseException as error:
-                future.set_exception(error)
-
-        sent.add_done_callback(settle)
-        return future
-
-    async def asubmit(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on one engine and return its result."""
-        self._require_running()
-        return await _aio.wrap(self._submit(calls.Shipped(fn, self._engine_names()), *args))
-
-    async def _submit(self, shipped: calls.Shipped, *args: Any) -> Any:
-        self._require_running()
-        await self._sync_code()
-        return self._settled_value(await self._engine.submit(shipped, *args))
-
-    def _settled_value(self, result: calls.Result) -> Any:
-        settle([result], PrefixedSink())
-        self.tasks_done[result.engine] += 1
-        return result.value
-
-    def run(self, fn: Callable, *args: Any) -> dict[int, Any]:
-        """Run ``fn(*args)`` once on every engine; results by engine id."""
-        self._require_running()
-        caller = CallerQueue()
-        return _aio.run(self._on(None, fn, *args, sink=caller.output, ship=True),
-                        drain=caller.drain)
-
-    async def arun(self, fn: Callable, *args: Any) -> dict[int, Any]:
-        self._require_running()
-        caller = CallerQueue()
-        try:
-            return await _aio.wrap(self._on(None, fn, *args, sink=caller.output, ship=True))
-        finally:
-            caller.drain()
-
-    async def _on(self, ids: list[int] | None, fn: Callable, *args: Any,
-                  sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]:
-        """Run ``fn(*args)`` on each engine of ``ids`` (None: every engine); values by id."""
-        await self._joined()
-        await self._sync_code()
-        ids = self.engine_ids if ids is None else ids
-        if ship:
-            fn = calls.Shipped(fn, self._engine_names())
-        results = await self._engine.run_on(ids, fn, *args)
-        settle(results.values(), sink or PrefixedSink())
-        return {eid: r.value for eid, r in results.items()}
-
-    # ----------------------------------------------------------- the user's code
-    def sync(self) -> usercode.Bundle | None:
-        """Send the user's own modules (files beside the notebook or script, editable
-        installs) to every engine now, if they changed; what the engines now have.
-
-        Calls that send work do this by themselves, when a module was imported or edited
-        since; this is for code that imports modules by name on the engines. The async
-        twin is ``await c.async_()`` (``async`` is a keyword).
-        """
-        return _aio.run(self._sync_code(rescan=True))
-
-    async def async_(self) -> usercode.Bundle | None:
-        return await _aio.wrap(self._sync_code(rescan=True))
-
-    @property
-    def code(self) -> usercode.Bundle | None:
-        """The user's modules as the engines have them (None: none sent yet)."""
-        return self._code.bundle
-
-    async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None:
-        self._require_running()
-        return await self._code.sync(rescan)
-
-    async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
-        if self._engine.shares_client_modules:
-            return
-        results = await self._engine.run_on(ids, calls.install_code, bundle.digest,
-                                            bundle.archive, bundle.modules)
-        settle(results.values(), PrefixedSink())
-
-    async def _map(self, fn: Callable, items: list, chunksize: int | None,
-                   progress: Progress | None = None, caller: CallerQueue | None = None,
-                   on_result: Callable[[int, Any], None] | None = None) -> list:
-        self._require_running()
-        if not items:
-            return []
-        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive whole number, not {chunksize!r}.")
-        progress = progress or Progress("map", len(items))
-        await self._sync_code()
-        size = chunksize or policy.choose_chunksize(len(items), len(self.engine_ids))
-        shipped = calls.Shipped(fn, self._engine_names())
-        chunks = policy.split(items, size)
-        starts = [i * size for i in range(len(chunks))]
-        sink = caller.output if caller else PrefixedSink()
-        call = caller.call if caller else _call  # (in the caller's thread, where it waits)
-        failures = {}
-
-        def arrived(piece: int, result: calls.Result) -> None:
-            try:
-                settle([result], sink)
-            except RemoteError as error:
-                failures.update(error.failures)
-            self.tasks_done[result.engine] += len(chunks[piece])
-            progress.advance(len(chunks[piece]))
-            if on_result is not None and not isinstance(result.value, calls.Failure):
-                for offset, value in enumerate(result.value):
-                    call(on_result, starts[piece] + offset, value)
-
-        job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", calls.run_chunk,
-                  [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
-                  describe_items(starts, [len(c) for c in chunks]), arrived)
-        self._jobs.add(job)
-        try:
-            results = await run_in_view(job, progress,
-                                        lambda line: call(_tell, f"cloudlab: {line}"))
-        finally:
-            self._jobs.discard(job)
-        if failures:
-            error = RemoteError(failures)
-            progress.finish(FAILED, str(error).split("\n", 1)[0])
-            raise error
-        progress.finish(DONE)
-        return [x for r in results for x in r.value]
-
-
-def _call(fn, *args) -> None:
-    fn(*args)
-
-
-def _tell(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def prewarm(engine: str | None = None, profile: str | None = None) -> concurrent.futures.Future:

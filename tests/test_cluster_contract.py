@@ -190,6 +190,23 @@ def test_async_twins_work_from_another_event_loop(cluster):
 
     assert asyncio.run(main()) == ([0, 1, 4, 9, 16], 49, {0: 1, 1: 1, 2: 1}, 3)
 
+    async def the_others():
+        ran = await cluster.arun(square, 3)
+        await cluster.ascatter("part3", [1, 2, 3])
+        gathered = await cluster.agather("part3")
+        lines: list = []
+        await cluster.aexecute("print(z)", sink=lambda *said: lines.append(said), targets=[1])
+        await cluster.aforget("z", "part3")
+        await cluster.await_for_engines()
+        await cluster.ascale(len(cluster.engine_ids))  # (as many as it has: nothing changes)
+        await cluster.async_()
+        return ran, gathered, lines, await cluster.acancel()
+
+    assert asyncio.run(the_others()) == ({0: 9, 1: 9, 2: 9}, [1, 2, 3], [(1, "stdout", "1\n")],
+                                         0)
+    with pytest.raises(cloudlab.RemoteError, match="NameError"):
+        cluster.pull("z")
+
 
 def test_remote_helpers_keep_names_pushed_later():
     shipped = calls.Shipped(lambda: later_name)  # noqa: F821
