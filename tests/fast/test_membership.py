@@ -224,3 +224,15 @@ def test_cancel_ends_the_busy_engines_and_they_are_replaced():
         assert [d.ordered for d in c.deaths] == [True, True]
         until(lambda: len(c._members.usable()) == 2)
         assert c.engine_ids == [2, 3]
+
+
+def test_a_frozen_engine_takes_and_answers_nothing_until_it_thaws():
+    """The stand-in for SIGSTOP (a frozen VM, a cut link): its process stays alive and its
+    controller still counts it, but its work waits."""
+    with cloudlab.Cluster(2, **FAST) as c:
+        c._members.processes[1].freeze()
+        future = cloudlab._aio.submit(c.arun(abs, -1))
+        time.sleep(0.3)
+        assert not future.done() and c._members.usable() == [0, 1]
+        c._members.processes[1].thaw()
+        assert future.result(5) == {0: 1, 1: 1}
