@@ -87,6 +87,7 @@ class Cluster(EngineNamespaces, EngineWork):
                               f"like run-1), not {name!r}.")
         self.name = name or f"{self._engine_cls.short_name}-{secrets.token_hex(3)}"
         self._backend = backend_class(self.backend_kind)(self.profile.backend_options, self.name)
+        self._engine_cls.check_backend(self._backend)
         if opts.mpi:
             self._backend.check_mpi()
         limit, reason = self._backend.max_engines(self._engine_cls.mb_per_engine)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..backends.base import Command
+from ..backends.base import Backend, Command
 from ..onhost.calls import Result
 
 #: (engine id, stream name, text) callback for output streamed from engines.
@@ -52,6 +52,10 @@ class Engine(abc.ABC):
         #: How often the engine's own scheduler reruns a task whose engine died (``submit``;
         #: ``map`` pieces are rerun by cloudlab's jobs, see :mod:`cloudlab.dispatch`).
         self.task_retries = task_retries
+
+    @classmethod
+    def check_backend(cls, backend: Backend) -> None:
+        """Raise ConfigError, in one sentence, where this kind cannot run on ``backend``."""
 
     @abc.abstractmethod
     def controller_command(self) -> Command:

@@ -26,8 +26,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..backends.base import Command
-from ..errors import StartError
+from ..backends.base import Backend, Command
+from ..errors import ConfigError, StartError
 from ..onhost import calls
 from ..onhost.calls import Result
 from .base import Engine, OutputSink, raise_failures
@@ -162,6 +162,15 @@ class InProcessEngine(Engine):
     client_modules = ()
     notices_death_within = 0.1
     shares_client_modules = True
+
+    @classmethod
+    def check_backend(cls, backend: Backend) -> None:
+        from ..backends.inprocess import InProcessBackend
+
+        if not isinstance(backend, InProcessBackend):
+            raise ConfigError(f"The inprocess engine kind runs as threads of this process, on "
+                              f"the inprocess backend, not on {backend.name}: add --backend "
+                              f"inprocess, or choose ipyparallel or dask.")
 
     @property
     def _key(self) -> str:

@@ -236,3 +236,14 @@ def test_a_frozen_engine_takes_and_answers_nothing_until_it_thaws():
         assert not future.done() and c._members.usable() == [0, 1]
         c._members.processes[1].thaw()
         assert future.result(5) == {0: 1, 1: 1}
+
+
+def test_the_inprocess_kind_elsewhere_and_another_kind_in_process_are_one_sentence():
+    with pytest.raises(cloudlab.ConfigError, match=r"^The inprocess engine kind runs as threads "
+                                                   r"of this process, on the inprocess backend, "
+                                                   r"not on local: add --backend inprocess"):
+        cloudlab.Cluster(2, engine="inprocess")
+    c = cloudlab.Cluster(2, engine="dask", backend="inprocess")
+    with pytest.raises(cloudlab.ConfigError, match=r"runs only the inprocess engine kind"):
+        c.start()
+    assert c.state == "failed" and all(not p.alive() for p in c._backend.launched)
