@@ -40,7 +40,6 @@ from .profiles import Profile, load_profile, memory_limit_bytes
 from .registry import Record, this_process_started
 from .security import private_dir
 from .supervisor import Supervisor
-from .work import EngineWork
 
 #: Clusters of this process that may hold processes. A strong reference on
 #: purpose: a running cluster stays reachable (for %cluster list and atexit)
@@ -66,7 +65,7 @@ VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STOP_GRACE = 0.1
 
 
-class Cluster(EngineNamespaces, EngineWork):
+class Cluster(EngineNamespaces):
     """A set of parallel engines: ``Cluster(16, engine="dask")``, then ``start()`` or ``with``.
 
     ``n`` defaults to the profile's ``engines``; ``engine``, ``backend`` and any

@@ -2,8 +2,9 @@
 
 Every engine has one namespace (see :mod:`cloudlab.onhost.calls`). These methods
 move named values in and out of it, and run notebook code in it. They are a
-part of :class:`~cloudlab.Cluster` kept in a module of their own; what they rely
-on of the cluster is declared at the top of the class.
+part of :class:`~cloudlab.Cluster` kept in a module of their own, built on its
+work (:mod:`cloudlab.work`); what else they rely on of the cluster is declared at
+the top of the class.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import _aio, policy, usercode
+from . import _aio, policy
 from .engines.base import settle
 from .errors import RemoteError, format_ids
 from .onhost import calls
 from .output import PrefixedSink
 from .shared import SharedBlock, share
+from .work import EngineWork
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .engines.base import Engine, OutputSink
-    from .membership import Membership
 
 
-class EngineNamespaces:
-    """Named values on every engine; mixed into :class:`~cloudlab.Cluster`.
+class EngineNamespaces(EngineWork):
+    """Named values on every engine, moved by functions run there (:class:`EngineWork`);
+    mixed into :class:`~cloudlab.Cluster`.
 
     On a backend whose engines share the client's machine, ``push`` and
     ``scatter`` put large buffers in shared memory once (:mod:`cloudlab.shared`)
@@ -46,26 +47,6 @@ class EngineNamespaces:
     if TYPE_CHECKING:  # what the cluster gives (see cloudlab.cluster.Cluster)
         name: str
         _backend: Backend
-        _code: usercode.EngineCode
-
-        @property
-        def engine_ids(self) -> list[int]: ...
-
-        @property
-        def _members(self) -> Membership: ...
-
-        @property
-        def _engine(self) -> Engine: ...
-
-        def _require_running(self) -> None: ...
-
-        async def _joined(self) -> None: ...
-
-        async def _sync_code(self, rescan: bool = False) -> usercode.Bundle | None: ...
-
-
-        async def _on(self, ids: list[int] | None, fn: Callable, *args: Any,
-                      sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]: ...
 
     def _engine_names(self) -> frozenset[str]:
         """Names the engines hold for the user (a shipped function takes them from there)."""
