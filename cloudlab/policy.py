@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import CapacityError, ConfigError
@@ -39,21 +37,12 @@ def partition(items: Sequence, parts: int) -> list:
     return out
 
 
-#: cgroup v2's CPU limit of this process's group: "QUOTA PERIOD", or "max PERIOD" for none.
-CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+def usable_cores() -> int:
+    """The cores this process may really use: those it may run on, capped by its container's
+    share (Binder's or a hub's "1 CPU" on a host of 32 cores; :mod:`cloudlab.container`)."""
+    from .container import share
 
-
-def usable_cores(cpu_max: Path = CPU_MAX) -> int:
-    """The cores this process may really use: those it may run on, capped by its cgroup's
-    CPU quota (a container's or Binder's "2 CPUs" on a host of 32 cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores or 1, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores or 1)
+    return share().cores
 
 
 def engine_count(value: Any, limit: int, reason: str) -> int:

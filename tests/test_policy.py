@@ -51,23 +51,6 @@ def test_remote_error_collapses_identical_failures():
     assert "ValueError: bad on 2 engines [1-2]" in str(mixed)
 
 
-def test_usable_cores_count_the_cgroup_cpu_quota(tmp_path):
-    """Binder and containers cap CPU by quota, not by the cores a process may run on."""
-    import os
-
-    from cloudlab.policy import usable_cores
-
-    runnable = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs
-    assert usable_cores(cpu_max) == min(2, runnable)
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cores(cpu_max) == 1
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == runnable
-    assert usable_cores(tmp_path / "none") == runnable
-
-
 def test_the_local_default_is_one_engine_per_usable_core():
     import cloudlab
     from cloudlab.policy import usable_cores

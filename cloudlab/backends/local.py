@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from ..container import share
 from ..errors import ConfigError
 from ..onhost.agent import LAST_WORDS
 from ..profiles import option
@@ -159,9 +160,9 @@ class LocalBackend(Backend):
         )
 
     def auto_memory_limit(self, engines: int) -> int | None:
-        # As Dask's LocalCluster does: the machine's memory shared equally, with room for
-        # the notebook itself.
-        return int(psutil.virtual_memory().total * MEMORY_SHARE / max(engines, 1))
+        # As Dask's LocalCluster does: the memory shared equally, with room for the notebook
+        # itself; the container's memory, where this runs in one (a hub's, Binder's).
+        return int(share().memory * MEMORY_SHARE / max(engines, 1))
 
     @property
     def python(self) -> str:

@@ -41,13 +41,13 @@ def test_a_task_past_memory_limit_ends_its_engine_names_task_and_limit(engine, r
 
 
 def test_memory_limit_auto_shares_the_machine_and_none_sets_no_guard():
-    import psutil
+    from cloudlab.container import share
 
     with cloudlab.Cluster(2, memory_limit="none") as c:
         assert c._members.memory_limit is None
         assert c.run(engine_env, "CLOUDLAB_MEMORY_LIMIT_MB") == {0: None, 1: None}
     with cloudlab.Cluster(2) as c:
-        expected = psutil.virtual_memory().total * 0.9 / 2
+        expected = share().memory * 0.9 / 2  # (the machine's, or its container's share)
         assert c._members.memory_limit == pytest.approx(expected, rel=0.01)
         limits = set(c.run(engine_env, "CLOUDLAB_MEMORY_LIMIT_MB").values())
         assert limits == {f"{expected / 1e6:.0f}"}

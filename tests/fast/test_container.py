@@ -1,0 +1,75 @@
+"""A container's share of the machine, read as cloudlab reads it: from a root folder laid out
+as /proc and /sys are, for cgroup v1 and v2, and from JupyterHub's variables."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from cloudlab.container import share
+
+RUNNABLE = len(os.sched_getaffinity(0))
+MACHINE = psutil.virtual_memory().total
+
+
+def lay(root, cgroup: str, files: dict[str, str]):
+    (root / "proc/self").mkdir(parents=True, exist_ok=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_v2_quota_rounds_up_and_a_group_above_can_set_the_limit(tmp_path):
+    """Binder and containers cap CPU by quota, not by the cores a process may run on."""
+    root = lay(tmp_path, "0::/user/hub/pod\n", {
+        "cgroup.controllers": "cpu memory\n",
+        "user/hub/pod/cpu.max": "150000 100000\n",  # 1.5 CPUs
+        "user/hub/pod/memory.max": "max\n",
+        "user/hub/memory.max": f"{2 * 2**30}\n",  # the parent's 2 GiB bind the pod
+    })
+    found = share(root, {})
+    assert (found.cores, found.memory) == (min(2, RUNNABLE), min(MACHINE, 2 * 2**30))
+    assert found.source == "a cgroup's 1.5 CPUs and 2.0 GiB"
+    (root / "sys/fs/cgroup/user/hub/pod/cpu.max").write_text("50000 100000\n")
+    assert share(root, {}).cores == 1
+    (root / "sys/fs/cgroup/user/hub/pod/cpu.max").write_text("max 100000\n")
+    assert share(root, {}).cores == RUNNABLE
+
+
+def test_v1_quota_and_memory_limit_and_v1s_no_limit(tmp_path):
+    root = lay(tmp_path, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n0::/\n", {
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        "memory/docker/abc/memory.limit_in_bytes": f"{2**30}\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+    })
+    found = share(root, {})
+    assert (found.cores, found.memory) == (1, min(MACHINE, 2**30))
+    (root / "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
+    (root / "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes").write_text(
+        "9223372036854771712\n")
+    assert share(root, {}) == share(tmp_path / "nothing", {})  # no limit at all: the machine
+
+
+def test_a_container_seeing_its_group_as_the_mount_root(tmp_path):
+    """Inside a container, /proc/self/cgroup names the group on the host; the container's
+    mount shows that group as its root."""
+    root = lay(tmp_path, "0::/kubepods/pod1/c1\n", {
+        "cgroup.controllers": "cpu memory\n", "cpu.max": "100000 100000\n",
+        "memory.max": f"{3 * 2**30}\n"})
+    assert (share(root, {}).cores, share(root, {}).memory) == (1, min(MACHINE, 3 * 2**30))
+
+
+def test_jupyterhubs_variables_count_and_the_smallest_share_wins(tmp_path):
+    nothing = tmp_path / "nothing"
+    found = share(nothing, {"CPU_LIMIT": "1.0", "MEM_LIMIT": str(2 * 2**30)})
+    assert (found.cores, found.memory) == (1, min(MACHINE, 2 * 2**30))
+    assert found.source == "CPU_LIMIT 1.0, MEM_LIMIT 2.0 GiB"
+    assert share(nothing, {"CPU_LIMIT": "", "MEM_LIMIT": "lots"}) == share(nothing, {})
+    machine = share(nothing, {})
+    assert (machine.cores, machine.memory, machine.source) == (RUNNABLE, MACHINE,
+                                                               "this machine")
