@@ -30,6 +30,12 @@ class Share:
     #: What sets them, in words: "a cgroup's 1 CPU and 2.0 GiB", "this machine".
     source: str
 
+    @property
+    def memory_words(self) -> str:
+        """The memory, said with whose it is: "the container's 2.0 GiB"."""
+        whose = "this machine's" if self.source == "this machine" else "the container's"
+        return f"{whose} {_gib(self.memory)}"
+
 
 def share(root: Path = Path("/"), environ: Mapping[str, str] = os.environ) -> Share:
     """The cores and memory this process may use (``root``: where /proc and /sys are)."""
@@ -41,7 +47,7 @@ def share(root: Path = Path("/"), environ: Mapping[str, str] = os.environ) -> Sh
     said = []
     if cpus or memory:
         said.append("a cgroup's " + " and ".join(
-            ([f"{min(cpus):g} CPUs"] if cpus else []) + ([_gib(min(memory))] if memory else [])))
+            ([_cpus(min(cpus))] if cpus else []) + ([_gib(min(memory))] if memory else [])))
     if _number(environ.get("CPU_LIMIT")):
         cpus.append(float(environ["CPU_LIMIT"]))
         said.append(f"CPU_LIMIT {environ['CPU_LIMIT']}")
@@ -53,6 +59,16 @@ def share(root: Path = Path("/"), environ: Mapping[str, str] = os.environ) -> Sh
     cores = max(1, min([runnable, *(math.ceil(c) for c in cpus)]))
     total = min([psutil.virtual_memory().total, *memory])
     return Share(cores, total, ", ".join(said) or "this machine")
+
+
+def oom_kills(root: Path = Path("/")) -> int | None:
+    """How many processes the kernel's out-of-memory killer has ended in this process's
+    group and the groups below it (v2's memory.events, v1's memory.oom_control); None where
+    neither says."""
+    groups = _groups(root)
+    found = (_v2_values(root, groups, "memory.events", _oom_kill)
+             or _v1_values(root, groups, "memory", ("memory.oom_control",), _oom_kill))
+    return found[0] if found else None  # (the group's own: its count includes those below)
 
 
 def _groups(root: Path) -> dict[str, str]:
@@ -84,7 +100,8 @@ def _v2_values(root: Path, groups: dict[str, str], name: str, parse) -> list:
         return []
     for mount in (root / "sys/fs/cgroup", root / "sys/fs/cgroup/unified"):
         if (mount / "cgroup.controllers").exists():
-            return [v for d in _folders(mount, groups[""]) if (v := _read(d, (name,), parse))]
+            return [v for d in _folders(mount, groups[""])
+                    if (v := _read(d, (name,), parse)) is not None]
     return []
 
 
@@ -95,7 +112,7 @@ def _v1_values(root: Path, groups: dict[str, str], controller: str, names: tuple
         return []
     for mount in (root / "sys/fs/cgroup" / m for m in (controller, "cpu,cpuacct", "cpuacct,cpu")):
         if mount.is_dir():
-            return [v for d in _folders(mount, group) if (v := _read(d, names, parse))]
+            return [v for d in _folders(mount, group) if (v := _read(d, names, parse)) is not None]
     return []
 
 
@@ -122,11 +139,19 @@ def _v1_memory(words: list[str]) -> int | None:
     return None if int(words[0]) >= V1_UNLIMITED else int(words[0])
 
 
+def _oom_kill(words: list[str]) -> int | None:
+    return int(words[words.index("oom_kill") + 1]) if "oom_kill" in words else None
+
+
 def _number(text: str | None) -> bool:
     try:
         return text is not None and float(text) > 0
     except ValueError:
         return False
+
+
+def _cpus(count: float) -> str:
+    return f"{count:g} CPU" + ("" if count == 1 else "s")
 
 
 def _gib(size: int) -> str:

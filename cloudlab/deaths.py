@@ -6,8 +6,9 @@ An engine's end is classified from what is known about it, best first:
    memory guard in :mod:`cloudlab.onhost.agent` writes one: "out of memory: ...");
 2. its exit status: killed by signal N (named: SIGKILL, SIGSEGV, ...), or
    exited with code N;
-3. the machine's count of out-of-memory kills (cgroup v2 ``memory.events``):
-   a SIGKILL while that count went up is the kernel's OOM killer, not a user.
+3. the count of out-of-memory kills in our cgroup (v2's ``memory.events``, v1's
+   ``memory.oom_control``: :mod:`cloudlab.container`): a SIGKILL while that count
+   went up is the kernel's OOM killer, not a user.
 
 A :class:`Death` is what the cluster keeps for each engine that ended without
 being asked to, and what a lost task's error quotes.
@@ -18,10 +19,6 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
-#: Where cgroup v2 counts the kernel's out-of-memory kills for this process's group.
-MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
 
 
 @dataclass(frozen=True)
@@ -40,19 +37,16 @@ class Death:
 
 def oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has ended in our cgroup (None: unknown)."""
-    try:
-        for line in MEMORY_EVENTS.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "oom_kill":
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return None
+    from .container import oom_kills as in_our_group
+
+    return in_our_group()
 
 
 def cause_of(exit_code: int | None, last_words: str | None = None,
-             oom_before: int | None = None, oom_now: int | None = None) -> str:
-    """One phrase, to follow "engine 3 ...": what ended the engine."""
+             oom_before: int | None = None, oom_now: int | None = None,
+             memory: str | None = None) -> str:
+    """One phrase, to follow "engine 3 ...": what ended the engine (``memory``: whose memory
+    ran out, "the container's 2.0 GiB")."""
     if last_words and last_words.strip():
         return last_words.strip().splitlines()[0]
     if exit_code is None:
@@ -65,6 +59,7 @@ def cause_of(exit_code: int | None, last_words: str | None = None,
             name = f"signal {number}"
         if (number == signal.SIGKILL and oom_before is not None and oom_now is not None
                 and oom_now > oom_before):
-            return "ran out of memory (killed by the kernel's out-of-memory killer)"
+            return ("ran out of memory (killed by the kernel's out-of-memory killer"
+                    + (f": {memory})" if memory else ")"))
         return f"was killed by signal {number} ({name})"
     return f"exited with code {exit_code}"

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from . import _aio
+from .container import share
 from .deaths import Death, cause_of, oom_kills
 
 if TYPE_CHECKING:
@@ -88,4 +89,5 @@ class Supervisor:
 
     def cause(self, proc: Launched) -> str:
         before, self._oom = self._oom, oom_kills()
-        return cause_of(proc.exit_code(), proc.last_words(), before, self._oom)
+        memory = share().memory_words if self.engines.backend.same_machine else None
+        return cause_of(proc.exit_code(), proc.last_words(), before, self._oom, memory)

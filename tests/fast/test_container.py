@@ -73,3 +73,34 @@ def test_jupyterhubs_variables_count_and_the_smallest_share_wins(tmp_path):
     machine = share(nothing, {})
     assert (machine.cores, machine.memory, machine.source) == (RUNNABLE, MACHINE,
                                                                "this machine")
+
+
+def test_oom_kills_are_counted_in_this_process_group_v2_then_v1(tmp_path):
+    from cloudlab.container import oom_kills
+
+    v2 = lay(tmp_path / "v2", "0::/pod\n", {
+        "cgroup.controllers": "memory\n",
+        "pod/memory.events": "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n",
+        "memory.events": "oom_kill 9\n"})  # the host's, above the pod
+    assert oom_kills(v2) == 2
+    v1 = lay(tmp_path / "v1", "4:memory:/pod\n0::/\n", {
+        "memory/pod/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"})
+    assert oom_kills(v1) == 0
+    assert oom_kills(tmp_path / "nothing") is None
+
+
+def test_whose_memory_ran_out_is_said():
+    from cloudlab.container import Share
+    from cloudlab.deaths import cause_of
+
+    limited = Share(1, 2 * 2**30, "a cgroup's 1 CPU and 2.0 GiB")
+    assert limited.memory_words == "the container's 2.0 GiB"
+    assert Share(2, 3 * 2**30, "this machine").memory_words == "this machine's 3.0 GiB"
+    assert cause_of(-9, oom_before=0, oom_now=1, memory=limited.memory_words) == (
+        "ran out of memory (killed by the kernel's out-of-memory killer: the container's "
+        "2.0 GiB)")
+
+
+def test_one_cpu_is_said_as_one(tmp_path):
+    root = lay(tmp_path, "0::/\n", {"cgroup.controllers": "cpu\n", "cpu.max": "100000 100000\n"})
+    assert share(root, {}).source == "a cgroup's 1 CPU"
