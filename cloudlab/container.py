@@ -27,14 +27,19 @@ V1_UNLIMITED = 2**62
 class Share:
     cores: int
     memory: int  # bytes
+    #: Bytes not in use now: the machine's free memory, or what the container's limit leaves.
+    available: int
     #: What sets them, in words: "a cgroup's 1 CPU and 2.0 GiB", "this machine".
     source: str
 
     @property
+    def whose(self) -> str:
+        return "this machine" if self.source == "this machine" else "the container"
+
+    @property
     def memory_words(self) -> str:
         """The memory, said with whose it is: "the container's 2.0 GiB"."""
-        whose = "this machine's" if self.source == "this machine" else "the container's"
-        return f"{whose} {_gib(self.memory)}"
+        return f"{self.whose}'s {_gib(self.memory)}"
 
 
 def share(root: Path = Path("/"), environ: Mapping[str, str] = os.environ) -> Share:
@@ -57,8 +62,15 @@ def share(root: Path = Path("/"), environ: Mapping[str, str] = os.environ) -> Sh
     runnable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count()) or 1
     cores = max(1, min([runnable, *(math.ceil(c) for c in cpus)]))
-    total = min([psutil.virtual_memory().total, *memory])
-    return Share(cores, total, ", ".join(said) or "this machine")
+    machine = psutil.virtual_memory()
+    total = min([machine.total, *memory])
+    available = machine.available
+    if total < machine.total:  # a container's limit: what its group uses counts against it
+        used = [*_v2_values(root, groups, "memory.current", _v2_memory),
+                *_v1_values(root, groups, "memory", ("memory.usage_in_bytes",), _v1_memory)]
+        used_here = used[0] if used else machine.total - machine.available
+        available = max(0, min(available, total - used_here))
+    return Share(cores, total, available, ", ".join(said) or "this machine")
 
 
 def oom_kills(root: Path = Path("/")) -> int | None:

@@ -152,10 +152,11 @@ class LocalBackend(Backend):
         return self.options.ip
 
     def max_engines(self, mb_per_engine: int) -> tuple[int, str]:
-        free_mb = psutil.virtual_memory().available / 2**20
+        here = share()  # (a container's free memory is what its limit leaves)
+        free_mb = here.available / 2**20
         limit = int(free_mb * self.options.memory_fraction / mb_per_engine)
         return limit, (
-            f"each engine needs about {mb_per_engine} MB and this machine has "
+            f"each engine needs about {mb_per_engine} MB and {here.whose} has "
             f"{free_mb / 1024:.1f} GB free"
         )
 

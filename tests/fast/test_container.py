@@ -93,9 +93,9 @@ def test_whose_memory_ran_out_is_said():
     from cloudlab.container import Share
     from cloudlab.deaths import cause_of
 
-    limited = Share(1, 2 * 2**30, "a cgroup's 1 CPU and 2.0 GiB")
+    limited = Share(1, 2 * 2**30, 2**30, "a cgroup's 1 CPU and 2.0 GiB")
     assert limited.memory_words == "the container's 2.0 GiB"
-    assert Share(2, 3 * 2**30, "this machine").memory_words == "this machine's 3.0 GiB"
+    assert Share(2, 3 * 2**30, 2**30, "this machine").memory_words == "this machine's 3.0 GiB"
     assert cause_of(-9, oom_before=0, oom_now=1, memory=limited.memory_words) == (
         "ran out of memory (killed by the kernel's out-of-memory killer: the container's "
         "2.0 GiB)")
@@ -104,3 +104,17 @@ def test_whose_memory_ran_out_is_said():
 def test_one_cpu_is_said_as_one(tmp_path):
     root = lay(tmp_path, "0::/\n", {"cgroup.controllers": "cpu\n", "cpu.max": "100000 100000\n"})
     assert share(root, {}).source == "a cgroup's 1 CPU"
+
+
+def test_a_containers_free_memory_is_what_its_limit_leaves(tmp_path):
+    v2 = lay(tmp_path / "v2", "0::/pod\n", {
+        "cgroup.controllers": "memory\n", "pod/memory.max": f"{2 * 2**30}\n",
+        "pod/memory.current": f"{2**29}\n"})
+    found = share(v2, {})
+    assert found.available == min(psutil.virtual_memory().available, 3 * 2**29)
+    v1 = lay(tmp_path / "v1", "4:memory:/pod\n", {
+        "memory/pod/memory.limit_in_bytes": f"{2**30}\n",
+        "memory/pod/memory.usage_in_bytes": f"{2**30 + 5}\n"})  # over: none left
+    assert share(v1, {}).available == 0
+    machine = share(tmp_path / "nothing", {})
+    assert 0 < machine.available <= machine.memory == psutil.virtual_memory().total
