@@ -19,7 +19,9 @@ its preloads are imported. Each request on stdin, ``{"entry", "args", "env",
 "cwd", "log", "cleanup", "title"}``, is answered in order with ``{"pid": P}``
 or ``{"error": text}``; each child's end is reported as ``{"exited": P,
 "code": C}``. The server exits when stdin closes or its owner dies; children
-keep their own lease and die with the owner too.
+keep their own lease and die with the owner too. A child that is frozen (SIGSTOP)
+cannot act on its lease, its keeper frozen with it: the server, which is not,
+ends whatever is left when it ends.
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ import importlib
 import json
 import os
 import select
+import signal
 import sys
+import time
 import traceback
+
+#: Seconds children get to end by their own lease before the server ends them.
+CHILDREN_GRACE = 2.0
 
 
 class Server:
@@ -65,6 +72,21 @@ class Server:
                         return
                 else:
                     self.reap(fd, poller)
+
+    def end_children(self, grace: float = CHILDREN_GRACE) -> None:
+        """The server ends (its owner died, or closed it): children its owner left end by
+        their own lease within a moment; those still there after ``grace`` seconds (frozen)
+        are killed with their process group (SIGKILL ends a stopped process)."""
+        deadline = time.monotonic() + grace
+        while self.children and (left := deadline - time.monotonic()) > 0:
+            for pidfd in select.select(list(self.children), [], [], left)[0]:
+                os.waitpid(self.children.pop(pidfd), 0)
+                os.close(pidfd)
+        for pid in self.children.values():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def read_requests(self, poller: select.poll) -> bool:
         data = os.read(0, 65536)
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
               f"forked now could inherit a held lock.", file=sys.stderr, flush=True)
     server.reply({"ready": True, "pid": os.getpid()})
     server.serve()
+    server.end_children()
     for path in ns.cleanup:  # a server that failed keeps its log, for its owner to read
         try:
             os.unlink(path)

@@ -54,3 +54,27 @@ def test_a_killed_controller_ends_the_cluster_and_a_new_start_works(engine, reli
         assert again.map(abs, [-1, -2]) == [1, 2]
     reliability("controller killed (kill -9)", engine,
                 f"cluster dead after {noticed:.2f} s, engines stopped", gone)
+
+
+def test_a_frozen_engine_ends_with_its_killed_owner(engine):
+    """SIGSTOP freezes an engine's own lease keeper with it: the fork server, which is not
+    frozen, ends what its owner left (SIGKILL ends a stopped process)."""
+    import subprocess
+    import sys
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time, cloudlab\n"
+         f"c = cloudlab.Cluster(2, engine={engine!r}).start()\n"
+         "print(c.name, *(p.pid for p in c._members.processes.values()), flush=True)\n"
+         "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        name, *pids = owner.stdout.readline().split()
+        kill(int(pids[1]), signal.SIGSTOP)
+        kill(owner.pid)
+        owner.wait(10)
+        survivors = wait_until_gone(name, 10)
+        assert survivors == [], [(p.pid, p.status()) for p in survivors]
+    finally:
+        owner.kill()
+        owner.wait()
+    assert wait_until_gone(timeout=5) == []  # its fork servers too
