@@ -56,7 +56,7 @@ def test_a_killed_controller_ends_the_cluster_and_a_new_start_works(engine, reli
                 f"cluster dead after {noticed:.2f} s, engines stopped", gone)
 
 
-def test_a_frozen_engine_ends_with_its_killed_owner(engine):
+def test_a_frozen_engine_ends_with_its_killed_owner(engine, reliability):
     """SIGSTOP freezes an engine's own lease keeper with it: the fork server, which is not
     frozen, ends what its owner left (SIGKILL ends a stopped process)."""
     import subprocess
@@ -71,9 +71,12 @@ def test_a_frozen_engine_ends_with_its_killed_owner(engine):
         name, *pids = owner.stdout.readline().split()
         kill(int(pids[1]), signal.SIGSTOP)
         kill(owner.pid)
+        t0 = time.monotonic()
         owner.wait(10)
         survivors = wait_until_gone(name, 10)
         assert survivors == [], [(p.pid, p.status()) for p in survivors]
+        reliability("an engine frozen (SIGSTOP), then its owner killed (kill -9)", engine,
+                    "every process gone, the frozen one too", time.monotonic() - t0)
     finally:
         owner.kill()
         owner.wait()
