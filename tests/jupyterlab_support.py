@@ -411,7 +411,7 @@ def open_notebook(page, server: LabServer, name: str, cells: int) -> None:
     connected and idle."""
     page.goto(server.lab_url(name), wait_until="domcontentloaded", timeout=60_000)
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=60_000)
-    poll(lambda: page.locator(".jp-Notebook .jp-Cell").count() == cells, timeout=30,
+    poll(lambda: page.locator(".jp-Notebook .jp-Cell").count() == cells, timeout=60,
          what=f"{name} showing its {cells} cells")
     wait_kernel_ready(page, server, timeout=60)
 
