@@ -122,16 +122,23 @@ class Engine(abc.ABC):
 async def wait_for_file(path: Path, alive: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll for the JSON file ``path`` until it is whole (controllers write theirs in
     pieces); fail fast if the process that should write it died."""
+    await wait_until(lambda: whole_json(path), alive, timeout, what)
+
+
+async def wait_until(ready: Callable[[], bool], alive: Callable[[], bool], timeout: float,
+                     what: str, every: float = 0.02) -> None:
+    """Poll ``ready()`` until it holds; StartError in one sentence if the ``what`` that should
+    make it hold died, or after ``timeout`` seconds."""
     from ..errors import StartError
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not whole_json(path):
+    while not ready():
         if not alive():
             raise StartError(f"The {what} exited before it was ready")
         if loop.time() > deadline:
             raise StartError(f"The {what} was not ready after {timeout:g} s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every)
 
 
 def whole_json(path: Path) -> bool:

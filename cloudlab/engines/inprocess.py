@@ -27,10 +27,10 @@ from typing import Any
 import cloudpickle
 
 from ..backends.base import Backend, Command
-from ..errors import ConfigError, StartError
+from ..errors import ConfigError
 from ..onhost import calls
 from ..onhost.calls import Result
-from .base import Engine, OutputSink, raise_failures
+from .base import Engine, OutputSink, raise_failures, wait_until
 
 #: The hub of each running in-process cluster, by its workdir.
 HUBS: dict[str, Hub] = {}
@@ -185,14 +185,8 @@ class InProcessEngine(Engine):
                        (self._key, str(engine_id)))
 
     async def connect(self, controller_alive, timeout: float, reach=None) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while _hub_of(self._key) is None:
-            if not controller_alive():
-                raise StartError("The controller exited before it was ready")
-            if loop.time() > deadline:
-                raise StartError(f"The controller was not ready after {timeout:g} s")
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: _hub_of(self._key) is not None, controller_alive, timeout,
+                         "controller", every=0.005)
 
     @property
     def client(self) -> Hub | None:
