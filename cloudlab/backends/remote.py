@@ -80,6 +80,19 @@ def parent_folders(files: tuple[Path, ...]) -> list[str]:
     return sorted({str(Path(p).resolve().parent) for p in files})
 
 
+def place_files_command(files: tuple[Path, ...]) -> str:
+    """The shell command that writes ``files`` (a :func:`files_archive` on its input) at
+    their paths on another machine, each replaced whole by a rename. Machines that share a
+    folder (an NFS home, a shared /tmp) may be written to at once: tar's own unlink and
+    create would then fail ("File exists"), and an engine could read a half-written file."""
+    paths = [str(Path(p).resolve()) for p in files]
+    folders = " ".join(map(shlex.quote, parent_folders(files)))
+    moves = " && ".join(f'mv -f "$t"{shlex.quote(p)} {shlex.quote(p)}' for p in paths)
+    first = shlex.quote(parent_folders(files)[0])
+    return (f"umask 077 && mkdir -p {folders} && t=$(mktemp -d {first}/.incoming-XXXXXX) && "
+            f"{{ tar -x -C \"$t\" -f - && {moves}; ok=$?; rm -rf \"$t\"; exit $ok; }}")
+
+
 def check_lease(lease: float) -> None:
     if lease <= 0:
         raise ConfigError(f"lease must be a number of seconds above 0, not {lease}.")

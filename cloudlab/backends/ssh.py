@@ -49,7 +49,7 @@ from .remote import (
     check_lease,
     extract_archive,
     files_archive,
-    parent_folders,
+    place_files_command,
     wait_for_files,
 )
 from .ssh_hosts import SshHost, ssh_command
@@ -335,10 +335,9 @@ class SshBackend(Backend):
                 sent.update({f: stamps[f] for f in new})
 
     def _send_files(self, host: SshHost, files: tuple[Path, ...]) -> None:
-        folders = " ".join(map(shlex.quote, parent_folders(files)))
-        remote = f"umask 077 && mkdir -p {folders} && tar -x -C / -f -"
         done = subprocess.run(
-            ssh_command(host, remote, self.options.identity_file, self.options.known_hosts),
+            ssh_command(host, place_files_command(files), self.options.identity_file,
+                        self.options.known_hosts),
             input=files_archive(files), capture_output=True, timeout=60)
         if done.returncode != 0:
             raise StartError(f"Could not copy the connection files to {host}: "
