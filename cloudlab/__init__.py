@@ -16,6 +16,7 @@ from .errors import (
     CloudlabError,
     ClusterStateError,
     ConfigError,
+    EngineLost,
     ProvisionTimeout,
     RemoteError,
     StartError,
@@ -48,6 +49,7 @@ __all__ = [
     "ProvisionTimeout",
     "RemoteError",
     "TaskLost",
+    "EngineLost",
     "Cancelled",
 ]
 

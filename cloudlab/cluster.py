@@ -215,7 +215,8 @@ class Cluster(EngineNamespaces):
             await self._backend.provision(self._n, deadline - time.monotonic())
             engine = self._engine_cls(self._workdir, self._backend.controller_ip,
                                       self.profile.cluster.task_retries,
-                                      remote=not self._backend.same_machine)
+                                      remote=not self._backend.same_machine,
+                                      heartbeat_timeout=self.profile.cluster.heartbeat_timeout)
             limit = memory_limit_bytes(self.profile.cluster.memory_limit)
             if isinstance(limit, str):  # "auto"
                 limit = self._backend.auto_memory_limit(self._n)

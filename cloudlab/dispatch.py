@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._aio import Signal
 from .deaths import Death
-from .errors import Cancelled, ClusterStateError, TaskLost
+from .engines.base import Answers, OutputSink, settle
+from .errors import Cancelled, ClusterStateError, EngineLost, RemoteError, TaskLost
+from .onhost.calls import Failure
 from .progress import CANCELLED, FAILED, Progress
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 
 #: Pieces an engine holds at once: one running, one waiting behind it.
 DEPTH = 2
+#: Seconds an answer that the engine's client gave up on waits for the verdict on its
+#: engine (the supervisor asks the controller every second whom it still counts).
+VERDICT = 3.0
 
 
 class Engines(Protocol):
@@ -88,6 +93,8 @@ class Job:
         #: Engines that died under a piece of this job, with what then ran where.
         self.incidents: list[str] = []
         self.cancelled_by: str | None = None
+        #: When the engine's client gave up on a task whose engine still runs.
+        self.failed_at: dict[asyncio.Task, float] = {}
         self._wake = Signal()
 
     # ----------------------------------------------------------------- running
@@ -158,7 +165,9 @@ class Job:
 
     async def _next_event(self) -> None:
         waits = [*self._pending(), self._wake.wait(), self.engines.changed.wait()]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        verdicts = any(t.done() for t in self._tasks())  # failed tasks awaiting one
+        await asyncio.wait(waits, timeout=0.25 if verdicts else None,
+                           return_when=asyncio.FIRST_COMPLETED)
 
     def _collect(self) -> None:
         for eid, held in list(self.running.items()):
@@ -172,11 +181,18 @@ class Job:
                         # Dying (the supervisor says why within 50 ms) or gone: the pieces
                         # it held are taken back together, in the next round.
                         continue
-                    del held[piece]
                     if task.cancelled():
+                        del held[piece]
                         self.queue.appendleft(piece)
                         continue
-                    raise task.exception() or AssertionError  # the task's own error
+                    # Its engine still runs: silent, its controller may have dropped it,
+                    # which the supervisor hears within a second; else the error is the task's.
+                    loop = asyncio.get_running_loop()
+                    if loop.time() < self.failed_at.setdefault(task, loop.time()) + VERDICT:
+                        continue
+                    del held[piece]
+                    error = task.exception()
+                    raise RemoteError({eid: (type(error).__name__, str(error), "")})
                 elif piece not in self.results:
                     del held[piece]
                     self.results[piece] = task.result()
@@ -258,6 +274,77 @@ async def run_in_view(job: Job, progress: Progress, tell: Callable[[str], None])
         progress.on_stop = None
         for line in job.incidents:
             tell(line)
+
+
+async def on_each(engines: Engines, ids: list[int], call: str,
+                  send: Callable[[], Awaitable[Answers]], sink: OutputSink) -> dict[int, Result]:
+    """Send a call to each engine of ``ids`` (``send()``) and wait for every answer, watching
+    the engines meanwhile: one that dies or stops answering ends the wait for its answer,
+    and the call (named ``call`` in errors: "run f") raises :class:`EngineLost` naming it
+    and its cause, once the others have answered (what they printed goes to ``sink``).
+
+    Neither engine kind ends such a wait by itself: Dask keeps a task pinned to a dead
+    worker for ever, and ipyparallel fails it with an error of its own."""
+    loop = asyncio.get_running_loop()
+    deaths: dict[int, Death] = {}
+    answers: Answers = {}
+    sending = asyncio.ensure_future(send())
+    try:
+        while not sending.done() and not (deaths := _lost(engines, ids)):
+            await asyncio.wait([sending, engines.changed.wait()],
+                               return_when=asyncio.FIRST_COMPLETED)
+        if deaths:
+            sending.cancel()
+            raise EngineLost(call, deaths.values(), {})
+        answers = dict(sending.result())
+        results: dict[int, Result] = {}
+        # Engine -> since when its process has ended, or its client gave up on its answer,
+        # while it is still a member: the supervisor's verdict is awaited, for VERDICT.
+        doubted: dict[int, float] = {}
+        while answers:
+            for eid, answer in list(answers.items()):
+                state = engines.state_of(eid)
+                if isinstance(state, Death):
+                    deaths[eid] = state
+                elif answer.done() and not answer.cancelled() and answer.exception() is None:
+                    results[eid] = answer.result()
+                elif state == "alive" and not answer.done():
+                    continue
+                elif loop.time() < doubted.setdefault(eid, loop.time()) + VERDICT:
+                    continue
+                else:
+                    deaths[eid] = Death(eid, "ended while answering" if state == "dying" else
+                                        f"could not answer ({_described(answer)})")
+                answers.pop(eid).cancel()
+            if answers:
+                await asyncio.wait([*(a for a in answers.values() if not a.done()),
+                                    engines.changed.wait()], timeout=0.25 if doubted else None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sending.cancel()
+        for answer in answers.values():
+            answer.cancel()  # (the caller was interrupted)
+    if deaths:
+        failed = {eid: r for eid, r in results.items() if isinstance(r.value, Failure)}
+        try:
+            settle(results.values(), sink)
+            remote_error = None
+        except RemoteError as error:
+            remote_error = error
+        raise EngineLost(call, [deaths[eid] for eid in sorted(deaths)],
+                         {eid: r.value for eid, r in results.items() if eid not in failed},
+                         remote_error)
+    return results
+
+
+
+def _lost(engines: Engines, ids: list[int]) -> dict[int, Death]:
+    return {eid: state for eid in ids if isinstance(state := engines.state_of(eid), Death)}
+
+
+def _described(answer: asyncio.Future) -> str:
+    error = answer.exception()
+    return f"{type(error).__name__}: {error}".strip().rstrip(":") if error else "cancelled"
 
 
 def describe_items(starts: list[int], sizes: list[int]) -> Callable[[int], str]:

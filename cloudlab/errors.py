@@ -11,6 +11,7 @@
     │   └── ProvisionTimeout   too few engines became ready in time
     ├── RemoteError            code raised on engines; collapsed across engines
     ├── TaskLost               a piece of work lost more engines than it may be retried on
+    ├── EngineLost             an engine died or went silent during a call on every engine
     └── Cancelled              a job was cancelled; the engines that ran it were replaced
 
 Every error carries the numbers it talks about as attributes, so code can react
@@ -20,6 +21,7 @@ without parsing messages.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class CloudlabError(Exception):
@@ -121,6 +123,30 @@ class TaskLost(CloudlabError, RuntimeError):
             f"{piece} of {job} was lost with {len(deaths)} engine"
             f"{'s' if len(deaths) != 1 else ''} ({causes}) and is not retried again, as "
             f"task_retries is {retries}: {fix}.")
+
+
+class EngineLost(CloudlabError, RuntimeError):
+    """An engine died or stopped answering during a call on several engines (``run``,
+    ``execute``, ``push``, ...), which therefore cannot be whole.
+
+    ``deaths``: a :class:`~cloudlab.deaths.Death` for each engine lost; ``results``: what
+    the engines that answered returned, by engine id; ``remote_error``: the
+    :class:`RemoteError` of those that raised, if any.
+    """
+
+    def __init__(self, call: str, deaths: Iterable, results: dict[int, Any],
+                 remote_error: RemoteError | None = None):
+        self.call, self.deaths, self.results = call, list(deaths), dict(results)
+        self.remote_error = remote_error
+        lost = "; ".join(str(d) for d in self.deaths)
+        answered = sorted([*self.results, *(remote_error.failures if remote_error else ())])
+        they = "they" if len(answered) > 1 else "it"
+        others = (f"engine{'s' if len(answered) > 1 else ''} {format_ids(answered)} answered "
+                  f"(what {they} returned is this error's .results"
+                  + (f", what {they} raised its .remote_error" if remote_error else "") + ")"
+                  if answered else "no other engine answered")
+        super().__init__(f"{call} did not finish on every engine: {lost}; {others}. Run it "
+                         f"again on the engines there are now.")
 
 
 class Cancelled(CloudlabError):

@@ -38,10 +38,12 @@ from typing import Any
 from . import _aio, gpus, policy
 from .backends.base import Backend, Command, Launched
 from .deaths import Death
+from .dispatch import on_each
 from .engines.base import Engine
-from .errors import ConfigError, ProvisionTimeout, StartError
+from .errors import ConfigError, EngineLost, ProvisionTimeout, StartError
 from .onhost import calls
 from .onhost.agent import MEMORY_LIMIT
+from .output import PrefixedSink
 from .profiles import ClusterOptions
 from .registry import Record
 
@@ -407,8 +409,14 @@ class Membership:
     async def _learn_identity(self, ids: list[int]) -> None:
         """Ask engines their host and pid, where the backend's handles do not tell them."""
         if ids and not self.backend.knows_engine_pids:
-            results = await self.engine.run_on(ids, calls.identity)
-            self._identity.update({eid: r.value for eid, r in results.items()})
+            try:
+                results = await on_each(self, ids, "asking engines where they run",
+                                        lambda: self.engine.run_each(ids, calls.identity),
+                                        PrefixedSink())
+                known = {eid: r.value for eid, r in results.items()}
+            except EngineLost as lost:  # (an engine that died meanwhile is the supervisor's)
+                known = lost.results
+            self._identity.update(known)
 
     # ------------------------------------------------------------------- views
     async def status(self, tasks_done: Counter[int]) -> list[EngineStatus]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _aio, policy
+from .dispatch import on_each
 from .engines.base import settle
 from .errors import RemoteError, format_ids
 from .onhost import calls
@@ -69,9 +70,9 @@ class EngineNamespaces(EngineWork):
                     parts[i] = (eid, part)
         given = {eid: values for eid, values in given.items() if values}
         if given:
-            results = await asyncio.gather(*(self._engine.run_on([eid], calls.store, values)
-                                             for eid, values in given.items()))
-            settle([r for result in results for r in result.values()], PrefixedSink())
+            await asyncio.gather(*(self._each([eid], "giving a new engine the pushed names",
+                                              calls.store, values)
+                                   for eid, values in given.items()))
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every engine's namespace."""
@@ -82,29 +83,31 @@ class EngineNamespaces(EngineWork):
 
     async def _push(self, values: dict[str, Any]) -> None:
         self._require_running()
-        blocks = await self._store(None, values)
+        blocks = await self._store(None, values, "push")
         self._keep_shared(values, {name: [block] for name, block in blocks.items()})
         self._pushed.update({k: blocks[k].value if k in blocks else v for k, v in values.items()})
         for name in values:
             self._scattered.pop(name, None)
 
-    async def _store(self, ids: list[int] | None, values: dict[str, Any]) -> dict[str, SharedBlock]:
-        """Bind ``values`` on engines ``ids`` (None: all); the shared memory now holding some."""
+    async def _store(self, ids: list[int] | None, values: dict[str, Any],
+                     call: str) -> dict[str, SharedBlock]:
+        """Bind ``values`` on engines ``ids`` (None: all), as ``call`` (its name in errors);
+        the shared memory now holding some."""
         blocks: dict[str, SharedBlock] = {}
         if self._backend.same_machine and self._share_memory:
             for name, value in values.items():
                 if (block := await _aio.to_thread(share, value)) is not None:
                     blocks[name] = block
         try:
-            await self._on(ids, calls.store,
-                           {k: blocks[k].value if k in blocks else v for k, v in values.items()})
+            sent = {k: blocks[k].value if k in blocks else v for k, v in values.items()}
+            await self._on(ids, calls.store, sent, call=call)
         except RemoteError as error:
             for block in blocks.values():
                 block.close()
             if not blocks or {e[0] for e in error.failures.values()} != {"SharedMemoryUnavailable"}:
                 raise
             self._share_memory = False  # engines cannot map our memory: the ordinary way, always
-            await self._on(ids, calls.store, values)
+            await self._on(ids, calls.store, values, call=call)
             return {}
         return blocks
 
@@ -137,7 +140,7 @@ class EngineNamespaces(EngineWork):
         for name in names:
             self._pushed.pop(name, None)
             self._scattered.pop(name, None)
-        await self._on(None, calls.drop, list(names))
+        await self._on(None, calls.drop, list(names), call=f"forget {', '.join(names)}")
         self._keep_shared(names, {})
 
     def pull(self, name: str) -> dict[int, Any]:
@@ -149,7 +152,7 @@ class EngineNamespaces(EngineWork):
 
     async def _pull(self, name: str) -> dict[int, Any]:
         self._require_running()
-        return await self._on(None, calls.fetch, name)
+        return await self._on(None, calls.fetch, name, call=f"pull {name}")
 
     def scatter(self, name: str, sequence: Iterable) -> None:
         """Cut ``sequence`` into contiguous parts, one per engine, bound to ``name``."""
@@ -164,7 +167,7 @@ class EngineNamespaces(EngineWork):
         ids = self.engine_ids
         sliceable = sequence if hasattr(sequence, "__getitem__") else list(sequence)
         parts = policy.partition(cast(Sequence, sliceable), len(ids))  # (arrays too)
-        stored = await asyncio.gather(*(self._store([eid], {name: part})
+        stored = await asyncio.gather(*(self._store([eid], {name: part}, f"scatter {name}")
                                         for eid, part in zip(ids, parts)))
         self._keep_shared([name], {name: [b[name] for b in stored if name in b]})
         self._scattered[name] = [(eid, b[name].value if name in b else part)
@@ -188,7 +191,7 @@ class EngineNamespaces(EngineWork):
                     f"Part {gone[0]} of {name!r} was on an engine that has gone, and no "
                     f"engine has joined to take it yet: scale the cluster up, or scatter "
                     f"{name!r} again.")
-            parts = await self._on(holders, calls.fetch, name)
+            parts = await self._on(holders, calls.fetch, name, call=f"gather {name}")
             ordered = [parts[eid] for eid in holders]
         else:
             parts = await self._pull(name)
@@ -216,4 +219,7 @@ class EngineNamespaces(EngineWork):
         if unknown:
             raise ValueError(f"No engine {unknown[0]} in cluster {self.name}: "
                              f"engines are {format_ids(self.engine_ids)}.")
-        await self._engine.execute(code, ids, sink or PrefixedSink())
+        sink = sink or PrefixedSink()
+        results = await on_each(self._members, ids, "execute",
+                                lambda: self._engine.execute_each(code, ids, sink), sink)
+        settle(results.values(), sink)

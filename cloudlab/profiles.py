@@ -44,6 +44,9 @@ class ClusterOptions:
     replace_dead_engines: bool = option(True, "Start a new engine when one dies.")
     task_retries: int = option(2, "Times a piece of work runs again after its engine died "
                                "under it, before the job fails.")
+    heartbeat_timeout: float = option(10.0, "Seconds an engine may go unheard by its "
+                                      "controller (SIGSTOP, a frozen VM, a cut link) before "
+                                      "it is ended, replaced, and its work run again.")
     memory_limit: str = option("auto", "Memory one engine may hold before it is ended (and "
                                "replaced): like \"2GB\", \"auto\" (the machine's memory "
                                "shared among its engines) or \"none\".")
@@ -147,6 +150,9 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
     if cluster.task_retries < 0:
         raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
                           f"got {cluster.task_retries}.")
+    if not cluster.heartbeat_timeout > 0:  # (NaN too)
+        raise ConfigError(f"{source}: key 'heartbeat_timeout' must be a number of seconds "
+                          f"above 0, got {cluster.heartbeat_timeout}.")
     try:
         memory_limit_bytes(cluster.memory_limit)
     except ValueError as e:

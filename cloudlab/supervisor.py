@@ -2,8 +2,9 @@
 
 One task per running cluster looks at its processes every 50 ms (locally a
 dictionary lookup per engine: the fork server reports each exit as it
-happens) and, every second where engines are remote, at the engines its
-controller still counts. Each engine that ended without being asked to is
+happens) and, every second, at the engines its controller still counts: one
+it has not heard from for ``heartbeat_timeout`` seconds, its process still
+there (stopped, on a frozen VM, behind a cut link), is ended as if it had died. Each engine that ended without being asked to is
 reported with its cause (a :class:`~cloudlab.deaths.Death`) to the cluster's
 :class:`~cloudlab.membership.Membership`, which removes it and replaces it
 (or wants fewer engines, where a rule says so). Jobs (:mod:`cloudlab.dispatch`)
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
 
 #: Seconds between looks at the processes.
 PERIOD = 0.05
-#: Seconds between asking the controller which engines it counts (remote engines).
+#: Seconds between asking the controller which engines it counts.
 ASK_CONTROLLER_EVERY = 1.0
+#: Seconds within which a killed engine's process is reported ended.
+ENDS_WITHIN = 0.3
 
 
 class Watched(Protocol):
@@ -76,16 +79,33 @@ class Supervisor:
                 asyncio.ensure_future(self.die(f"its controller {self.cause(controller)}"))
                 return
             # Engines not yet usable are their start's to watch (it fails, or drops them).
-            dead = {eid: p for eid, p in engines.processes.items()
+            dead = {eid: Death(eid, self.cause(p)) for eid, p in engines.processes.items()
                     if eid in engines.ready and not p.alive()}
-            if (not dead and not engines.backend.knows_engine_pids
-                    and loop.time() - asked > ASK_CONTROLLER_EVERY):
+            # (At least four asks within a heartbeat_timeout: a silent engine is ended soon
+            # after it.)
+            every = min(ASK_CONTROLLER_EVERY, engines.engine.heartbeat_timeout / 4)
+            if not dead and loop.time() - asked > every:
                 asked = loop.time()
-                counted = await engines.engine.ready_ids()
-                dead = {eid: engines.processes[eid] for eid in engines.ready - counted
-                        if eid in engines.processes}
-            for eid, proc in dead.items():
-                await engines.lost({eid: Death(eid, self.cause(proc))})
+                dead = await self._dropped()
+            for eid, death in dead.items():
+                await engines.lost({eid: death})
+
+    async def _dropped(self) -> dict[int, Death]:
+        """Engines the controller no longer counts: dead, or silent for heartbeat_timeout
+        while their process is still there (stopped, on a frozen VM, cut off), which
+        removing them ends (SIGKILL ends a stopped process too)."""
+        engines = self.engines
+        counted = await engines.engine.ready_ids()
+        dropped = {eid: engines.processes[eid] for eid in engines.ready - counted
+                   if eid in engines.processes}
+        if any(p.alive() for p in dropped.values()):
+            # A controller can hear of a death (a closed connection) before its process is
+            # reported ended: a killed engine must not be called silent.
+            await asyncio.sleep(ENDS_WITHIN)
+        return {eid: Death(eid, self.cause(p) if not p.alive() else
+                           f"stopped answering for {engines.engine.heartbeat_timeout:g} s "
+                           f"(SIGSTOP, a frozen VM or a cut link)")
+                for eid, p in dropped.items()}
 
     def cause(self, proc: Launched) -> str:
         before, self._oom = self._oom, oom_kills()

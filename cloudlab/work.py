@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _aio, policy, usercode
-from .dispatch import Job, describe_items, run_in_view
+from .dispatch import Job, describe_items, on_each, run_in_view
 from .engines.base import OutputSink, settle
 from .errors import RemoteError
 from .onhost import calls
@@ -153,15 +153,26 @@ class EngineWork:
             caller.drain()
 
     async def _on(self, ids: list[int] | None, fn: Callable, *args: Any,
-                  sink: OutputSink | None = None, ship: bool = False) -> dict[int, Any]:
-        """Run ``fn(*args)`` on each engine of ``ids`` (None: every engine); values by id."""
+                  sink: OutputSink | None = None, ship: bool = False,
+                  call: str | None = None) -> dict[int, Any]:
+        """Run ``fn(*args)`` on each engine of ``ids`` (None: every engine); values by id.
+        ``call`` names it in errors (default: "run" and the function's name)."""
         await self._joined()
         await self._sync_code()
         ids = self.engine_ids if ids is None else ids
+        call = call or f"run {getattr(fn, '__name__', type(fn).__name__)}"
         if ship:
             fn = calls.Shipped(fn, self._engine_names())
-        results = await self._engine.run_on(ids, fn, *args)
-        settle(results.values(), sink or PrefixedSink())
+        return await self._each(ids, call, fn, *args, sink=sink)
+
+    async def _each(self, ids: list[int], call: str, fn: Callable, *args: Any,
+                    sink: OutputSink | None = None) -> dict[int, Any]:
+        """``fn(*args)`` on each engine of ``ids``, watched (:func:`~cloudlab.dispatch.on_each`);
+        what they printed to ``sink``, their failures raised; values by engine id."""
+        sink = sink or PrefixedSink()
+        results = await on_each(self._members, ids, call,
+                                lambda: self._engine.run_each(ids, fn, *args), sink)
+        settle(results.values(), sink)
         return {eid: r.value for eid, r in results.items()}
 
     # ----------------------------------------------------------- the user's code
@@ -190,9 +201,8 @@ class EngineWork:
     async def _install_code(self, ids: list[int], bundle: usercode.Bundle) -> None:
         if self._engine.shares_client_modules:
             return
-        results = await self._engine.run_on(ids, calls.install_code, bundle.digest,
-                                            bundle.archive, bundle.modules)
-        settle(results.values(), PrefixedSink())
+        await self._each(ids, "sending your modules", calls.install_code, bundle.digest,
+                         bundle.archive, bundle.modules)
 
     async def _map(self, fn: Callable, items: list, chunksize: int | None,
                    progress: Progress | None = None, caller: CallerQueue | None = None,

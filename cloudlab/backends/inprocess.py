@@ -16,6 +16,7 @@ import importlib
 import inspect
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ class InProcess(Launched):
         #: no work.
         self.thawed = threading.Event()
         self.thawed.set()
+        #: When it was frozen (time.monotonic()); its heartbeats stop then.
+        self.frozen_since: float | None = None
         self.said: str | None = None
 
     def exit_code(self) -> int | None:
@@ -78,10 +81,17 @@ class InProcess(Launched):
                 self.task.get_loop().call_soon_threadsafe(self.task.cancel)
 
     def freeze(self) -> None:
+        self.frozen_since = time.monotonic()
         self.thawed.clear()
 
     def thaw(self) -> None:
+        self.frozen_since = None
         self.thawed.set()
+
+    def silent_for(self) -> float:
+        """Seconds since its last heartbeat would have been (0 unless frozen)."""
+        since = self.frozen_since
+        return 0.0 if since is None else time.monotonic() - since
 
 
 class InProcessBackend(Backend):
@@ -155,7 +165,8 @@ class InProcessBackend(Backend):
         tasks = []
         for process in launched:
             assert isinstance(process, InProcess)
-            process.kill(-signal.SIGTERM)
+            # A stopped process leaves SIGTERM pending: the SIGKILL after the grace ends it.
+            process.kill(-signal.SIGKILL if process.frozen_since is not None else -signal.SIGTERM)
             if process.task is not None:
                 tasks.append(process.task)
         if tasks:

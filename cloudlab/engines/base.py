@@ -24,6 +24,9 @@ from ..onhost.calls import Result
 OutputSink = Callable[[int, str, str], None]
 
 
+#: Each engine's answer to a call sent to several, by engine id (see Engine.run_each).
+Answers = dict[int, "asyncio.Future[Result]"]
+
 #: Where the client connects to reach the controller's (host, port) addresses.
 Reach = Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]]
 
@@ -43,7 +46,8 @@ class Engine(abc.ABC):
     #: user's code is never sent to them.
     shares_client_modules: ClassVar[bool] = False
 
-    def __init__(self, workdir: Path, ip: str, task_retries: int = 2, remote: bool = False):
+    def __init__(self, workdir: Path, ip: str, task_retries: int = 2, remote: bool = False,
+                 heartbeat_timeout: float = 10.0):
         self.workdir = workdir
         self.ip = ip
         #: Engines on other machines than the client: traffic must be authenticated and
@@ -52,6 +56,9 @@ class Engine(abc.ABC):
         #: How often the engine's own scheduler reruns a task whose engine died (``submit``;
         #: ``map`` pieces are rerun by cloudlab's jobs, see :mod:`cloudlab.dispatch`).
         self.task_retries = task_retries
+        #: Seconds an engine may stay silent before its controller stops counting it
+        #: (:meth:`ready_ids`): a stopped process, a frozen VM, a cut link.
+        self.heartbeat_timeout = heartbeat_timeout
 
     @classmethod
     def check_backend(cls, backend: Backend) -> None:
@@ -78,7 +85,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def ready_ids(self) -> set[int]:
-        """Ids of engines registered and usable now."""
+        """Ids of engines registered and usable now: not those the controller has heard
+        nothing from for ``heartbeat_timeout`` seconds."""
 
     @abc.abstractmethod
     async def busy_ids(self) -> set[int]:
@@ -103,12 +111,18 @@ class Engine(abc.ABC):
         when its own checks notice."""
 
     @abc.abstractmethod
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
-        """Run ``call(fn, *args)`` on each engine in ``ids``; Results by engine id."""
+    async def run_each(self, ids: list[int], fn: Callable, *args: Any) -> Answers:
+        """Send ``call(fn, *args)`` to each engine in ``ids``; each one's answer to come.
+
+        An answer waits for its engine whatever happens to it: the caller watches the
+        engines meanwhile (:func:`cloudlab.dispatch.on_each`) and cancels the answers of
+        those that died or stopped answering."""
 
     @abc.abstractmethod
-    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
-        """Run notebook ``code`` on each engine, streaming its output to ``sink``."""
+    async def execute_each(self, code: str, ids: list[int], sink: OutputSink) -> Answers:
+        """Send notebook ``code`` to each engine in ``ids``, its output streamed to ``sink``
+        as it comes; each one's answer to come, a Result whose value is None or the cell's
+        :class:`~cloudlab.onhost.calls.Failure` (see :meth:`run_each`)."""
 
     @abc.abstractmethod
     async def forget(self, ids: list[int]) -> None:

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from ..backends.base import Command
 from ..errors import StartError
 from ..onhost.calls import Result, call, call_packed, execute_cell
 from ..security import accept_only_this_user, dask_security, dask_tls
-from .base import Engine, OutputSink, raise_failures, wait_for_file
+from .base import Answers, Engine, OutputSink, wait_for_file
 
 OUTPUT_TOPIC = "cloudlab-output"
 CLIENT_BATCH_SECONDS = 0.001
@@ -55,9 +56,13 @@ class DaskEngine(Engine):
 
     _client: Any = None
 
-    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
-        super().__init__(workdir, ip, task_retries, remote)
+    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False,
+                 heartbeat_timeout: float = 10.0):
+        super().__init__(workdir, ip, task_retries, remote, heartbeat_timeout)
         self._address: dict[int, str] = {}
+        #: Each worker's last heartbeat as the scheduler stamped it, and when (on this
+        #: client's clock) that stamp last changed: a silent worker's stamp stands still.
+        self._heard: dict[str, tuple[float, float]] = {}
         # Dask authenticates nobody by itself. Between machines every party shows this
         # cluster's certificate; on one machine its servers accept only this user's
         # connections (see cloudlab.security).
@@ -141,7 +146,19 @@ class DaskEngine(Engine):
             return set()
         workers = await self._workers()
         self._address = {int(w["name"]): addr for addr, w in workers.items()}
-        return set(self._address)
+        # The scheduler drops a silent worker only after worker-ttl (5 minutes), checked as
+        # seldom: cloudlab stops counting it after heartbeat_timeout. (Stamps are compared
+        # with each other, not with this clock: the scheduler may run on another machine.)
+        now = time.monotonic()
+        heard = self._heard
+        for address, worker in workers.items():
+            stamp = worker.get("last_seen", 0.0)
+            if heard.get(address, (None,))[0] != stamp:
+                heard[address] = (stamp, now)
+        for address in set(heard) - set(workers):
+            del heard[address]
+        return {eid for eid, address in self._address.items()
+                if now - heard[address][1] <= self.heartbeat_timeout}
 
     async def busy_ids(self) -> set[int]:
         processing = await self._client.processing()
@@ -152,7 +169,11 @@ class DaskEngine(Engine):
         return await self._client.submit(call, fn, *args, pure=False)
 
     async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
-        future = self._client.submit(call, fn, *args, workers=[self._address[engine_id]],
+        return await self._pinned(engine_id, call, fn, *args)
+
+    async def _pinned(self, engine_id: int, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` as a task only engine ``engine_id`` may run."""
+        future = self._client.submit(fn, *args, workers=[self._address[engine_id]],
                                      allow_other_workers=False, pure=False)
         try:
             return await future
@@ -163,38 +184,37 @@ class DaskEngine(Engine):
                 asyncio.ensure_future(cancelling).add_done_callback(_ignore)
             raise
 
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
-        if not ids:
-            return {}
+    async def run_each(self, ids: list[int], fn: Callable, *args: Any) -> Answers:
         # Pinned tasks, not Client.run: a long function must not block a worker's event
         # loop (and its heartbeats), and it should queue behind running work as on ipyparallel.
         # Pickled once; a large payload travels once (scatter, broadcast), not once per engine.
-        addresses = [self._address[i] for i in ids]
         packed = cloudpickle.dumps((fn, args))
-        if len(packed) > SCATTER_ABOVE:
-            [packed] = await self._client.scatter([packed], broadcast=True, workers=addresses,
-                                                  hash=False)
-        futures = [self._client.submit(call_packed, packed, workers=[a], allow_other_workers=False,
-                                       pure=False) for a in addresses]
-        return dict(zip(ids, await self._client.gather(futures)))
+        if len(packed) > SCATTER_ABOVE and ids:
+            [packed] = await self._client.scatter([packed], broadcast=True, hash=False,
+                                                  workers=[self._address[i] for i in ids])
+        return {eid: asyncio.ensure_future(self._pinned(eid, call_packed, packed))
+                for eid in ids}
 
-    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
+    async def execute_each(self, code: str, ids: list[int], sink: OutputSink) -> Answers:
         token = uuid.uuid4().hex
         pending = set(ids)
         self._sinks[token] = (sink, pending)
-        try:
-            futures = [self._client.submit(execute_cell, code, OUTPUT_TOPIC, token, pure=False,
-                                           workers=[self._address[i]], allow_other_workers=False)
-                       for i in ids]
-            results = await self._client.gather(futures)
-            # Output events travel apart from results: wait for each engine's last one.
-            for _ in range(100):
+
+        async def cell(eid: int) -> Result:
+            try:
+                result = await self._pinned(eid, execute_cell, code, OUTPUT_TOPIC, token)
+                # Output events travel apart from results: wait for the engine's last one.
+                for _ in range(100):
+                    if eid not in pending:
+                        break
+                    await asyncio.sleep(0.02)
+                return result
+            finally:
+                pending.discard(eid)
                 if not pending:
-                    break
-                await asyncio.sleep(0.02)
-        finally:
-            del self._sinks[token]
-        raise_failures(results)
+                    self._sinks.pop(token, None)
+
+        return {eid: asyncio.ensure_future(cell(eid)) for eid in ids}
 
     def _on_output(self, event) -> None:
         _, msg = event
@@ -206,6 +226,18 @@ class DaskEngine(Engine):
             pending.discard(msg["engine"])
         else:
             sink(msg["engine"], msg["stream"], msg["text"])
+
+    async def gone(self, ids: list[int]) -> None:
+        # The scheduler notices a killed worker's closed connection, but not a silent one's
+        # (a frozen process, a cut link) before worker-ttl: it would send it tasks meanwhile.
+        for eid in ids:
+            address = self._address.pop(eid, None)
+            if address is not None:
+                try:
+                    await asyncio.wait_for(self._client.scheduler.unregister(
+                        address=address, stimulus_id=f"cloudlab-gone-{time.time()}"), 5)
+                except Exception:  # already gone
+                    pass
 
     async def forget(self, ids: list[int]) -> None:
         addresses = [self._address[i] for i in ids if i in self._address]

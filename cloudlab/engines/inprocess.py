@@ -30,13 +30,13 @@ from ..backends.base import Backend, Command
 from ..errors import ConfigError
 from ..onhost import calls
 from ..onhost.calls import Result
-from .base import Engine, OutputSink, raise_failures, wait_until
+from .base import Answers, Engine, OutputSink, wait_until
 
 #: The hub of each running in-process cluster, by its workdir.
 HUBS: dict[str, Hub] = {}
 
 
-class EngineLost(Exception):
+class EngineEnded(Exception):
     """The engine a task was sent to ended before the task did."""
 
 
@@ -111,7 +111,7 @@ class Worker:
         with self.lock:
             for future in list(self.pending):
                 if not future.done():
-                    future.set_exception(EngineLost(f"engine {self.eid} ended"))
+                    future.set_exception(EngineEnded(f"engine {self.eid} ended"))
         self.tasks.put((None, None))
 
 
@@ -198,7 +198,8 @@ class InProcessEngine(Engine):
         return {} if hub is None else hub.workers
 
     async def ready_ids(self) -> set[int]:
-        return set(self._workers())
+        return {eid for eid, worker in self._workers().items()
+                if worker.process.silent_for() <= self.heartbeat_timeout}
 
     async def busy_ids(self) -> set[int]:
         return {eid for eid, w in self._workers().items() if w.running}
@@ -206,7 +207,7 @@ class InProcessEngine(Engine):
     async def _on(self, eid: int, work: Callable[[], Any]) -> Any:
         worker = self._workers().get(eid)
         if worker is None:
-            raise EngineLost(f"engine {eid} is not registered")
+            raise EngineEnded(f"engine {eid} is not registered")
         return await asyncio.wrap_future(worker.send(work))
 
     async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
@@ -219,27 +220,31 @@ class InProcessEngine(Engine):
         for attempt in range(self.task_retries + 1):
             workers = self._workers()
             if not workers:
-                raise EngineLost("no engine is registered")
+                raise EngineEnded("no engine is registered")
             eid = min(workers, key=lambda e: (len(workers[e].pending), e))
             try:
                 return await self.submit_to(eid, fn, *args)
-            except EngineLost:
+            except EngineEnded:
                 if attempt == self.task_retries:
                     raise
         raise AssertionError("unreachable")
 
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
-        results = await asyncio.gather(*(self.submit_to(eid, fn, *args) for eid in ids))
-        return dict(zip(ids, results))
+    async def run_each(self, ids: list[int], fn: Callable, *args: Any) -> Answers:
+        return {eid: asyncio.ensure_future(self.submit_to(eid, fn, *args)) for eid in ids}
 
-    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
+    async def execute_each(self, code: str, ids: list[int], sink: OutputSink) -> Answers:
         loop = asyncio.get_running_loop()
 
         def cell(eid: int) -> Callable[[], Result]:
             def run() -> Result:
-                streams = [calls.LineStream(
-                    lambda text, s=s: loop.call_soon_threadsafe(sink, eid, s, text))
-                    for s in ("stdout", "stderr")]
+                process = _this.worker.process
+
+                def send(stream: str, text: str) -> None:
+                    if process.alive():  # (a thread outlives its "process": it says nothing)
+                        loop.call_soon_threadsafe(sink, eid, stream, text)
+
+                streams = [calls.LineStream(lambda text, s=s: send(s, text))
+                           for s in ("stdout", "stderr")]
                 with calls.captured(*streams):
                     try:
                         exec(compile(code, "<cell>", "exec"), calls.namespace())
@@ -251,9 +256,12 @@ class InProcessEngine(Engine):
                 return Result(eid, value)
             return run
 
-        results = await asyncio.gather(*(self._on(eid, cell(eid)) for eid in ids))
-        await asyncio.sleep(0)  # the output sent just before each result, first
-        raise_failures(results)
+        async def answer(eid: int) -> Result:
+            result = await self._on(eid, cell(eid))
+            await asyncio.sleep(0)  # the output sent just before the result, first
+            return result
+
+        return {eid: asyncio.ensure_future(answer(eid)) for eid in ids}
 
     async def forget(self, ids: list[int]) -> None:
         workers = self._workers()

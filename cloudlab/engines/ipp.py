@@ -9,6 +9,7 @@ cloudlab's agent already ties each engine's life to its owner.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -17,16 +18,15 @@ from typing import Any, cast
 
 from .. import _aio
 from ..backends.base import Command
-from ..errors import RemoteError, StartError
-from ..onhost.calls import Result, call
+from ..errors import StartError
+from ..onhost.calls import Failure, Result, call
 from ..security import ipyparallel_env
-from .base import Engine, OutputSink, wait_for_file, whole_json
+from .base import Answers, Engine, OutputSink, wait_for_file, whole_json
 
 CLUSTER_ID = "cloudlab"
 #: The controller's ports a client connects to (its connection file's keys).
 CLIENT_PORTS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 HEARTBEAT_MS = 100
-HEARTBEAT_MISSES = 20  # a dead engine is unregistered after 2 s
 # ipyparallel's apps chdir to a work_dir whose default is the directory at *import* time;
 # forked from a fork server, that is the server's, not the one the process starts in.
 WORK_DIR = "--work-dir=."
@@ -42,13 +42,14 @@ class IPyParallelEngine(Engine):
                "cloudlab.onhost.calls", "numpy.random")
     # ipyparallel's serializer imports NumPy at the first task (0.1-0.2 s on this machine).
     client_modules = ("ipyparallel", "numpy")
-    notices_death_within = HEARTBEAT_MS * (HEARTBEAT_MISSES + 5) / 1000
+    notices_death_within = 2.5  # (cloudlab tells the hub of each death: see gone)
 
     _client: Any = None
     _balanced: Any = None  # the load-balanced view, made once
 
-    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False):
-        super().__init__(workdir, ip, task_retries, remote)
+    def __init__(self, workdir, ip, task_retries: int = 2, remote: bool = False,
+                 heartbeat_timeout: float = 10.0):
+        super().__init__(workdir, ip, task_retries, remote, heartbeat_timeout)
         self._direct: dict[int, Any] = {}  # a direct view per engine, made once
 
     @property
@@ -71,7 +72,10 @@ class IPyParallelEngine(Engine):
             (f"--ip={self.ip}", f"--profile-dir={self.profile_dir}", f"--cluster-id={CLUSTER_ID}",
              WORK_DIR,
              f"--HeartMonitor.period={HEARTBEAT_MS}",
-             f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+             # The hub unregisters an engine whose heart is silent this long (the heart
+             # answers from a thread of its own, without the GIL, also while a task runs).
+             "--HeartMonitor.max_heartmonitor_misses="
+             f"{max(1, round(self.heartbeat_timeout * 1000 / HEARTBEAT_MS))}",
              "--usethreads", "--log-level=WARN"),
             self._common_env(),
             self.preload,
@@ -151,14 +155,13 @@ class IPyParallelEngine(Engine):
         return self._balanced.apply_async(call, fn, *args)
 
     async def submit_to(self, engine_id: int, fn: Callable, *args: Any) -> Result:
+        return await _answer(engine_id, self._view(engine_id).apply_async(call, fn, *args))
+
+    def _view(self, engine_id: int):
         view = self._direct.get(engine_id)
         if view is None:
             view = self._direct[engine_id] = self._client.direct_view(targets=engine_id)
-        # Shielded: a cancel must not reach ipyparallel's own future, which its IO thread
-        # still completes when the reply (or the engine's death) arrives.
-        reply = asyncio.wrap_future(view.apply_async(call, fn, *args))
-        reply.add_done_callback(_aio.mark_seen)  # an abandoned task's late error is nobody's to raise
-        return await asyncio.shield(reply)
+        return view
 
     async def gone(self, ids: list[int]) -> None:
         # The hub would unregister a dead engine after 20 missed heartbeats (2 s); an
@@ -171,40 +174,15 @@ class IPyParallelEngine(Engine):
                 client.session.send, client._query_stream, "unregistration_request",
                 content={"id": eid})
 
-    async def run_on(self, ids: list[int], fn: Callable, *args: Any) -> dict[int, Result]:
-        if not ids:
-            return {}
-        view = self._client.direct_view(targets=list(ids))
-        results = await asyncio.wrap_future(view.apply_async(call, fn, *args))
-        return dict(zip(ids, results))
+    async def run_each(self, ids: list[int], fn: Callable, *args: Any) -> Answers:
+        # (A view of several engines sends one message per engine all the same.)
+        return {eid: asyncio.ensure_future(
+            _answer(eid, self._view(eid).apply_async(call, fn, *args))) for eid in ids}
 
-    async def execute(self, code: str, ids: list[int], sink: OutputSink) -> None:
-        from ipyparallel.error import CompositeError
-        from ipyparallel.error import RemoteError as IPPRemoteError
-
-        view = self._client.direct_view(targets=list(ids))
-        result = view.execute(code, silent=False, block=False)
-        sent = {(eid, name): 0 for eid in ids for name in ("stdout", "stderr")}
-
-        def forward():
-            for eid, md in zip(ids, result.metadata):
-                for name in ("stdout", "stderr"):
-                    text = md.get(name) or ""
-                    if len(text) > sent[eid, name]:
-                        sink(eid, name, text[sent[eid, name]:])
-                        sent[eid, name] = len(text)
-
-        while not result.done():
-            forward()
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.05)  # iopub can trail the reply a little
-        forward()
-        try:
-            result.get()
-        except CompositeError as e:
-            raise RemoteError(_failures_from(e.elist, ids)) from None
-        except IPPRemoteError as e:
-            raise RemoteError({ids[0]: (e.ename, e.evalue, e.traceback or "")}) from None
+    async def execute_each(self, code: str, ids: list[int], sink: OutputSink) -> Answers:
+        return {eid: asyncio.ensure_future(
+            _cell(eid, self._view(eid).execute(code, silent=False, block=False), sink))
+            for eid in ids}
 
     async def forget(self, ids: list[int]) -> None:
         """Ask engines ``ids`` to shut down, and wait a little for the hub to let them go.
@@ -231,12 +209,50 @@ class IPyParallelEngine(Engine):
 FORGET_WAIT = 2.0
 
 
-def _failures_from(elist, ids) -> dict[int, tuple[str, str, str]]:
-    failures = {}
-    for ename, evalue, tb, info in elist:
-        eid = info.get("engine_id", ids[0]) if isinstance(info, dict) else ids[0]
-        failures[eid] = (ename, evalue, "\n".join(tb) if isinstance(tb, list) else (tb or ""))
-    return failures
+async def _answer(eid: int, reply: concurrent.futures.Future) -> Result:
+    """ipyparallel's future of engine ``eid``'s reply, awaited; an error the engine raised
+    outside cloudlab's call (unpickling the function, say) as a Failure. Shielded: a cancel
+    must not reach it, as its IO thread still completes it when the reply (or the engine's
+    death) arrives."""
+    from ipyparallel.error import RemoteError as IPPRemoteError
+
+    answer = asyncio.wrap_future(reply)
+    answer.add_done_callback(_aio.mark_seen)  # an abandoned task's late error is nobody's
+    try:
+        return await asyncio.shield(answer)
+    except IPPRemoteError as e:
+        if e.ename == "EngineError":  # its engine died or went silent: cloudlab's to judge
+            raise
+        return Result(eid, Failure.of(eid, e.ename, e.evalue, e.traceback or ""))
+
+
+async def _cell(eid: int, result: Any, sink: OutputSink) -> Result:
+    """Engine ``eid``'s run of a cell (ipyparallel's AsyncResult), its output sent to
+    ``sink`` as it comes; the cell's error as a Failure."""
+    from ipyparallel.error import RemoteError as IPPRemoteError
+
+    sent = {"stdout": 0, "stderr": 0}
+
+    def forward() -> None:
+        metadata = result.metadata  # (one engine's: a view of one engine unwraps lists)
+        for name in sent:
+            text = metadata.get(name) or ""
+            if len(text) > sent[name]:
+                sink(eid, name, text[sent[name]:])
+                sent[name] = len(text)
+
+    while not result.done():
+        forward()
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # iopub can trail the reply a little
+    forward()
+    try:
+        result.get()
+    except IPPRemoteError as e:
+        if e.ename == "EngineError":  # (see _answer)
+            raise
+        return Result(eid, Failure.of(eid, e.ename, e.evalue, e.traceback or ""))
+    return Result(eid, None)
 
 
 def engine_main() -> None:
@@ -274,6 +290,7 @@ def controller_main() -> None:
     import ipyparallel.controller.app as app
 
     _accept_new_hearts_at_once(app.HeartMonitor)
+    _rerun_lost_tasks_at_once(app.TaskScheduler)
 
     init_hub = app.IPController.init_hub
 
@@ -305,6 +322,29 @@ def _accept_new_hearts_at_once(monitor_class) -> None:
             self.handle_new_hearts({heart})
 
     monitor_class.handle_pong = handle_pong_accepting_new
+
+
+def _rerun_lost_tasks_at_once(scheduler_class) -> None:
+    """Rerun the tasks of an engine that left as it is unregistered, not 5 s later.
+
+    The scheduler waits in case their results are still on the way; but the hub
+    unregisters an engine when cloudlab says it died, or when its heart went
+    silent (cloudlab then ends it): nothing more will come from it. The late
+    call the scheduler still makes finds the engine's lists scrubbed, and stops.
+    """
+    unregister, strand = scheduler_class._unregister_engine, scheduler_class.handle_stranded_tasks
+
+    def handle_stranded_once(self, engine) -> None:
+        if engine in self.completed:  # (handling them scrubs it)
+            strand(self, engine)
+
+    def unregister_and_rerun(self, uid) -> None:
+        unregister(self, uid)
+        if self.pending.get(uid):
+            handle_stranded_once(self, uid)
+
+    scheduler_class.handle_stranded_tasks = handle_stranded_once
+    scheduler_class._unregister_engine = unregister_and_rerun
 
 
 class _TimeWithoutSleep:

@@ -292,6 +292,14 @@ class Failure:
             traceback.format_list(frames)) + "".join(
             traceback.format_exception_only(type(exc), exc))
 
+    @classmethod
+    def of(cls, engine: int, ename: str, evalue: str, traceback_text: str) -> Failure:
+        """One reported by an engine's own client (ipyparallel's errors of a cell)."""
+        failure = cls.__new__(cls)
+        failure.engine, failure.ename, failure.evalue = engine, ename, evalue
+        failure.missing_file, failure.traceback = None, traceback_text
+        return failure
+
     def as_tuple(self) -> tuple[str, str, str]:
         """(type, message, traceback), as the client reports it: a file the engine lacks
         but the client has is said to be one (data files do not travel with code)."""
