@@ -76,6 +76,9 @@ class EngineStatus:
     note: str | None = None
 
 
+#: Seconds an engine may stay unregistered after its peers' last registration before it is
+#: ended and started again (it is running: a queued one waits its turn).
+STRAGGLER = 10.0
 #: More deaths than this (or than twice the engines) within STORM_SECONDS and dead engines
 #: are no longer replaced: something kills every engine, and replacing them would not end.
 STORM_DEATHS, STORM_SECONDS = 20, 60
@@ -286,6 +289,7 @@ class Membership:
         head = max(enough, os.cpu_count() or 1)
         first = (new_ids[:head] if head < count and self.backend.same_machine
                  and not self.options.mpi else new_ids)  # an MPI world starts whole
+        first_count = len(first)
         controller = self._controller()
         try:
             await self._launch(first)
@@ -299,13 +303,14 @@ class Membership:
                                      f"output: {controller.last_line()}); {outcome}."
                                      ) from None
             await self._wait_ready(first, deadline, outcome, enough)
+            new_ids[:first_count] = first  # (stragglers' successors: see _wait_ready)
         except BaseException:
-            await self.remove(new_ids)
+            await self.remove([*new_ids, *first])
             self.wanted = len(self.processes)
             raise
         if enough < count:
             self.joining = asyncio.create_task(
-                self._join_rest(new_ids, new_ids[len(first):], deadline))
+                self._join_rest(new_ids, new_ids[first_count:], deadline))
             self.joining.add_done_callback(lambda _: self.changed.notify())
             self.joining.add_done_callback(_aio.mark_seen)  # its error is wait_for's to raise
         else:
@@ -378,11 +383,19 @@ class Membership:
 
     async def _wait_ready(self, ids: list[int], deadline: float, outcome: str,
                           enough: int | None = None) -> None:
-        """Until ``enough`` (default: all) of ``ids`` are usable, by ``deadline`` (monotonic)."""
+        """Until ``enough`` (default: all) of ``ids`` are usable, by ``deadline`` (monotonic).
+
+        An engine still unregistered STRAGGLER seconds after its peers' last registration
+        (and after it started running) is ended and launched again, under a new id that
+        takes its place in ``ids``: a controller can lose a registration among a hundred
+        (ipyparallel's hub, 1 start of 128 engines in 8 here), and the whole start would
+        otherwise wait for start_timeout and fail."""
         wanted = set(ids)
         enough = len(wanted) if enough is None else enough
         deadline = max(deadline, time.monotonic() + 1.0)
         controller = self._controller()
+        progress = (0, time.monotonic())  # (engines registered, when that count was reached)
+        running_since: dict[int, float] = {}  # engine -> when it was first seen not queued
         while True:
             # An engine that died once usable is the supervisor's to report: stop waiting.
             wanted &= set(self.processes)
@@ -390,6 +403,22 @@ class Membership:
             await self.mark_ready(sorted(ready))
             if len(ready) >= min(enough, len(wanted)):
                 return
+            now = time.monotonic()
+            if len(ready) > progress[0]:
+                progress = (len(ready), now)
+            for eid in wanted - ready:
+                if not self.processes[eid].waiting():
+                    running_since.setdefault(eid, now)
+            stragglers = sorted(eid for eid, since in running_since.items()
+                                if eid in wanted - ready
+                                and now - max(since, progress[1]) > STRAGGLER)
+            if ready and stragglers and not self.options.mpi:
+                successors = await self._relaunch(stragglers)
+                for old, new in zip(stragglers, successors):
+                    ids[ids.index(old)] = new
+                wanted = (wanted - set(stragglers)) | set(successors)
+                progress = (len(ready), now)
+                continue
             dead = [eid for eid in sorted(wanted - ready) if not self.processes[eid].alive()]
             if dead or not controller.alive():
                 proc = self.processes[dead[0]] if dead else controller
@@ -406,8 +435,18 @@ class Membership:
                                        outcome, hint)
             await asyncio.sleep(0.05)
 
+    async def _relaunch(self, stragglers: list[int]) -> list[int]:
+        """End engines that never registered and launch one each in their place (new ids)."""
+        await self.remove(stragglers, {eid: Death(
+            eid, f"had not registered {STRAGGLER:g} s after its peers; it was started again",
+            ordered=True) for eid in stragglers})
+        successors = [next(self._ids) for _ in stragglers]
+        await self._launch(successors)
+        return successors
+
     async def _learn_identity(self, ids: list[int]) -> None:
         """Ask engines their host and pid, where the backend's handles do not tell them."""
+        ids = [eid for eid in ids if eid in self.processes]
         if ids and not self.backend.knows_engine_pids:
             try:
                 results = await on_each(self, ids, "asking engines where they run",

@@ -311,8 +311,11 @@ def group_alive(pgid: int) -> bool:
 
 
 def signal_groups(pgids: list[int], sig: int) -> None:
+    """``sig`` to each process group, and to its leader itself: a fresh fork is in its
+    group (its own) only once it has called setsid, which a signal can come before."""
     for pgid in pgids:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        for send in (os.killpg, os.kill):
+            try:
+                send(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -83,10 +83,11 @@ class Server:
                 os.waitpid(self.children.pop(pidfd), 0)
                 os.close(pidfd)
         for pid in self.children.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            for kill in (os.killpg, os.kill):  # (the child itself: stopped before its setsid)
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def read_requests(self, poller: select.poll) -> bool:
         data = os.read(0, 65536)

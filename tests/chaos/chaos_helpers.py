@@ -24,3 +24,13 @@ def wait_for(condition, timeout: float, step: float = 0.01) -> float:
             pytest.fail(f"not true after {timeout} s: {condition.__doc__ or condition}")
         time.sleep(step)
     return time.monotonic() - t0
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -16,11 +16,10 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 import cloudlab
-from chaos_helpers import kill, wait_for
+from chaos_helpers import kill, running, wait_for
 
 FAULTS = {"kill -9": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}
 CALLS = ["map", "submit", "run", "execute"]
@@ -80,18 +79,13 @@ def _cell(engine: str, fault: str, call: str, silence: float, reliability) -> No
         assert took < bound, f"{took:.1f} s after the fault, over {bound} s"
         if call in ("run", "execute"):
             assert [d.cause for d in c.deaths] == [cause]
-        wait_for(lambda: not _exists(pid), 5)  # a frozen engine is ended too
+        wait_for(lambda: not running(pid), 5)  # a frozen engine is ended too
         wait_for(lambda: len(c._members.usable()) == 2, 15)  # and replaced
     reliability(f"engine 1 hit by {fault} during {call}"
                 + (f" (heartbeat_timeout {silence:g} s)" if fault == "SIGSTOP" else ""),
                 engine, outcome, took)
 
 
-def _exists(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.parametrize("call", CALLS)

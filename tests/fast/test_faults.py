@@ -12,6 +12,7 @@ import time
 import pytest
 
 import cloudlab
+from cloudlab import membership
 from cloudlab.dispatch import VERDICT
 
 FAST = {"engine": "inprocess", "backend": "inprocess"}
@@ -126,3 +127,16 @@ def test_heartbeat_timeout_must_be_positive():
     with pytest.raises(cloudlab.ConfigError, match=r"key 'heartbeat_timeout' must be a number "
                                                    r"of seconds above 0, got 0\.0"):
         cloudlab.Cluster(2, heartbeat_timeout=0, **FAST)
+
+
+def test_an_engine_that_never_registers_is_started_again_seconds_after_its_peers(monkeypatch):
+    monkeypatch.setattr(membership, "STRAGGLER", 0.2)
+    c = cloudlab.Cluster(4, **FAST)
+    c._backend.script.delay["engine-2"] = 3600  # running, and never registering
+    started = time.monotonic()
+    with c:
+        assert time.monotonic() - started < 1.0  # not start_timeout (120 s)
+        assert c.engine_ids == [0, 1, 3, 4]
+        assert [(d.engine, d.cause) for d in c.deaths] == [
+            (2, "had not registered 0.2 s after its peers; it was started again")]
+        assert sorted(c.run(nap, 0).values()) == [0, 1, 3, 4]
