@@ -57,6 +57,8 @@ class Supervisor:
         self.die = die
         self._oom = oom_kills()
         self._task: asyncio.Task | None = None
+        #: Deaths being handled (their processes ended, replacements started).
+        self._losing: set[asyncio.Future] = set()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._watch())
@@ -67,6 +69,8 @@ class Supervisor:
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
             await asyncio.wait([task])
+        if self._losing:  # (not cancelled: the processes they took out must still end)
+            await asyncio.wait(list(self._losing))
 
     async def _watch(self) -> None:
         engines = self.engines
@@ -87,8 +91,14 @@ class Supervisor:
             if not dead and loop.time() - asked > every:
                 asked = loop.time()
                 dead = await self._dropped()
-            for eid, death in dead.items():
-                await engines.lost({eid: death})
+            if dead:
+                # In the background: ending a process on another host can take seconds (a
+                # cut link), and other engines may die meanwhile. Membership takes them out
+                # at once, so the next look does not find them again.
+                losing = asyncio.ensure_future(engines.lost(dead))
+                self._losing.add(losing)
+                losing.add_done_callback(self._losing.discard)
+                losing.add_done_callback(_aio.mark_seen)
 
     async def _dropped(self) -> dict[int, Death]:
         """Engines the controller no longer counts: dead, or silent for heartbeat_timeout

@@ -423,7 +423,11 @@ class SlurmBackend(Backend):
         jobs = [p for p in launched if isinstance(p, SlurmJob)] + list(ranks.values())
         local = [p for p in launched if not isinstance(p, (SlurmJob, SlurmRank))]
         if jobs:
-            await asyncio.to_thread(_slurm, "scancel", *(j.job_id for j in jobs))
+            ids = [j.job_id for j in jobs]
+            if grace == 0:  # ended by force (it died, or went silent): SIGKILL, now, not after
+                # KillWait's SIGTERM, which a stopped process would leave pending
+                await asyncio.to_thread(_slurm, "scancel", "--signal=KILL", "--full", *ids)
+            await asyncio.to_thread(_slurm, "scancel", *ids)
             deadline = time.monotonic() + max(grace, 10.0)
             while time.monotonic() < deadline:
                 await asyncio.to_thread(self.refresh)

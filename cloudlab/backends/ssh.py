@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -40,7 +41,7 @@ from . import ssh_mpi, ssh_tunnels
 from .base import Backend, Command, Launched, ServicePlace, read_tail
 from .environment import EnvironmentOptions, HostInfo, check_options, ssh_runner
 from .environment import prepare as prepare_host
-from .local import LocalBackend, LocalOptions
+from .local import LocalBackend, LocalOptions, process_title
 from .remote import (
     FILE_WAIT,
     LeaseServer,
@@ -52,7 +53,7 @@ from .remote import (
     place_files_command,
     wait_for_files,
 )
-from .ssh_hosts import SshHost, ssh_command
+from .ssh_hosts import CONNECT_TIMEOUT, SshHost, ssh_command
 
 
 @dataclass(frozen=True)
@@ -377,9 +378,11 @@ class SshBackend(Backend):
                 process.popen.stdin.close()
             except OSError:
                 pass
-        deadline = time.monotonic() + max(grace, 5.0)
-        while any(p.popen.poll() is None for p in remote) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await self._until_ended(remote, max(grace, 1.0))
+        stuck = [p for p in remote if p.popen.poll() is None]
+        if stuck:  # stopped there (SIGSTOP, a frozen VM): it cannot read its input's end
+            await asyncio.gather(*(asyncio.to_thread(self._kill_there, p) for p in stuck))
+            await self._until_ended(stuck, 5.0)
         for process in remote:
             if process.popen.poll() is None:
                 process.popen.kill()
@@ -395,6 +398,30 @@ class SshBackend(Backend):
                 world.wait()
         if local:
             await self._local.terminate(local, grace)
+
+    @staticmethod
+    async def _until_ended(processes: list[SshProcess], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while any(p.popen.poll() is None for p in processes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def _kill_there(self, process: SshProcess) -> None:
+        """SIGKILL ``process`` and its process group on its host, found by its title (a
+        host that cannot be reached: its lease ends it, once it runs again)."""
+        host = self._assigned.get(process.name)
+        if host is None:
+            return
+        title = process_title(self.cluster_name, process.name)
+        # (Its title, or the agent's command line naming it, before the title is set.)
+        pattern = shlex.quote(f"(^|--title ){re.escape(title)}( |$)")
+        remote = (f"for pid in $(pgrep -f {pattern}); do "
+                  f'kill -KILL -- "-$(ps -o pgid= -p "$pid" | tr -d " ")" "$pid"; '
+                  f"done 2>/dev/null; true")
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(ssh_command(host, remote, self.options.identity_file,
+                                       self.options.known_hosts),
+                           capture_output=True, timeout=CONNECT_TIMEOUT + 10,
+                           stdin=subprocess.DEVNULL)
 
     async def reach(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
         if not (self.options.tunnel and self.controller_host is not None):

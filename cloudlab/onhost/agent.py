@@ -191,6 +191,14 @@ def set_title(title: str) -> None:
     except ImportError:
         return
     setproctitle.setproctitle(title)
+    # The short name (/proc/PID/comm, 15 bytes) without spaces: tools that parse
+    # /proc/PID/stat word by word (Slurm's proctrack/linuxproc) would not find the process's
+    # parent, and never signal it.
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(title.replace(" ", "")[:15])
+    except OSError:  # (no /proc: not Linux)
+        pass
 
 
 def resolve(entry: str):

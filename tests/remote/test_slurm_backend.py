@@ -4,9 +4,11 @@ shown and quoted; a job's time limit is a classified death; bad partitions and k
 the client are handled."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -171,3 +173,20 @@ def test_gpus_on_slurm_say_how_to_ask_slurm_for_them(test_slurm, tmp_path):
                                           r"ask Slurm for GPUs yet \(sbatch_args"):
         c.start()
     assert _live_jobs(test_slurm, c.name) == []
+
+
+def test_a_frozen_engine_during_map_costs_no_result_and_its_job_ends(test_slurm, tmp_path):
+    """The fault matrix's rule as a job: found silent after heartbeat_timeout, its job
+    cancelled (Slurm's SIGKILL ends a stopped process), its pieces run again."""
+    network = test_slurm.network
+    with cloudlab.Cluster(2, heartbeat_timeout=3, replace_dead_engines=False,
+                          **_options(test_slurm, tmp_path)) as c:
+        victim = next(r for r in c.status() if r.id == c.engine_ids[1])
+        threading.Timer(1.0, os.kill, (victim.pid, signal.SIGSTOP)).start()  # (one pid space)
+        squares = c.map(lambda x: time.sleep(0.3) or x * x, range(30), chunksize=1)
+        assert squares == [x * x for x in range(30)]
+        assert [(d.engine, d.cause) for d in c.deaths] == [
+            (victim.id, "stopped answering for 3 s (SIGSTOP, a frozen VM or a cut link)")]
+        assert _wait(lambda: not any(victim.pid in pids for pids in
+                                     network.cloudlab_processes().values()), 15) < 15
+    assert wait_until_gone(c.name, 10) == []

@@ -6,6 +6,7 @@ import importlib
 import os
 import shutil
 import sys
+import threading
 import time
 
 import psutil
@@ -194,3 +195,44 @@ def test_a_python_of_the_users_in_a_bare_venv_is_what_the_environment_is_made_fr
         assert host.ssh("/root/bare/bin/python -m pip list --format=freeze").stdout.split() \
             == host.ssh("/usr/bin/python3 -m venv /tmp/fresh && /tmp/fresh/bin/python -m pip "
                         "list --format=freeze; rm -rf /tmp/fresh").stdout.split()
+
+
+def test_a_frozen_remote_engine_ends_run_in_one_sentence_and_is_killed_there(test_hosts, engine):
+    """The fault matrix's rule on a host: found silent after heartbeat_timeout, ended where it
+    runs (SIGKILL, through ssh), replaced; the call names it."""
+    with cloudlab.Cluster(2, engine=engine, heartbeat_timeout=3, **_options(test_hosts)) as c:
+        row = next(r for r in c.status() if r.id == c.engine_ids[1])
+        processes = test_hosts.cloudlab_processes()
+        host = next(h for h in test_hosts.hosts if row.pid in processes[h.name])
+        threading.Timer(1.0, host.ssh, (f"kill -STOP {row.pid}",)).start()
+        t0 = time.monotonic()
+        with pytest.raises(cloudlab.EngineLost, match=rf"^run <lambda> did not finish on every engine: "
+                                                      rf"engine {row.id} stopped answering for "
+                                                      rf"3 s \(SIGSTOP, a frozen VM or a cut "
+                                                      rf"link\); engine \d+ answered"):
+            c.run(lambda: time.sleep(2))
+        assert time.monotonic() - t0 < 3 + 6
+        t0 = time.monotonic()  # then ended on its host, and replaced
+        while host.ssh(f"kill -0 {row.pid}").returncode == 0 and time.monotonic() - t0 < 10:
+            time.sleep(0.2)
+        assert host.ssh(f"kill -0 {row.pid}").returncode != 0, "still on its host"
+        while len(c._members.usable()) < 2 and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        assert len(c.run(os.getpid)) == 2  # replaced
+    assert wait_until_gone(c.name, 10) == []
+
+
+def test_a_cut_link_during_map_costs_no_result(test_hosts, engine):
+    cut = test_hosts.hosts[1]
+    with cloudlab.Cluster(4, engine=engine, heartbeat_timeout=3, replace_dead_engines=False,
+                          **_options(test_hosts)) as c:
+        threading.Timer(1.0, test_hosts.cut, (cut,)).start()
+        try:
+            squares = c.map(lambda x: time.sleep(0.3) or x * x, range(40), chunksize=1)
+            assert squares == [x * x for x in range(40)]
+        finally:
+            time.sleep(1.5)  # (the timer has fired)
+            test_hosts.restore(cut)
+        assert {d.cause for d in c.deaths} == {
+            "stopped answering for 3 s (SIGSTOP, a frozen VM or a cut link)"}
+    assert wait_until_gone(c.name, 10) == []
