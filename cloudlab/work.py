@@ -9,16 +9,18 @@ cloudlab knows where each piece runs (deaths, retries, cancel); ``submit`` and
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _aio, policy, usercode
-from .dispatch import Job, describe_items, on_each, run_in_view
+from .dispatch import VERDICT, Job, describe_items, on_each, run_in_view
 from .engines.base import OutputSink, settle
-from .errors import RemoteError
+from .errors import CloudlabError, RemoteError, TaskLost
 from .onhost import calls
 from .output import CallerQueue, PrefixedSink
 from .progress import DONE, FAILED, Progress, open_progress
@@ -46,6 +48,8 @@ class EngineWork:
 
         @property
         def _members(self) -> Membership: ...
+
+        _membership: Membership | None
 
         @property
         def _engine(self) -> Engine: ...
@@ -112,12 +116,14 @@ class EngineWork:
         if sent is None:
             return _aio.submit(self._submit(shipped, *args))
         future: concurrent.futures.Future = concurrent.futures.Future()
+        since = time.time()
 
         def settle(done: concurrent.futures.Future) -> None:
             try:
                 future.set_result(self._settled_value(done.result()))
             except BaseException as error:
-                future.set_exception(error)
+                said = _aio.submit(self._submit_error(fn, since, error))
+                said.add_done_callback(lambda said: future.set_exception(said.result()))
 
         sent.add_done_callback(settle)
         return future
@@ -130,7 +136,30 @@ class EngineWork:
     async def _submit(self, shipped: calls.Shipped, *args: Any) -> Any:
         self._require_running()
         await self._sync_code()
-        return self._settled_value(await self._engine.submit(shipped, *args))
+        since = time.time()
+        try:
+            result = await self._engine.submit(shipped, *args)
+        except Exception as error:
+            raise await self._submit_error(shipped, since, error) from None
+        return self._settled_value(result)
+
+    async def _submit_error(self, fn: Callable, since: float,
+                            error: BaseException) -> BaseException:
+        """What a submit raises when the engine kind's scheduler gave its task up: one
+        cloudlab sentence naming the engines that died under it (past task_retries), once
+        the supervisor has said why (within VERDICT seconds)."""
+        members = self._membership
+        if isinstance(error, CloudlabError) or members is None:
+            return error
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VERDICT
+        while (not (deaths := [d for d in members.deaths.values() if d.at >= since])
+               and loop.time() < deadline):
+            await asyncio.wait([members.changed.wait()], timeout=0.1)
+        if not deaths:
+            return error
+        return TaskLost(f"submit {getattr(fn, '__name__', 'f')}", "its task", deaths,
+                        self.profile.cluster.task_retries)
 
     def _settled_value(self, result: calls.Result) -> Any:
         settle([result], PrefixedSink())

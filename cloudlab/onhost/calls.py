@@ -196,6 +196,7 @@ class Shipped:
     """
 
     def __init__(self, fn, pushed: frozenset[str] = frozenset()):
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)  # (for errors)
         if is_interactive(fn):
             kept = {k: v for k, v in fn.__globals__.items() if k not in pushed}
             clone = types.FunctionType(fn.__code__, kept, fn.__name__, fn.__defaults__,

@@ -140,3 +140,17 @@ def test_an_engine_that_never_registers_is_started_again_seconds_after_its_peers
         assert [(d.engine, d.cause) for d in c.deaths] == [
             (2, "had not registered 0.2 s after its peers; it was started again")]
         assert sorted(c.run(nap, 0).values()) == [0, 1, 3, 4]
+
+
+def crash_always() -> None:
+    from cloudlab.engines.inprocess import crash
+
+    crash()
+
+
+def test_a_submit_that_kills_every_engine_it_runs_on_ends_in_one_sentence():
+    with cloudlab.Cluster(3, task_retries=1, **FAST) as c:
+        with pytest.raises(cloudlab.TaskLost, match=r"^its task of submit crash_always was lost "
+                                                    r"with 2 engines \(engine \d was killed by "
+                                                    r"signal 9 \(SIGKILL\); engine \d was killed"):
+            c.submit(crash_always).result(timeout=10)
