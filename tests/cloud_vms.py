@@ -176,12 +176,14 @@ class FakeVms(TestVms):
         try:
             key = self.ec2.describe_key_pairs(KeyNames=[instance["KeyName"]],
                                               IncludePublicKey=True)["KeyPairs"][0]["PublicKey"]
+            role = self._role(vm, profile)
         except ClientError:
-            return  # its cluster was deleted (by gc) before it booted: it is being terminated
+            # Its cluster was deleted (by gc, or an interrupted start) before it booted: its
+            # key or its instance profile is gone, and it is being terminated.
+            return
         data = self.ec2.describe_instance_attribute(InstanceId=vm, Attribute="userData")
         self.boot(vm, instance["PrivateIpAddress"], key,
-                  base64.b64decode(data["UserData"]["Value"]),
-                  ["ec2", vm, *self._role(vm, profile)])
+                  base64.b64decode(data["UserData"]["Value"]), ["ec2", vm, *role])
 
     def _role(self, vm: str, profile: dict | None) -> list[str]:
         """The instance profile's role and credentials for it, as EC2 gets them (STS)."""
