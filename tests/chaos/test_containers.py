@@ -83,17 +83,18 @@ def test_a_one_core_container_gets_one_engine_and_its_memory_share():
     assert seen["limit"] == int(2 * GIB * 0.9 / 2)  # 90 % of the container's, for 2 engines
 
 
-@pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
-def test_an_engine_allocating_past_the_container_gets_the_memory_sentence(engine):
+def _hog_in_container(mib: int, cluster: str) -> dict:
+    """In a 1-CPU, 2 GiB container: a map item that holds ``mib`` MiB (a MiB at a time), on
+    ``Cluster(2, <cluster>, task_retries=0)``; what it raised, and a map run after it."""
     with container(1, 2 * GIB) as inside:
-        seen = _run_inside(inside, f"""
+        return _run_inside(inside, f"""
             import json, cloudlab
 
             def hog(_):
-                held = [bytearray(1 << 20) for _ in range(1536)]  # 1.5 GiB, a MiB at a time
+                held = [bytearray(1 << 20) for _ in range({mib})]
                 return len(held)
 
-            with cloudlab.Cluster(2, engine={engine!r}, task_retries=0) as c:
+            with cloudlab.Cluster(2, {cluster}, task_retries=0) as c:
                 try:
                     c.map(hog, [0])
                     outcome = "returned"
@@ -102,6 +103,11 @@ def test_an_engine_allocating_past_the_container_gets_the_memory_sentence(engine
                 alive = c.map(abs, [-1, -2])
             print(json.dumps({{"outcome": outcome, "after": alive}}))
         """)
+
+
+@pytest.mark.parametrize("engine", ["ipyparallel", "dask"])
+def test_an_engine_allocating_past_the_container_gets_the_memory_sentence(engine):
+    seen = _hog_in_container(1536, f"engine={engine!r}")  # 1.5 GiB
     assert seen["after"] == [1, 2]  # the client lives, and the cluster works on
     assert seen["outcome"].startswith("item 0 of map hog was lost with 1 engine (engine ")
     assert ("ran out of memory: it held" in seen["outcome"]
@@ -110,23 +116,7 @@ def test_an_engine_allocating_past_the_container_gets_the_memory_sentence(engine
 
 
 def test_without_the_guard_the_kernels_oom_kill_is_named_with_the_containers_memory():
-    with container(1, 2 * GIB) as inside:
-        seen = _run_inside(inside, """
-            import json, cloudlab
-
-            def hog(_):
-                held = [bytearray(1 << 20) for _ in range(3072)]  # 3 GiB: past the container
-                return len(held)
-
-            with cloudlab.Cluster(2, memory_limit="none", task_retries=0) as c:
-                try:
-                    c.map(hog, [0])
-                    outcome = "returned"
-                except cloudlab.CloudlabError as error:
-                    outcome = str(error)
-                alive = c.map(abs, [-1, -2])
-            print(json.dumps({"outcome": outcome, "after": alive}))
-        """)
+    seen = _hog_in_container(3072, 'memory_limit="none"')  # 3 GiB: past the container
     assert seen["after"] == [1, 2]
     assert seen["outcome"].startswith(
         "item 0 of map hog was lost with 1 engine (engine 0 ran out of memory (killed by the "
