@@ -337,7 +337,6 @@ async def on_each(engines: Engines, ids: list[int], call: str,
     return results
 
 
-
 def _lost(engines: Engines, ids: list[int]) -> dict[int, Death]:
     return {eid: state for eid in ids if isinstance(state := engines.state_of(eid), Death)}
 

@@ -4,11 +4,13 @@ One task per running cluster looks at its processes every 50 ms (locally a
 dictionary lookup per engine: the fork server reports each exit as it
 happens) and, every second, at the engines its controller still counts: one
 it has not heard from for ``heartbeat_timeout`` seconds, its process still
-there (stopped, on a frozen VM, behind a cut link), is ended as if it had died. Each engine that ended without being asked to is
-reported with its cause (a :class:`~cloudlab.deaths.Death`) to the cluster's
+there (stopped, on a frozen VM, behind a cut link), is ended as if it had
+died. Each engine that ended without being asked to is reported with its
+cause (a :class:`~cloudlab.deaths.Death`) to the cluster's
 :class:`~cloudlab.membership.Membership`, which removes it and replaces it
-(or wants fewer engines, where a rule says so). Jobs (:mod:`cloudlab.dispatch`)
-hear of every change and run the dead engine's pieces elsewhere.
+(or wants fewer engines, where a rule says so). Jobs
+(:mod:`cloudlab.dispatch`) hear of every change and run the dead engine's
+pieces elsewhere.
 
 When the controller ends, nothing can be saved: the engines are stopped, the
 cluster's files removed, and the cluster is ``dead``, saying why, so that the

@@ -164,7 +164,7 @@ class IPyParallelEngine(Engine):
         return view
 
     async def gone(self, ids: list[int]) -> None:
-        # The hub would unregister a dead engine after 20 missed heartbeats (2 s); an
+        # The hub would unregister a dead engine after heartbeat_timeout of missed beats; an
         # unregistration request, sent as the engine itself would, does it now. The hub
         # sends no reply, so it goes out raw, from the client's IO thread.
         client = self._client
@@ -221,9 +221,7 @@ async def _answer(eid: int, reply: concurrent.futures.Future) -> Result:
     try:
         return await asyncio.shield(answer)
     except IPPRemoteError as e:
-        if e.ename == "EngineError":  # its engine died or went silent: cloudlab's to judge
-            raise
-        return Result(eid, Failure.of(eid, e.ename, e.evalue, e.traceback or ""))
+        return _failure(eid, e)
 
 
 async def _cell(eid: int, result: Any, sink: OutputSink) -> Result:
@@ -249,10 +247,17 @@ async def _cell(eid: int, result: Any, sink: OutputSink) -> Result:
     try:
         result.get()
     except IPPRemoteError as e:
-        if e.ename == "EngineError":  # (see _answer)
-            raise
-        return Result(eid, Failure.of(eid, e.ename, e.evalue, e.traceback or ""))
+        return _failure(eid, e)
     return Result(eid, None)
+
+
+def _failure(eid: int, error: Any) -> Result:
+    """What engine ``eid`` raised (an ipyparallel RemoteError), as the Failure it answered;
+    ipyparallel's EngineError is raised again: its engine died or went silent, which is
+    cloudlab's to judge (:func:`cloudlab.dispatch.on_each`)."""
+    if error.ename == "EngineError":
+        raise error
+    return Result(eid, Failure.of(eid, error.ename, error.evalue, error.traceback or ""))
 
 
 def engine_main() -> None:
