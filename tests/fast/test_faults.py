@@ -10,21 +10,14 @@ import threading
 import time
 
 import pytest
+from fast_helpers import FAST, until
 
 import cloudlab
 from cloudlab import membership
 from cloudlab.dispatch import VERDICT
 
-FAST = {"engine": "inprocess", "backend": "inprocess"}
 #: Seconds a frozen engine may stay silent here: short, so that each test is quick.
 SILENCE = 0.3
-
-
-def until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def nap(seconds: float) -> int:

@@ -12,19 +12,11 @@ import threading
 import time
 
 import pytest
+from fast_helpers import FAST, until
 
 import cloudlab
 from cloudlab.engines.inprocess import crash
 from cloudlab.membership import STORM_DEATHS
-
-FAST = {"engine": "inprocess", "backend": "inprocess"}
-
-
-def until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def crash_on_7_late(x: int) -> int:
