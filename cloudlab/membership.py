@@ -388,7 +388,7 @@ class Membership:
         An engine still unregistered STRAGGLER seconds after its peers' last registration
         (and after it started running) is ended and launched again, under a new id that
         takes its place in ``ids``: a controller can lose a registration among a hundred
-        (ipyparallel's hub, 1 start of 128 engines in 8 here), and the whole start would
+        (ipyparallel's hub, in 6 of 31 starts of 128 engines here), and the whole start would
         otherwise wait for start_timeout and fail."""
         wanted = set(ids)
         enough = len(wanted) if enough is None else enough
