@@ -53,7 +53,7 @@ def test_start_list_and_stop_all_from_other_processes(engine):
         assert wait_until_gone(name, 10) == []
         assert "No clusters are running." in cloudlab("list").stdout
         # The foreground owner notices, says so and exits (with its fork server).
-        rest = owner.communicate(timeout=15)[0]
+        rest = owner.communicate(timeout=10)[0]
         assert owner.returncode == 1, rest
         assert rest.startswith(f"{name} ended from outside: its controller "), rest
         assert wait_until_gone(timeout=10) == []

@@ -29,6 +29,7 @@ from .base import Answers, Engine, OutputSink, wait_for_file
 OUTPUT_TOPIC = "cloudlab-output"
 CLIENT_BATCH_SECONDS = 0.001
 SCATTER_ABOVE = 1 << 20  # bytes of an all-engine call's pickled function and arguments
+UNREGISTER_WITHIN = 2.0  # seconds: telling the scheduler that workers died
 #: Dask's idle bookkeeping, slowed down: with its defaults (an event-loop tick every 20 ms, a
 #: sampling profiler every 10 ms, ...) 16 idle workers keep half of a core busy (measured:
 #: 52%; 5% with these). A user's own DASK_* variables win.
@@ -230,14 +231,19 @@ class DaskEngine(Engine):
     async def gone(self, ids: list[int]) -> None:
         # The scheduler notices a killed worker's closed connection, but not a silent one's
         # (a frozen process, a cut link) before worker-ttl: it would send it tasks meanwhile.
-        for eid in ids:
-            address = self._address.pop(eid, None)
-            if address is not None:
-                try:
-                    await asyncio.wait_for(self._client.scheduler.unregister(
-                        address=address, stimulus_id=f"cloudlab-gone-{time.time()}"), 5)
-                except Exception:  # already gone
-                    pass
+        # All at once and bounded: a scheduler that is ending refuses connections, which
+        # Dask retries for its whole connect timeout.
+        addresses = [a for a in (self._address.pop(eid, None) for eid in ids) if a]
+        if not addresses or self._client is None or self._client.status != "running":
+            return
+        stimulus = f"cloudlab-gone-{time.time()}"
+        unregistering = [self._client.scheduler.unregister(address=a, stimulus_id=stimulus)
+                         for a in addresses]
+        try:
+            await asyncio.wait_for(asyncio.gather(*unregistering, return_exceptions=True),
+                                   UNREGISTER_WITHIN)
+        except TimeoutError:  # the scheduler is gone too, or its worker-ttl does it
+            pass
 
     async def forget(self, ids: list[int]) -> None:
         addresses = [self._address[i] for i in ids if i in self._address]
