@@ -16,6 +16,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,46 +140,52 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
                 f"Unknown option {key!r}: use one of "
                 f"{', '.join(sorted(cluster_keys | backend_keys))}."
             )
+    def where(key: str) -> str:
+        """Where a bad value came from: the caller's keyword (or flag), or the file."""
+        return f"option {key!r}" if key in overrides else f"{source}: key {key!r}"
+
     if "gpus" in cluster_data:  # "all", 2 (TOML) or "2" (--gpus 2), "none"
         try:
             wanted = gpu_request(cluster_data["gpus"])
         except ValueError as e:
-            where = "gpus" if "gpus" in overrides else f"{source}: key 'gpus'"
-            raise ConfigError(f"{where} {e}") from None
+            raise ConfigError(f"{where('gpus')} {e}") from None
         cluster_data["gpus"] = "none" if wanted is None else str(wanted)
-    cluster = coerce(ClusterOptions, cluster_data, source)
+    cluster = coerce(ClusterOptions, cluster_data, source, where)
     if cluster.task_retries < 0:
-        raise ConfigError(f"{source}: key 'task_retries' must be 0 or more, "
+        raise ConfigError(f"{where('task_retries')} must be 0 or more, "
                           f"got {cluster.task_retries}.")
     if not cluster.heartbeat_timeout > 0:  # (NaN too)
-        raise ConfigError(f"{source}: key 'heartbeat_timeout' must be a number of seconds "
+        raise ConfigError(f"{where('heartbeat_timeout')} must be a number of seconds "
                           f"above 0, got {cluster.heartbeat_timeout}.")
     try:
         memory_limit_bytes(cluster.memory_limit)
     except ValueError as e:
-        raise ConfigError(f"{source}: key 'memory_limit' {e}") from None
+        raise ConfigError(f"{where('memory_limit')} {e}") from None
     if cluster.engine not in engine_names():
         raise UnknownNameError("engine", cluster.engine, engine_names())
-    return Profile(name, source, cluster, coerce(options_cls, backend_table, source))
+    return Profile(name, source, cluster, coerce(options_cls, backend_table, source, where))
 
 
-def coerce(cls: type, data: dict[str, Any], source: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, checking keys, types and choices."""
+def coerce(cls: type, data: dict[str, Any], source: str,
+           where: Callable[[str], str] | None = None) -> Any:
+    """Build dataclass ``cls`` from ``data`` (read from ``source``), checking keys, types
+    and choices; ``where(key)`` names a bad value's origin."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    where = where or (lambda key: f"{source}: key {key!r}")
     values = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
                 f"{source}: unknown key {key!r}; allowed: {', '.join(sorted(fields))}."
             )
-        values[key] = _check(hints[key], value, key, source, fields[key].metadata.get("choices"))
+        values[key] = _check(hints[key], value, where(key), fields[key].metadata.get("choices"))
     return cls(**values)
 
 
-def _check(hint: Any, value: Any, key: str, source: str, choices) -> Any:
+def _check(hint: Any, value: Any, where: str, choices) -> Any:
     def fail(expected: str):
-        raise ConfigError(f"{source}: key {key!r} must be {expected}, got {value!r}.")
+        raise ConfigError(f"{where} must be {expected}, got {value!r}.")
 
     if choices and value not in choices:
         fail("one of " + ", ".join(map(repr, choices)))

@@ -85,7 +85,7 @@ def test_ctrl_c_stops_the_foreground_cluster_cleanly():
     (["run", "classify", "--corpus", "/nonexistent/corpus.jsonl"],
      "No corpus at /nonexistent/corpus.jsonl: give the path of an arXiv metadata file"),
     (["run", "classify", "--corpus", "/etc/hostname"], "line 1: not an arXiv metadata record"),
-    (["run", "pi", "--gpus", "two"], 'gpus must be "all", a count like 2, or "none"'),
+    (["run", "pi", "--gpus", "two"], 'option \'gpus\' must be "all", a count like 2, or "none"'),
     (["run", "pi", "--device", "gpu", "--engines", "1"],
      "device='gpu' needs engines with GPUs: start the cluster with --gpus all"),
 ])

@@ -35,7 +35,7 @@ def test_gpu_requests_read_like_the_help_says(value, wanted):
 def test_a_bad_gpu_request_names_the_allowed_forms(value):
     with pytest.raises(ValueError, match='must be "all", a count like 2, or "none"'):
         gpus.request(value)
-    with pytest.raises(ConfigError, match='^gpus must be "all", a count like 2'):
+    with pytest.raises(ConfigError, match='^option .gpus. must be "all", a count like 2'):
         cloudlab.Cluster(gpus=value)
 
 

@@ -59,6 +59,6 @@ def test_memory_limit_auto_shares_the_machine_and_none_sets_no_guard():
     ("nan", 'must be a size like "2GB"'),
 ])
 def test_a_bad_memory_limit_is_one_sentence_naming_the_key(bad, says):
-    with pytest.raises(cloudlab.ConfigError, match="key 'memory_limit'") as error:
+    with pytest.raises(cloudlab.ConfigError, match="^option 'memory_limit'") as error:
         cloudlab.Cluster(2, memory_limit=bad)
     assert says in str(error.value)

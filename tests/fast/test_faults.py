@@ -117,8 +117,9 @@ def test_a_frozen_engine_that_thaws_in_time_is_kept():
 
 
 def test_heartbeat_timeout_must_be_positive():
-    with pytest.raises(cloudlab.ConfigError, match=r"key 'heartbeat_timeout' must be a number "
-                                                   r"of seconds above 0, got 0\.0"):
+    """(A keyword's bad value is named as the caller's, not the profile file's.)"""
+    with pytest.raises(cloudlab.ConfigError, match=r"^option 'heartbeat_timeout' must be a "
+                                                   r"number of seconds above 0, got 0\.0"):
         cloudlab.Cluster(2, heartbeat_timeout=0, **FAST)
 
 
