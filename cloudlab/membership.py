@@ -487,7 +487,7 @@ class Membership:
     def where(self, eid: int) -> tuple[str, int | None]:
         """Engine ``eid``'s host and pid: as the engine said, else as its launch knows."""
         process = self.processes[eid]
-        return self._identity.get(eid, (process.host, process.pid))
+        return self._identity.get(eid, (process.host, process.own_pid))
 
     def usable(self) -> list[int]:
         """Engines that take work now: counted by the controller, process alive."""

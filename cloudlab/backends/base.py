@@ -113,6 +113,12 @@ class Launched(abc.ABC):
     host: str
     pid: int | None
 
+    @property
+    def own_pid(self) -> int | None:
+        """The process's own pid, as ``ps`` shows it (where a lease keeper leads its group,
+        :func:`cloudlab.onhost.agent.keep_apart`, not the keeper's)."""
+        return self.pid
+
     @abc.abstractmethod
     def exit_code(self) -> int | None:
         """None while running, else the exit status."""

@@ -75,7 +75,7 @@ class LocalProcess(Launched):
     def usage(self) -> tuple[float | None, float | None]:
         try:
             if self._ps is None:
-                self._ps = psutil.Process(self.pid)
+                self._ps = psutil.Process(self.own_pid)
             with self._ps.oneshot():
                 # cpu_percent compares with the previous call: the first one reads 0.
                 return self._ps.cpu_percent(None), self._ps.memory_info().rss / 2**20
@@ -90,11 +90,22 @@ class LocalProcess(Launched):
 
 
 class SpawnedProcess(LocalProcess):
-    """Started in a fresh interpreter; our own child."""
+    """Started in a fresh interpreter; our own child, the lease keeper of the process
+    it forks (:func:`cloudlab.onhost.agent.keep_apart`)."""
 
     def __init__(self, name: str, popen: subprocess.Popen, log: Path):
         super().__init__(name, popen.pid, log)
         self.popen = popen
+        self._kept: int | None = None
+
+    @property
+    def own_pid(self) -> int:
+        if self._kept is None:  # (until the keeper has forked it: the keeper's)
+            try:
+                self._kept = next((c.pid for c in psutil.Process(self.pid).children()), None)
+            except psutil.Error:
+                pass
+        return self._kept or self.pid
 
     def exit_code(self) -> int | None:
         return self.popen.poll()

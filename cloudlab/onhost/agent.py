@@ -7,18 +7,22 @@ Every process a backend starts (controller, scheduler, engine, worker) is::
     python -m cloudlab.onhost.agent --lease SECONDS --lease-from HOST:PORT ...   (one it is not
                                                         started by: a batch scheduler's job)
 
-The agent starts a watchdog thread, then calls ``module:function`` in the same
-process with ``sys.argv`` set to ``ARGS``: no extra process per engine. (The
-fork server, :mod:`cloudlab.onhost.forkserver`, calls :func:`run` in each child it
-forks, so both ways of starting a process end in the same code.) When the
-owner (the kernel or script that started the cluster) exits for any reason,
-kill -9 included, the watchdog removes the ``--cleanup`` paths and kills its
-whole process group (the backend starts each process as a group leader), so
+The agent forks: the child calls ``module:function`` with ``sys.argv`` set to
+``ARGS`` and becomes the engine; the agent stays its lease keeper, a small
+process that holds the lease and ends as its engine ends (same exit code or
+signal). The keeper must be a process apart: a watchdog thread inside the engine
+freezes with it (SIGSTOP, a debugger, a stopped job), and a frozen engine whose
+owner then dies would stay for ever, holding its memory. (The fork server,
+:mod:`cloudlab.onhost.forkserver`, calls :func:`run` in each child it forks; there the
+server, which outlives a frozen child, is the process apart, and a thread holds the
+lease.) When the owner (the kernel or script that started the cluster) exits for
+any reason, kill -9 included, the keeper removes the ``--cleanup`` paths and kills
+its whole process group (the backend starts each process as a group leader), so
 nothing outlives its owner. An owner on another machine cannot be watched by its pid: there
 the lease is ``--lease SECONDS`` on standard input, which the owner keeps open (through
 ssh, say) and writes a heartbeat to every fraction of a lease. When the heartbeats stop for
 a whole lease (the link is cut) or the input closes (the owner, or its ssh, is gone), the
-agent ends everything as above. A process started by someone else for the owner (a Slurm
+keeper ends everything as above. A process started by someone else for the owner (a Slurm
 job) takes its lease over a TCP connection it opens to the owner (``--lease-from``), which
 the owner writes heartbeats to in the same way; a refused connection means the owner has
 gone already.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import resource
 import select
 import shutil
 import signal
@@ -75,7 +80,7 @@ def end_everything(cleanup: list[str]) -> None:
     """The owner is gone: remove our files and kill our process group, now."""
     for path in cleanup:
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
-    if os.getpgrp() == os.getpid():
+    if os.getpgrp() in (os.getpid(), os.getppid()):  # led by this process, or its keeper
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -124,25 +129,158 @@ def lease_connection(address: str, timeout: float = 10.0) -> socket.socket | Non
         return None
 
 
-def start_watchdog(owner_pid: int | None, cleanup: list[str], lease: float | None = None,
-                   lease_from: str | None = None) -> None:
-    """End everything when the owner ``owner_pid`` exits, or, with ``lease``, when the
-    heartbeats stop: on standard input, or on a connection to ``lease_from``."""
-    connection = None
-    if lease_from is not None:
-        connection = lease_connection(lease_from)
-        if connection is None:
-            end_everything(cleanup)
+class Lease:
+    """What a process lives under: its owner's pid on this machine, or heartbeats every
+    fraction of ``seconds`` on standard input or on a connection to ``lease_from``."""
 
-    def watch() -> None:  # (it holds ``connection`` open)
-        if lease is None:
-            assert owner_pid is not None  # (one or the other: the command line says so)
-            owner_gone(owner_pid)
+    def __init__(self, owner_pid: int | None, seconds: float | None = None,
+                 lease_from: str | None = None):
+        assert (owner_pid is None) != (seconds is None)  # (the command line says so)
+        self.owner_pid, self.seconds = owner_pid, seconds
+        self.connection = lease_connection(lease_from) if lease_from is not None else None
+        #: Lapsed already: the owner has exited, or refused the connection.
+        self.lapsed = (not _alive(owner_pid) if owner_pid is not None else
+                       lease_from is not None and self.connection is None)
+
+    @property
+    def heartbeats(self) -> int:
+        """The descriptor the heartbeats arrive on."""
+        return 0 if self.connection is None else self.connection.fileno()
+
+    def wait(self) -> None:
+        """Block until the lease lapses."""
+        if self.owner_pid is not None:
+            owner_gone(self.owner_pid)
         else:
-            heartbeats_stop(0 if connection is None else connection.fileno(), lease)
+            assert self.seconds is not None
+            heartbeats_stop(self.heartbeats, self.seconds)
+
+    def leave_to_keeper(self) -> None:
+        """In the kept process: the lease is its keeper's to read."""
+        if self.connection is not None:
+            self.connection.close()
+        elif self.seconds is not None:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+
+
+def watch_in_thread(lease: Lease, cleanup: list[str]) -> None:
+    """End everything when ``lease`` lapses, from a thread of this process (where something
+    outside it, a fork server, ends it if it is frozen)."""
+    if lease.lapsed:
+        end_everything(cleanup)
+
+    def watch() -> None:  # (it holds the lease's connection open)
+        lease.wait()
         end_everything(cleanup)
 
     threading.Thread(target=watch, name="cloudlab-lease", daemon=True).start()
+
+
+#: The keeper's title: its engine's, then this.
+KEEPER = "(lease keeper)"
+
+
+def keep_apart(lease: Lease, cleanup: list[str], title: str | None) -> None:
+    """Fork: the child returns, to become the engine; this process stays its keeper, and
+    never returns. A thread of the engine would freeze with it (SIGSTOP, a debugger): the
+    keeper does not, and ends the engine's whole group when the lease lapses. It ends as
+    its engine ended (the same exit code or signal), so whoever started it sees the
+    engine's end; killed itself, it takes the engine with it."""
+    if lease.lapsed:
+        end_everything(cleanup)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    keeper = os.getpid()
+    engine = os.fork()
+    if engine == 0:
+        _die_with(keeper)
+        lease.leave_to_keeper()
+        return
+    try:
+        # Signals for the engine reach it through its group, as cloudlab sends them; a
+        # terminal's or a scheduler's must not end the keeper before its engine.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        if title:
+            set_title(f"{title} {KEEPER}")
+        status = _until_ends(engine, lease)
+    except BaseException:
+        status = None
+    if status is None:  # the lease lapsed (or the keeper failed): nothing outlives it
+        end_everything(cleanup)
+    _end_as(status)
+
+
+def _die_with(keeper: int) -> None:
+    """Ask Linux to SIGKILL this process when ``keeper``, its parent, dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # (not Linux: the keeper's lease still ends it)
+        return
+    if os.getppid() != keeper:  # it died before the request
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _until_ends(engine: int, lease: Lease) -> int | None:
+    """Wait for ``engine`` (a child) to end, its wait status; None if ``lease`` lapses
+    first."""
+    poller = select.poll()
+    look_every = None  # seconds between looks where no pidfd wakes the keeper (old kernels)
+    try:
+        poller.register(os.pidfd_open(engine), select.POLLIN)
+    except (AttributeError, OSError):
+        look_every = 0.5
+    owner = None
+    if lease.owner_pid is not None:
+        try:
+            owner = os.pidfd_open(lease.owner_pid)
+            poller.register(owner, select.POLLIN)
+        except ProcessLookupError:
+            return None
+        except (AttributeError, OSError):
+            look_every = 0.5
+    else:
+        poller.register(lease.heartbeats, select.POLLIN)
+    lease_file = os.environ.get(LEASE_FILE)
+    _touch(lease_file)  # the lease starts now (for an owner that dies before its first beat)
+    silent_since = time.monotonic()
+    while True:
+        wait = look_every
+        if lease.seconds is not None:
+            left = max(0.0, silent_since + lease.seconds - time.monotonic())
+            wait = left if wait is None else min(left, wait)
+        events = dict(poller.poll(None if wait is None else wait * 1000))
+        pid, status = os.waitpid(engine, os.WNOHANG)
+        if pid:
+            return status
+        if lease.owner_pid is not None:
+            if owner in events or (owner is None and not _alive(lease.owner_pid)):
+                return None  # the owner has exited
+        elif lease.heartbeats in events:
+            if not os.read(lease.heartbeats, 4096):
+                return None  # closed: the owner (or the connection it held) is gone
+            silent_since = time.monotonic()
+            _touch(lease_file)
+        elif time.monotonic() - silent_since >= (lease.seconds or 0.0):
+            return None  # silent for a whole lease: the link is cut, or the owner hangs
+
+
+def _end_as(status: int | None) -> None:
+    """Exit as a child with wait status ``status`` did: the same code, or the same signal."""
+    if status is None or os.WIFSIGNALED(status):
+        sig = signal.SIGKILL if status is None else os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (its engine dumped any core)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # (a signal that does not end a process)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 #: Environment: the file a process writes why it ended itself, for its cluster to read.
@@ -227,20 +365,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(owner_pid: int | None, cleanup: list[str], entry: str, args: list[str],
         title: str | None = None, lease: float | None = None,
-        lease_from: str | None = None) -> int:
+        lease_from: str | None = None, kept_from_outside: bool = False) -> int:
     """Call ``entry`` with ``sys.argv`` set to ``args``, under a lease on ``owner_pid`` (or,
-    with ``lease``, on the heartbeats arriving on standard input or from ``lease_from``)."""
-    if lease is None:
-        assert owner_pid is not None  # (one or the other: the command line says so)
-        if not _alive(owner_pid):
-            end_everything(cleanup)
+    with ``lease``, on the heartbeats arriving on standard input or from ``lease_from``),
+    which a keeper process holds (``kept_from_outside``: a thread, where something outside
+    this process, a fork server, ends it when it is frozen)."""
+    held = Lease(owner_pid, lease, lease_from)
     if lease is not None:
         # On another machine: the environment cloudlab keeps there (if this is one) is in
         # use, so the host keeps it when it removes older ones.
         from .hostenv import MARKER
 
         _touch(os.path.join(sys.prefix, MARKER))
-    start_watchdog(owner_pid, cleanup, lease, lease_from)
+    if kept_from_outside:
+        watch_in_thread(held, cleanup)
+    else:
+        keep_apart(held, cleanup, title)
     os.umask(0o077)  # connection files, keys and logs: the owner's only
     if os.environ.get(MEMORY_LIMIT):
         start_memory_guard(float(os.environ[MEMORY_LIMIT]))

@@ -19,9 +19,9 @@ its preloads are imported. Each request on stdin, ``{"entry", "args", "env",
 "cwd", "log", "cleanup", "title"}``, is answered in order with ``{"pid": P}``
 or ``{"error": text}``; each child's end is reported as ``{"exited": P,
 "code": C}``. The server exits when stdin closes or its owner dies; children
-keep their own lease and die with the owner too. A child that is frozen (SIGSTOP)
-cannot act on its lease, its keeper frozen with it: the server, which is not,
-ends whatever is left when it ends.
+keep their own lease (a thread) and die with the owner too. A child that is frozen
+(SIGSTOP) cannot act on its lease, the thread frozen with it: the server, which is
+not, ends whatever is left when it ends.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _agent_run(owner_pid: int, request: dict) -> int:
     from cloudlab.onhost import agent
 
     return agent.run(owner_pid, request.get("cleanup", []), request["entry"],
-                      request.get("args", []), request.get("title"))
+                      request.get("args", []), request.get("title"), kept_from_outside=True)
 
 
 def threads_now() -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
+import psutil
 import pytest
 from jupyter_client.manager import start_new_kernel
 
@@ -56,26 +58,32 @@ def test_a_killed_controller_ends_the_cluster_and_a_new_start_works(engine, reli
                 f"cluster dead after {noticed:.2f} s, engines stopped", gone)
 
 
-def test_a_frozen_engine_ends_with_its_killed_owner(engine, reliability):
-    """SIGSTOP freezes an engine's own lease keeper with it: the fork server, which is not
-    frozen, ends what its owner left (SIGKILL ends a stopped process)."""
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "fresh"])
+def test_a_frozen_engine_ends_with_its_killed_owner(engine, fork_server, reliability):
+    """SIGSTOP freezes the engine, not what holds its lease: the fork server, or (in a fresh
+    interpreter) its lease keeper, ends it when its owner dies (SIGKILL ends a stopped
+    process)."""
     import subprocess
     import sys
 
     owner = subprocess.Popen(
         [sys.executable, "-c", "import time, cloudlab\n"
-         f"c = cloudlab.Cluster(2, engine={engine!r}).start()\n"
-         "print(c.name, *(p.pid for p in c._members.processes.values()), flush=True)\n"
+         f"c = cloudlab.Cluster(2, engine={engine!r}, fork_server={fork_server}).start()\n"
+         "print(c.name, *(r.pid for r in c.status()), flush=True)\n"
          "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         name, *pids = owner.stdout.readline().split()
-        kill(int(pids[1]), signal.SIGSTOP)
+        frozen = psutil.Process(int(pids[1]))  # the engine itself, as c.status() says
+        assert re.fullmatch(rf"cloudlab: {name} engine-\d+", " ".join(frozen.cmdline()).strip())
+        kill(frozen.pid, signal.SIGSTOP)
+        assert wait_for(lambda: frozen.status() == psutil.STATUS_STOPPED, 5) < 5
         kill(owner.pid)
         t0 = time.monotonic()
         owner.wait(10)
         survivors = wait_until_gone(name, 10)
         assert survivors == [], [(p.pid, p.status()) for p in survivors]
-        reliability("an engine frozen (SIGSTOP), then its owner killed (kill -9)", engine,
+        reliability("an engine frozen (SIGSTOP), then its owner killed (kill -9)"
+                    + ("" if fork_server else ", fork_server = false"), engine,
                     "every process gone, the frozen one too", time.monotonic() - t0)
     finally:
         owner.kill()

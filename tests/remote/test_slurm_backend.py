@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 import cloudlab
@@ -123,18 +124,25 @@ def test_a_job_past_its_time_limit_is_a_classified_death_and_is_replaced(test_sl
 
 
 def test_kill_9_of_the_client_ends_running_engines_and_cancels_queued_jobs(test_slurm, tmp_path):
+    """The running engine is frozen (SIGSTOP) first: its lease keeper, a process apart,
+    ends it all the same."""
     options = _options(test_slurm, tmp_path, partition="exclusive", cpus_per_engine=2)
     script = (
         "import json, sys, time, cloudlab\n"
         f"c = cloudlab.Cluster(2, **json.loads({json.dumps(json.dumps(options))}))\n"
         "c.start(min_engines=1)\n"
-        "print(c.name, flush=True)\n"
+        "import os\n"
+        "print(c.name, c.submit(os.getpid).result(), flush=True)\n"
         "time.sleep(600)\n")
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        name = client.stdout.readline().strip()
+        name, running = client.stdout.readline().split()
         states = sorted(j.split()[1] for j in _live_jobs(test_slurm, name))
         assert states == ["PENDING", "RUNNING"]
+        frozen = psutil.Process(int(running))  # (the nodes share this machine's pids)
+        assert " ".join(frozen.cmdline()).strip().startswith(f"cloudlab: {name} engine-")
+        os.kill(frozen.pid, signal.SIGSTOP)
+        assert _wait(lambda: frozen.status() == psutil.STATUS_STOPPED, 5) < 5
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         seconds = _wait(lambda: not _live_jobs(test_slurm, name)

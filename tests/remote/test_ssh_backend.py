@@ -80,7 +80,9 @@ def test_a_bad_host_is_named_before_anything_starts(test_hosts, tmp_path):
     assert test_hosts.cloudlab_processes() == {h.name: [] for h in test_hosts.hosts}
 
 
-def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
+def test_kill_9_of_the_client_ends_the_remote_engines_a_frozen_one_too(test_hosts):
+    """A frozen engine (SIGSTOP) cannot act on its lease: its lease keeper, a process
+    apart, does."""
     import json
     import signal
     import subprocess
@@ -90,12 +92,17 @@ def test_kill_9_of_the_client_ends_the_remote_engines(test_hosts):
         "import json, sys, time, cloudlab\n"
         f"c = cloudlab.Cluster(2, **json.loads({json.dumps(json.dumps(_options(test_hosts)))}))\n"
         "c.start()\n"
-        "print(c.name, flush=True)\n"
+        "print(c.name, *(r.pid for r in c.status()), flush=True)\n"
         "time.sleep(600)\n")
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        name = client.stdout.readline().strip()
+        name, *pids = client.stdout.readline().split()
         assert name and all(test_hosts.cloudlab_processes().values())
+        frozen = psutil.Process(int(pids[1]))  # (the hosts share this machine's pids)
+        assert " ".join(frozen.cmdline()).strip().startswith(f"cloudlab: {name} engine-")
+        os.kill(frozen.pid, signal.SIGSTOP)
+        while frozen.status() != psutil.STATUS_STOPPED:
+            time.sleep(0.01)
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         t0 = time.monotonic()
