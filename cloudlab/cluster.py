@@ -118,6 +118,7 @@ class Cluster(EngineNamespaces):
         self._code = usercode.EngineCode(self._install_code, lambda: self._members.usable())
         self._supervisor: Supervisor | None = None
         self._jobs: set[Job] = set()
+        self._submits: dict[concurrent.futures.Future, str] = {}
         #: Why the cluster died (its controller ended), once it has.
         self.end_cause: str | None = None
 
@@ -297,6 +298,7 @@ class Cluster(EngineNamespaces):
             await self._membership.stop(grace=STOP_GRACE)
         if self._backend.workdir is not None:
             await self._backend.close()
+        self._end_submits(self._cut_short_by())
         self._release_namespaces()
         if self._membership is not None:
             self._membership.record.remove()
@@ -311,6 +313,11 @@ class Cluster(EngineNamespaces):
         self.end_cause = cause
         self.state = State.DEAD
         await self._teardown()
+
+    def _cut_short_by(self) -> str:
+        """Why a call did not finish, said once the cluster has stopped or died under it."""
+        return (f"cluster {self.name} ended ({self.end_cause})" if self.end_cause
+                else f"cluster {self.name} was stopped")
 
     def why_not_running(self) -> str:
         if self.state == State.DEAD:

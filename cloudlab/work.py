@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import _aio, policy, usercode
 from .dispatch import VERDICT, Job, describe_items, on_each, run_in_view
 from .engines.base import OutputSink, settle
-from .errors import CloudlabError, RemoteError, TaskLost
+from .errors import CloudlabError, ClusterStateError, RemoteError, TaskLost
 from .onhost import calls
 from .output import CallerQueue, PrefixedSink
 from .progress import DONE, FAILED, Progress, open_progress
@@ -37,11 +37,16 @@ class EngineWork:
     tasks_done: Counter[int]
     #: The jobs running now (``cancel`` ends them).
     _jobs: set[Job]
+    #: Submits not answered yet (a stop answers them), with their functions' names.
+    _submits: dict[concurrent.futures.Future, str]
     #: The user's modules, sent to the engines when they change.
     _code: usercode.EngineCode
 
     if TYPE_CHECKING:  # what the cluster gives (see cloudlab.cluster.Cluster)
         profile: Any
+        state: str
+
+        def _cut_short_by(self) -> str: ...
 
         @property
         def engine_ids(self) -> list[int]: ...
@@ -112,21 +117,34 @@ class EngineWork:
         """Run ``fn(*args)`` on one engine; returns a future (``.result()`` waits)."""
         self._require_running()
         shipped = calls.Shipped(fn, self._engine_names())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # sent: .cancel() cannot withdraw it (c.cancel() can)
+        self._submits[future] = getattr(fn, "__name__", "f")
+        future.add_done_callback(lambda done: self._submits.pop(done, None))
         sent = self._engine.submit_now(shipped, *args) if self._code.current() else None
         if sent is None:
-            return _aio.submit(self._submit(shipped, *args))
-        future: concurrent.futures.Future = concurrent.futures.Future()
+            _aio.submit(self._submit(shipped, *args)).add_done_callback(
+                lambda done: _settle_once(future, done))
+            return future
         since = time.time()
 
         def settle(done: concurrent.futures.Future) -> None:
             try:
-                future.set_result(self._settled_value(done.result()))
+                value = self._settled_value(done.result())
             except BaseException as error:
                 said = _aio.submit(self._submit_error(fn, since, error))
-                said.add_done_callback(lambda said: future.set_exception(said.result()))
+                said.add_done_callback(lambda said: _settle_once(future, error=said.result()))
+            else:
+                _settle_once(future, value=value)
 
         sent.add_done_callback(settle)
         return future
+
+    def _end_submits(self, why: str) -> None:
+        """The cluster ended: submits still waiting get an answer (their tasks went with
+        it), rather than waiting for ever."""
+        for future, name in list(self._submits.items()):
+            _settle_once(future, error=ClusterStateError(f"submit {name} did not finish: {why}"))
 
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
@@ -149,8 +167,12 @@ class EngineWork:
         cloudlab sentence naming the engines that died under it (past task_retries), once
         the supervisor has said why (within VERDICT seconds)."""
         members = self._membership
-        if isinstance(error, CloudlabError) or members is None:
-            return error
+        if self.state != "running":  # (the engine kind's client cancels what it had)
+            return ClusterStateError(f"submit {getattr(fn, '__name__', 'f')} did not finish: "
+                                     f"{self._cut_short_by()}")
+        cancelled = (asyncio.CancelledError, concurrent.futures.CancelledError)
+        if isinstance(error, (CloudlabError, *cancelled)) or members is None:
+            return error  # (a cancel is no fault to explain)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + VERDICT
         while (not (deaths := [d for d in members.deaths.values() if d.at >= since])
@@ -285,3 +307,19 @@ def _call(fn, *args) -> None:
 
 def _tell(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _settle_once(future: concurrent.futures.Future, done: concurrent.futures.Future | None = None,
+                 value: Any = None, error: BaseException | None = None) -> None:
+    """Give ``future`` its answer (``done``'s, or ``value`` or ``error``) unless a stop
+    gave it one first."""
+    if done is not None:
+        error = done.exception() if not done.cancelled() else concurrent.futures.CancelledError()
+        value = None if error is not None else done.result()
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -37,6 +37,22 @@ def test_with_block_exception_stops_everything(engine):
     c.stop()  # stopping twice is harmless
 
 
+def test_submits_still_running_at_stop_end_in_one_sentence(engine):
+    """Their tasks went with the cluster: each future says so, rather than waiting for
+    ever (ipyparallel's) or raising the engine kind's own cancellation (Dask's)."""
+    c = cloudlab.Cluster(2, engine=engine).start()
+    before_code = c.submit(time.sleep, 30)  # (sent once the user's code is on the engines)
+    c.submit(abs, -1).result()
+    direct = c.submit(time.sleep, 30)  # (sent at once)
+    time.sleep(0.5)
+    c.stop()
+    for future in (before_code, direct):
+        with pytest.raises(cloudlab.ClusterStateError,
+                           match=rf"^submit sleep did not finish: cluster {c.name} was stopped$"):
+            future.result(timeout=10)
+    assert direct.cancel() is False  # (a sent task cannot be withdrawn by its future)
+
+
 def test_interpreter_exit_without_stop_leaves_nothing(engine, tmp_path):
     result = run_script(f"""
         import cloudlab
