@@ -7,28 +7,58 @@
 In IPython or Jupyter: ``%load_ext cloudlab`` then ``%cluster start 4``.
 """
 
-from . import progress as _progress
-from .cluster import Cluster, EngineStatus, State, prewarm, running_clusters
-from .deaths import Death
-from .errors import (
-    Cancelled,
-    CapacityError,
-    CloudlabError,
-    ClusterStateError,
-    ConfigError,
-    EngineLost,
-    ProvisionTimeout,
-    RemoteError,
-    StartError,
-    TaskLost,
-    UnknownNameError,
-)
-from .membership import EngineState
-from .widgets import progress as _progress_views
-
-_progress.set_view_factory(_progress_views.auto)  # views observe; the model only reports
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: What ``import cloudlab`` offers, and the module each comes from: imported on first use,
+#: so that a process that needs one small module (the agent every engine starts under,
+#: its lease keeper) does not import them all.
+_EXPORTS = {
+    **dict.fromkeys(["Cluster", "EngineStatus", "State", "prewarm", "running_clusters"],
+                    "cluster"),
+    "Death": "deaths",
+    "EngineState": "membership",
+    **dict.fromkeys(["Cancelled", "CapacityError", "CloudlabError", "ClusterStateError",
+                     "ConfigError", "EngineLost", "ProvisionTimeout", "RemoteError",
+                     "StartError", "TaskLost", "UnknownNameError"], "errors"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule (cloudlab._aio, say), as after an import of it
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # (what the names above are, for type checkers and editors)
+    from .cluster import Cluster, EngineStatus, State, prewarm, running_clusters
+    from .deaths import Death
+    from .errors import (
+        Cancelled,
+        CapacityError,
+        CloudlabError,
+        ClusterStateError,
+        ConfigError,
+        EngineLost,
+        ProvisionTimeout,
+        RemoteError,
+        StartError,
+        TaskLost,
+        UnknownNameError,
+    )
+    from .membership import EngineState
 
 __all__ = [
     "Cluster",
@@ -56,6 +86,8 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext cloudlab``: register the %cluster, %push, %pull and %%everywhere magics."""
+    from .cluster import prewarm
+    from .errors import CloudlabError
     from .magics import register
 
     register(ipython)

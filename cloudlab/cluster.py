@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _aio, gpus, policy, usercode
+from . import progress as _progress
 from .deaths import Death
 from .dispatch import Job
 from .engines.base import Engine
@@ -40,6 +41,9 @@ from .profiles import Profile, load_profile, memory_limit_bytes
 from .registry import Record, this_process_started
 from .security import private_dir
 from .supervisor import Supervisor
+from .widgets import progress as _progress_views
+
+_progress.set_view_factory(_progress_views.auto)  # views observe; the model only reports
 
 #: Clusters of this process that may hold processes. A strong reference on
 #: purpose: a running cluster stays reachable (for %cluster list and atexit)
