@@ -185,9 +185,11 @@ def _prune(root, key):
     """Keep the KEEP environments used last (a finished one only; never ``key``)."""
     found = []
     for name in os.listdir(root):
-        marker = os.path.join(root, name, MARKER)
-        if name != key and os.path.isfile(marker):
-            found.append((os.path.getmtime(marker), name))
+        if name != key:
+            try:  # (another client's install on this host may be pruning it at once)
+                found.append((os.path.getmtime(os.path.join(root, name, MARKER)), name))
+            except OSError:
+                pass
     for _, name in sorted(found, reverse=True)[KEEP - 1:]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
