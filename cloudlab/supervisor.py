@@ -114,7 +114,8 @@ class Supervisor:
             # A controller can hear of a death (a closed connection) before its process is
             # reported ended: a killed engine must not be called silent.
             await asyncio.sleep(ENDS_WITHIN)
-        return {eid: Death(eid, self.cause(p) if not p.alive() else
+        # (Where its machine is known gone, a cloud's eviction say, that is why.)
+        return {eid: Death(eid, self.cause(p) if not p.alive() else p.last_words() or
                            f"stopped answering for {engines.engine.heartbeat_timeout:g} s "
                            f"(SIGSTOP, a frozen VM or a cut link)")
                 for eid, p in dropped.items()}
