@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -66,6 +67,16 @@ def test_cancel_stops_tasks_already_running_and_leaves_the_cluster_usable(engine
 
 
 def test_ctrl_c_in_a_script_stops_the_running_map(engine):
+    # As in a script run from a terminal (a background job of a shell ignores SIGINT, and
+    # interrupt_main then does nothing).
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_stops_the_running_map(engine)
+    finally:
+        signal.signal(signal.SIGINT, default)
+
+
+def _ctrl_c_stops_the_running_map(engine):
     with cloudlab.Cluster(2, engine=engine) as c:
         before = set(c.engine_ids)
         timer = threading.Timer(1.0, _thread.interrupt_main)  # what Ctrl-C does
