@@ -49,6 +49,9 @@ SINGLE_THREADED = {
 }
 
 
+#: Seconds a lease keeper takes to reap its killed engine and end as it did.
+KEEPER_ENDS_WITHIN = 0.5
+
 #: Share of the machine's memory that "auto" memory limits divide among the engines.
 MEMORY_SHARE = 0.9
 
@@ -90,22 +93,24 @@ class LocalProcess(Launched):
 
 
 class SpawnedProcess(LocalProcess):
-    """Started in a fresh interpreter; our own child, the lease keeper of the process
-    it forks (:func:`cloudlab.onhost.agent.keep_apart`)."""
+    """Started in a fresh interpreter; our own child. Started under the agent (``kept``), it
+    is the lease keeper of the process it forks, the engine
+    (:func:`cloudlab.onhost.agent.keep_apart`)."""
 
-    def __init__(self, name: str, popen: subprocess.Popen, log: Path):
+    def __init__(self, name: str, popen: subprocess.Popen, log: Path, kept: bool = True):
         super().__init__(name, popen.pid, log)
-        self.popen = popen
-        self._kept: int | None = None
+        self.popen, self.kept = popen, kept
+        self._kept_pid: int | None = None
 
     @property
     def own_pid(self) -> int:
-        if self._kept is None:  # (until the keeper has forked it: the keeper's)
+        if self.kept and self._kept_pid is None:  # (until the keeper has forked it: its own)
             try:
-                self._kept = next((c.pid for c in psutil.Process(self.pid).children()), None)
+                self._kept_pid = next((c.pid for c in psutil.Process(self.pid).children()),
+                                      None)
             except psutil.Error:
                 pass
-        return self._kept or self.pid
+        return self._kept_pid or self.pid
 
     def exit_code(self) -> int | None:
         return self.popen.poll()
@@ -257,7 +262,7 @@ class LocalBackend(Backend):
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=base_environment(), cwd=os.getcwd(), start_new_session=True,
                 close_fds=True)
-        world = SpawnedProcess("mpirun", popen, log)
+        world = SpawnedProcess("mpirun", popen, log, kept=False)
         return [MpiRank(c.name, world, t) for c, t in zip(commands, titles)]
 
     async def terminate(self, launched: list[Launched], grace: float = 1.0) -> None:
@@ -268,6 +273,18 @@ class LocalBackend(Backend):
         signal_groups([p.pid for p in procs], signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
         while any(p.alive() for p in procs) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        # An engine first, then its keeper, which reaps it: killed together, the engine
+        # would be left to init, a zombie in the group for as long as init does not reap.
+        kept = [p for p in procs if p.alive() and p.own_pid != p.pid]
+        for engine in [p.own_pid for p in kept]:
+            try:
+                if engine is not None:
+                    os.kill(engine, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = asyncio.get_running_loop().time() + KEEPER_ENDS_WITHIN
+        while any(p.alive() for p in kept) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.005)
         signal_groups([p.pid for p in procs], signal.SIGKILL)  # also ends children left in the groups
         # Return only once each is reaped and every group is empty: "stopped" means no
