@@ -495,9 +495,9 @@ def _slurmctld_host() -> str:
 def cancel_when_gone(owner_pid: int, job_name: str) -> None:
     """Wait for the client ``owner_pid`` to exit, then cancel its jobs still queued (running
     ones end themselves as their lease connection closes)."""
-    from ..onhost.agent import owner_gone
+    from ..onhost.agent import Lease
 
-    owner_gone(owner_pid)
+    Lease(owner_pid).wait()
     _slurm("scancel", "--name", job_name, "--user", str(os.getuid()))
 
 

@@ -49,23 +49,6 @@ import threading
 import time
 
 
-def owner_gone(pid: int) -> None:
-    """Block until process ``pid`` has exited (returns at once if it already has)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    except (AttributeError, OSError):  # no pidfd (old kernel): poll instead
-        while _alive(pid):
-            time.sleep(0.5)
-        return
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while not poller.poll(None):
-        pass
-    os.close(fd)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,20 +78,6 @@ def _unlink(path: str) -> None:
 #: Environment: a file the agent touches at each heartbeat (a cloud VM powers itself off
 #: once no engine on it has touched it for a while: backends/_vm.py).
 LEASE_FILE = "CLOUDLAB_LEASE_FILE"
-
-
-def heartbeats_stop(fd: int, lease: float) -> None:
-    """Block until nothing has arrived on ``fd`` for ``lease`` seconds, or it is closed."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    lease_file = os.environ.get(LEASE_FILE)
-    _touch(lease_file)  # the lease starts now (for an owner that dies before its first beat)
-    while True:
-        if not poller.poll(lease * 1000):
-            return  # silent for a whole lease: the link is cut, or the owner hangs
-        if not os.read(fd, 4096):
-            return  # closed: the owner (or the connection it held) is gone
-        _touch(lease_file)
 
 
 def _touch(path: str | None) -> None:
@@ -147,13 +116,50 @@ class Lease:
         """The descriptor the heartbeats arrive on."""
         return 0 if self.connection is None else self.connection.fileno()
 
-    def wait(self) -> None:
-        """Block until the lease lapses."""
+    def wait(self, engine: int | None = None) -> int | None:
+        """Block until the lease lapses (None) or, where given, the child ``engine`` ends
+        first (its wait status)."""
+        poller = select.poll()
+        look_every = None  # seconds between looks where no pidfd wakes us (old kernels)
+        if engine is not None:
+            try:
+                poller.register(os.pidfd_open(engine), select.POLLIN)
+            except (AttributeError, OSError):
+                look_every = 0.5
+        owner = None
         if self.owner_pid is not None:
-            owner_gone(self.owner_pid)
+            try:
+                owner = os.pidfd_open(self.owner_pid)
+                poller.register(owner, select.POLLIN)
+            except ProcessLookupError:
+                return None
+            except (AttributeError, OSError):
+                look_every = 0.5
         else:
-            assert self.seconds is not None
-            heartbeats_stop(self.heartbeats, self.seconds)
+            poller.register(self.heartbeats, select.POLLIN)
+        lease_file = os.environ.get(LEASE_FILE)
+        _touch(lease_file)  # the lease starts now (for an owner that dies before its first beat)
+        silent_since = time.monotonic()
+        while True:
+            wait = look_every
+            if self.seconds is not None:
+                left = max(0.0, silent_since + self.seconds - time.monotonic())
+                wait = left if wait is None else min(left, wait)
+            events = dict(poller.poll(None if wait is None else wait * 1000))
+            if engine is not None:
+                pid, status = os.waitpid(engine, os.WNOHANG)
+                if pid:
+                    return status
+            if self.owner_pid is not None:
+                if owner in events or (owner is None and not _alive(self.owner_pid)):
+                    return None  # the owner has exited
+            elif self.heartbeats in events:
+                if not os.read(self.heartbeats, 4096):
+                    return None  # closed: the owner (or the connection it held) is gone
+                silent_since = time.monotonic()
+                _touch(lease_file)
+            elif time.monotonic() - silent_since >= (self.seconds or 0.0):
+                return None  # silent for a whole lease: the link is cut, or the owner hangs
 
     def leave_to_keeper(self) -> None:
         """In the kept process: the lease is its keeper's to read."""
@@ -205,7 +211,7 @@ def keep_apart(lease: Lease, cleanup: list[str], title: str | None) -> None:
             signal.signal(sig, signal.SIG_IGN)
         if title:
             set_title(f"{title} {KEEPER}")
-        status = _until_ends(engine, lease)
+        status = lease.wait(engine)
     except BaseException:
         status = None
     if status is None:  # the lease lapsed (or the keeper failed): nothing outlives it
@@ -226,50 +232,6 @@ def _die_with(keeper: int) -> None:
 
 
 PR_SET_PDEATHSIG = 1
-
-
-def _until_ends(engine: int, lease: Lease) -> int | None:
-    """Wait for ``engine`` (a child) to end, its wait status; None if ``lease`` lapses
-    first."""
-    poller = select.poll()
-    look_every = None  # seconds between looks where no pidfd wakes the keeper (old kernels)
-    try:
-        poller.register(os.pidfd_open(engine), select.POLLIN)
-    except (AttributeError, OSError):
-        look_every = 0.5
-    owner = None
-    if lease.owner_pid is not None:
-        try:
-            owner = os.pidfd_open(lease.owner_pid)
-            poller.register(owner, select.POLLIN)
-        except ProcessLookupError:
-            return None
-        except (AttributeError, OSError):
-            look_every = 0.5
-    else:
-        poller.register(lease.heartbeats, select.POLLIN)
-    lease_file = os.environ.get(LEASE_FILE)
-    _touch(lease_file)  # the lease starts now (for an owner that dies before its first beat)
-    silent_since = time.monotonic()
-    while True:
-        wait = look_every
-        if lease.seconds is not None:
-            left = max(0.0, silent_since + lease.seconds - time.monotonic())
-            wait = left if wait is None else min(left, wait)
-        events = dict(poller.poll(None if wait is None else wait * 1000))
-        pid, status = os.waitpid(engine, os.WNOHANG)
-        if pid:
-            return status
-        if lease.owner_pid is not None:
-            if owner in events or (owner is None and not _alive(lease.owner_pid)):
-                return None  # the owner has exited
-        elif lease.heartbeats in events:
-            if not os.read(lease.heartbeats, 4096):
-                return None  # closed: the owner (or the connection it held) is gone
-            silent_since = time.monotonic()
-            _touch(lease_file)
-        elif time.monotonic() - silent_since >= (lease.seconds or 0.0):
-            return None  # silent for a whole lease: the link is cut, or the owner hangs
 
 
 def _end_as(status: int | None) -> None:
