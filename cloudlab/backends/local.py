@@ -276,11 +276,10 @@ class LocalBackend(Backend):
             await asyncio.sleep(0.005)
         # An engine first, then its keeper, which reaps it: killed together, the engine
         # would be left to init, a zombie in the group for as long as init does not reap.
-        kept = [p for p in procs if p.alive() and p.own_pid != p.pid]
-        for engine in [p.own_pid for p in kept]:
+        kept = [p for p in procs if isinstance(p, SpawnedProcess) and p.kept and p.alive()]
+        for p in kept:
             try:
-                if engine is not None:
-                    os.kill(engine, signal.SIGKILL)
+                os.kill(p.own_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = asyncio.get_running_loop().time() + KEEPER_ENDS_WITHIN
