@@ -302,7 +302,7 @@ class Cluster(EngineNamespaces):
             await self._membership.stop(grace=STOP_GRACE)
         if self._backend.workdir is not None:
             await self._backend.close()
-        self._end_submits(self._cut_short_by())
+        self._end_submits()
         self._release_namespaces()
         if self._membership is not None:
             self._membership.record.remove()

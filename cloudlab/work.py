@@ -119,7 +119,7 @@ class EngineWork:
         shipped = calls.Shipped(fn, self._engine_names())
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # sent: .cancel() cannot withdraw it (c.cancel() can)
-        self._submits[future] = getattr(fn, "__name__", "f")
+        self._submits[future] = _name_of(fn)
         future.add_done_callback(lambda done: self._submits.pop(done, None))
         sent = self._engine.submit_now(shipped, *args) if self._code.current() else None
         if sent is None:
@@ -140,11 +140,14 @@ class EngineWork:
         sent.add_done_callback(settle)
         return future
 
-    def _end_submits(self, why: str) -> None:
+    def _end_submits(self) -> None:
         """The cluster ended: submits still waiting get an answer (their tasks went with
         it), rather than waiting for ever."""
         for future, name in list(self._submits.items()):
-            _settle_once(future, error=ClusterStateError(f"submit {name} did not finish: {why}"))
+            _settle_once(future, error=self._cut_short(name))
+
+    def _cut_short(self, name: str) -> ClusterStateError:
+        return ClusterStateError(f"submit {name} did not finish: {self._cut_short_by()}")
 
     async def asubmit(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine and return its result."""
@@ -168,8 +171,7 @@ class EngineWork:
         the supervisor has said why (within VERDICT seconds)."""
         members = self._membership
         if self.state != "running":  # (the engine kind's client cancels what it had)
-            return ClusterStateError(f"submit {getattr(fn, '__name__', 'f')} did not finish: "
-                                     f"{self._cut_short_by()}")
+            return self._cut_short(_name_of(fn))
         cancelled = (asyncio.CancelledError, concurrent.futures.CancelledError)
         if isinstance(error, (CloudlabError, *cancelled)) or members is None:
             return error  # (a cancel is no fault to explain)
@@ -180,7 +182,7 @@ class EngineWork:
             await asyncio.wait([members.changed.wait()], timeout=0.1)
         if not deaths:
             return error
-        return TaskLost(f"submit {getattr(fn, '__name__', 'f')}", "its task", deaths,
+        return TaskLost(f"submit {_name_of(fn)}", "its task", deaths,
                         self.profile.cluster.task_retries)
 
     def _settled_value(self, result: calls.Result) -> Any:
@@ -284,7 +286,7 @@ class EngineWork:
                 for offset, value in enumerate(result.value):
                     call(on_result, starts[piece] + offset, value)
 
-        job = Job(self._members, f"map {getattr(fn, '__name__', 'f')}", calls.run_chunk,
+        job = Job(self._members, f"map {_name_of(fn)}", calls.run_chunk,
                   [(shipped, chunk) for chunk in chunks], self.profile.cluster.task_retries,
                   describe_items(starts, [len(c) for c in chunks]), arrived)
         self._jobs.add(job)
@@ -323,3 +325,8 @@ def _settle_once(future: concurrent.futures.Future, done: concurrent.futures.Fut
             future.set_result(value)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def _name_of(fn: Callable) -> str:
+    """How a submit names its function in sentences."""
+    return getattr(fn, "__name__", "f")
