@@ -166,13 +166,11 @@ def build_profile(name, source, data, overrides, backend_class, engine_names) ->
     return Profile(name, source, cluster, coerce(options_cls, backend_table, source, where))
 
 
-def coerce(cls: type, data: dict[str, Any], source: str,
-           where: Callable[[str], str] | None = None) -> Any:
+def coerce(cls: type, data: dict[str, Any], source: str, where: Callable[[str], str]) -> Any:
     """Build dataclass ``cls`` from ``data`` (read from ``source``), checking keys, types
     and choices; ``where(key)`` names a bad value's origin."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    where = where or (lambda key: f"{source}: key {key!r}")
     values = {}
     for key, value in data.items():
         if key not in fields:
